@@ -1,0 +1,539 @@
+"""Video data for HaltingVT: decoding, frame sampling, augmentation, the Motion Loss pair, datasets, a demo set.
+
+Axis letters: B batch, C channels (RGB), T frames of a clip, H height, W width, n frames of a whole video.
+A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per clip, (B, C, T, H, W) per batch.
+
+Pipeline of one training sample (paper Sec. 4.1 and 3.4):
+ 1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video;
+ 2) `read_clip`: decode just those frames with PyAV;
+ 3) `train_transform`: random short-side rescale, one random crop for all frames, optional RandAugment,
+    normalise to [-1, 1];
+ 4) `make_motion_pair`: the real clip (motion label 1) and a fake clip, one of its frames repeated T times and
+    augmented on its own (motion label 0);
+ 5) `collate`: B pairs -> 2B clips, the action label for both, the motion labels.
+Evaluation: centre frame of each segment, short-side resize, centre crop, one clip per video.
+"""
+import contextlib
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The release maps pixels to [-1, 1] with mean = std = 127.5 for every channel, although DeiT itself was trained
+# with ImageNet's per-channel mean/std. The one place these constants live.
+MEAN = 127.5
+STD = 127.5
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv"}
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be opened or decoded; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frame sampling and decoding
+
+
+def sample_indices(n_frames, num_frames, train, rng=None):
+    """Which of a video's `n_frames` frames form the clip: TSN-style "uniform" sampling (paper Sec. 4.1).
+
+    Picture frame k as shown during the time [k, k+1). Cut the time line [0, n_frames) into `num_frames` equal
+    segments and take the frame on screen at a random time inside each segment (training) or at its midpoint
+    (evaluation). A video shorter than the clip repeats frames, because several segments fall in one frame.
+    `rng` is a `random.Random`; pass a seeded one for reproducible training samples.
+    """
+    if n_frames < 1 or num_frames < 1:
+        raise ValueError(f"need at least one frame, got n_frames={n_frames}, num_frames={num_frames}")
+    rng = random.Random() if rng is None else rng
+    seg = n_frames / num_frames
+    offsets = [rng.random() if train else 0.5 for _ in range(num_frames)]
+    return [min(int((i + u) * seg), n_frames - 1) for i, u in enumerate(offsets)]  # min: float round-off
+
+
+@contextlib.contextmanager
+def _errors_name(path):
+    """Re-raise what PyAV or the OS says about `path` as a VideoDecodeError that names it."""
+    try:
+        yield
+    except (av.error.FFmpegError, OSError) as err:  # av.error.FileNotFoundError is both
+        raise VideoDecodeError(f"cannot decode video {path}: {err}") from err
+
+
+def _video_stream(container, path):
+    if not container.streams.video:
+        raise VideoDecodeError(f"no video stream in {path}")
+    return container.streams.video[0]
+
+
+def count_frames(path):
+    """Number of frames of the video at `path`, counted from its packets.
+
+    The header's `stream.frames` can be 0 or wrong (a truncated file keeps the full count), so we demux the
+    file and count its non-empty video packets: this reads the file but decodes nothing. It is also the probe
+    NOTES.md asks for before a threaded decoder sees the file, which a truncated file can crash.
+    """
+    with _errors_name(path), av.open(str(path)) as container:
+        stream = _video_stream(container, path)
+        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+
+
+def _decode(path, wanted=None):
+    """Decode frames of `path` in presentation order; keep those in `wanted` (all if None) as (H, W, 3) uint8.
+
+    Stops once the last wanted frame is read. Returns ({index: frame}, number of frames decoded).
+    """
+    last = None if wanted is None else max(wanted)
+    kept, n = {}, 0
+    with _errors_name(path), av.open(str(path)) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
+        for frame in container.decode(stream):
+            if wanted is None or n in wanted:
+                kept[n] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+            n += 1
+            if n - 1 == last:
+                break
+    return kept, n
+
+
+def read_clip(path, num_frames, train=False, rng=None):
+    """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices`: uint8 (T, H, W, 3).
+
+    Raises VideoDecodeError (naming the path) for a missing, empty, corrupt or truncated file, a file without a
+    video stream, or one with no decodable frame.
+    """
+    n = count_frames(path)
+    if n == 0:
+        raise VideoDecodeError(f"no video frames in {path}")
+    indices = sample_indices(n, num_frames, train, rng)
+    kept, n_decoded = _decode(path, set(indices))
+    if len(kept) < len(set(indices)):
+        # Fewer decodable frames than packets (a truncated or damaged tail): sample again from those that decode.
+        if n_decoded == 0:
+            raise VideoDecodeError(f"no decodable frame in {path}")
+        indices = sample_indices(n_decoded, num_frames, train, rng)
+        kept, _ = _decode(path, set(indices))
+    return torch.from_numpy(np.stack([kept[i] for i in indices]))  # (T, H, W, 3)
+
+
+def read_all_frames(path):
+    """Every frame of a (short) video, uint8 (n, H, W, 3): what `VideoDataset(cache=True)` keeps in memory."""
+    count_frames(path)  # probe before the threaded decoder sees the file
+    kept, n = _decode(path)
+    if n == 0:
+        raise VideoDecodeError(f"no decodable frame in {path}")
+    return torch.from_numpy(np.stack([kept[i] for i in range(n)]))  # (n, H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms: uint8 (T, H, W, 3) -> float (C, T, H, W). No horizontal flip: the demo's classes include "move left"
+# and "move right" (and Kinetics has left/right-sensitive classes too), and a flip would swap them.
+
+
+def resize_short_side(x, short_side):
+    """Bilinear resize of float frames (T, C, H, W) so that min(H, W) == short_side, keeping the aspect ratio."""
+    h, w = x.shape[-2:]
+    scale = short_side / min(h, w)
+    size = (max(short_side, round(h * scale)), max(short_side, round(w * scale)))
+    # antialias only acts when shrinking; it keeps small moving objects from flickering between frames
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (T, C, H', W')
+
+
+def _normalise(x):
+    return ((x - MEAN) / STD).permute(1, 0, 2, 3).contiguous()  # (T, C, H, W) -> (C, T, H, W)
+
+
+def _rand_augment_class():
+    """torchvision's RandAugment, or an ImportError that says what to install (torchvision is optional)."""
+    try:
+        from torchvision.transforms.v2 import RandAugment
+    except ImportError as err:
+        raise ImportError("randaugment=True needs torchvision: pip install torchvision (the build that matches "
+                          "your torch), or train without RandAugment") from err
+    return RandAugment
+
+
+def train_transform(clip, size, scale, rng=None, randaugment=False):
+    """Training augmentation (paper Sec. 4.1): rescale the short side to a random length in [scale[0], scale[1]],
+    take one random size x size crop, the same for every frame, optionally RandAugment; normalise.
+
+    uint8 (T, H, W, 3) -> float (C, T, size, size).
+    """
+    rng = random.Random() if rng is None else rng
+    x = clip.permute(0, 3, 1, 2).float()  # (T, H, W, 3) -> (T, C, H, W)
+    x = resize_short_side(x, rng.randint(scale[0], scale[1]))  # (T, C, H', W')
+    top, left = rng.randint(0, x.shape[-2] - size), rng.randint(0, x.shape[-1] - size)
+    x = x[..., top:top + size, left:left + size]  # (T, C, size, size)
+    if randaugment:
+        # RandAugment on the (T, C, H, W) uint8 stack applies one draw of ops and magnitudes to every frame;
+        # it draws from torch's generator, which we seed from `rng` so that samples stay reproducible.
+        ra = _rand_augment_class()()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.getrandbits(63))
+            x = ra(x.round().clamp(0, 255).to(torch.uint8)).float()
+    return _normalise(x)
+
+
+def eval_transform(clip, size, short_side):
+    """Evaluation (paper Sec. 4.1): short side to `short_side`, centre size x size crop, normalise.
+
+    uint8 (T, H, W, 3) -> float (C, T, size, size).
+    """
+    x = resize_short_side(clip.permute(0, 3, 1, 2).float(), short_side)  # (T, C, H', W')
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return _normalise(x[..., top:top + size, left:left + size])  # (C, T, size, size)
+
+
+def make_motion_pair(clip, transform, rng):
+    """The Motion Loss training pair (paper Sec. 3.4): (real, fake), motion labels 1 and 0.
+
+    real = transform(clip). fake = one of the clip's sampled frames, chosen at random, repeated T times and then
+    transformed on its own (its own random rescale and crop), so both share format and augmentation statistics
+    and differ only in that the fake has no motion. `transform` maps uint8 (T, H, W, 3) to float (C, T, h, w).
+    """
+    real = transform(clip)
+    j = rng.randrange(clip.shape[0])
+    fake = transform(clip[j:j + 1].expand_as(clip))  # (1, H, W, 3) -> (T, H, W, 3), every frame the same
+    return real, fake
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def parse_list_line(line, multi_label):
+    """Split one list-file line into (path, labels); None for a blank line.
+
+    Single-label (mmaction's `path label`): the last whitespace-separated token is the label and everything
+    before it, inner spaces included, is the path. Multi-label (`path l1 l2 ...`): the labels are the longest run
+    of integer tokens at the end of the line and the rest is the path, so a path must not itself end in a
+    space-separated integer (a file extension is enough: `clip 2.mp4 5 7` -> `clip 2.mp4`, [5, 7]).
+    """
+    line = line.strip()
+    if not line:
+        return None
+    pattern = r"(.+?)((?:\s+-?\d+)+)" if multi_label else r"(.+)\s+(-?\d+)"
+    match = re.fullmatch(pattern, line)
+    if match is None:
+        raise ValueError(f"expected 'path label{' label ...' if multi_label else ''}', got {line!r}")
+    return match.group(1), [int(tok) for tok in match.group(2).split()]
+
+
+def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
+    """[(path, labels)] from a list file; paths relative to `root`, by default the list file's folder.
+
+    Labels are checked while parsing: a label outside [0, num_classes) (or negative) raises a ValueError naming
+    the file, line and label, rather than failing later inside the loss.
+    """
+    list_file = Path(list_file)
+    root = list_file.parent if root is None else Path(root)
+    samples = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+        try:
+            parsed = parse_list_line(line, multi_label)
+        except ValueError as err:
+            raise ValueError(f"{list_file}, line {lineno}: {err}") from None
+        if parsed is None:
+            continue
+        path, labels = parsed
+        for label in labels:
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                raise ValueError(f"{list_file}, line {lineno}: label {label} is outside [0, {num_classes})")
+        samples.append((root / path, labels))
+    return samples
+
+
+def read_class_folders(root):
+    """[(path, [label])] and the class names from a `root/<class name>/<video>` layout (names sorted)."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples = [(f, [label]) for label, name in enumerate(classes) for f in sorted((root / name).iterdir())
+               if f.suffix.lower() in VIDEO_EXTENSIONS]
+    return samples, classes
+
+
+def load_samples(source, root=None, multi_label=False, num_classes=None):
+    """(samples, class names or None, num_classes) from a list file or a class-folder root.
+
+    num_classes, when not given, is the number of class folders, or the largest label in the list file + 1.
+    """
+    source = Path(source)
+    if source.is_dir():
+        if multi_label:
+            raise ValueError("class folders give one label per video; use a list file for multi-label")
+        samples, classes = read_class_folders(source)
+        if num_classes is not None and len(classes) > num_classes:
+            raise ValueError(f"{source}: {len(classes)} class folders but num_classes is {num_classes}")
+        num_classes = len(classes) if num_classes is None else num_classes
+    else:
+        samples, classes = read_list_file(source, root, multi_label, num_classes), None
+        if num_classes is None and samples:
+            num_classes = 1 + max(label for _, labels in samples for label in labels)
+    if not samples:
+        raise ValueError(f"no videos found in {source}")
+    return samples, classes, num_classes
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Clips from a list file (`path label` or `path l1 l2 ...`) or from class folders `root/<class>/<video>`.
+
+    A sample is a dict: "video" float (C, T, H, W), "label" (an int, or a 0/1 float (num_classes,) tensor when
+    multi_label), "skipped" (paths of bad videos passed over to build this sample) and, for Motion Loss pairs
+    (training by default), "fake" (C, T, H, W). `collate` turns a list of them into a batch.
+
+    Bad videos: with on_error="raise" the VideoDecodeError propagates. With "skip" it is logged, the path goes
+    into `self.bad_files` and the next video (index + 1, + 2, ...) is used; if none decodes, RuntimeError.
+    With DataLoader workers each worker holds its own copy of the dataset, so `bad_files` in the main process
+    stays empty: count bad files from the batches' "skipped" lists instead (`collate` concatenates them).
+
+    Randomness comes from a `random.Random` seeded by (seed, epoch, index), so a sample is the same whatever the
+    number of workers; call `set_epoch(epoch)` every epoch (before creating the DataLoader iterator) to get new
+    augmentations. cache=True keeps every decoded frame of each video in memory (per worker): for the short
+    demo videos, where decoding would dominate a CPU step; not for real datasets.
+    Defaults follow the paper's 256-320 / 224 and 256 / 224 ratios: scale = img_size * (8/7, 10/7) and
+    short_side = img_size * 8/7.
+    """
+
+    def __init__(self, source, root=None, *, num_frames, img_size, train, short_side=None, scale=None,
+                 multi_label=False, num_classes=None, on_error="skip", randaugment=False, seed=0, cache=False,
+                 motion_pairs=None):
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        self.samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes)
+        if randaugment:
+            _rand_augment_class()  # fail now, not in a worker an epoch later
+        self.num_frames, self.img_size, self.train = num_frames, img_size, train
+        self.short_side = round(img_size * 8 / 7) if short_side is None else short_side
+        self.scale = (round(img_size * 8 / 7), round(img_size * 10 / 7)) if scale is None else tuple(scale)
+        self.multi_label, self.num_classes, self.on_error = multi_label, num_classes, on_error
+        self.randaugment, self.seed, self.epoch = randaugment, seed, 0
+        self.motion_pairs = train if motion_pairs is None else motion_pairs
+        self.cache = {} if cache else None
+        self.bad_files = set()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):
+        """New random sampling and augmentation each epoch (like DistributedSampler.set_epoch)."""
+        self.epoch = epoch
+
+    def _clip(self, path, rng):
+        """uint8 (T, H, W, 3): decoded now, or sampled from the cached frames of the whole video."""
+        if self.cache is None:
+            return read_clip(path, self.num_frames, self.train, rng)
+        if path not in self.cache:
+            self.cache[path] = read_all_frames(path)  # (n, H, W, 3)
+        frames = self.cache[path]
+        return frames[sample_indices(len(frames), self.num_frames, self.train, rng)]  # (T, H, W, 3)
+
+    def _transform(self, clip, rng):
+        if self.train:
+            return train_transform(clip, self.img_size, self.scale, rng, self.randaugment)
+        return eval_transform(clip, self.img_size, self.short_side)
+
+    def _label(self, labels):
+        if not self.multi_label:
+            return labels[0]
+        target = torch.zeros(self.num_classes)  # (num_classes,) multi-hot
+        target[labels] = 1.0
+        return target
+
+    def __getitem__(self, index):
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds hash the same in every process
+        skipped = []
+        for step in range(len(self.samples)):
+            path, labels = self.samples[(index + step) % len(self.samples)]
+            if path in self.bad_files:
+                continue
+            try:
+                clip = self._clip(path, rng)  # (T, H, W, 3)
+            except VideoDecodeError as err:
+                if self.on_error == "raise":
+                    raise
+                logging.warning("skipping a bad video: %s", err)
+                self.bad_files.add(path)
+                skipped.append(str(path))
+                continue
+            sample = {"label": self._label(labels), "skipped": skipped}
+            if self.motion_pairs:
+                sample["video"], sample["fake"] = make_motion_pair(clip, lambda c: self._transform(c, rng), rng)
+            else:
+                sample["video"] = self._transform(clip, rng)  # (C, T, H, W)
+            return sample
+        raise RuntimeError(f"none of the {len(self.samples)} videos could be decoded; bad files: "
+                           f"{sorted(map(str, self.bad_files))[:5]} ...")
+
+
+def collate(batch):
+    """A list of B samples -> one batch dict.
+
+    Motion Loss pairs (samples with "fake"): "video" (2B, C, T, H, W), the B real clips then their B fakes;
+    "label" the action label for both halves, (2B,) or (2B, num_classes) for multi-label; "motion" (2B,) =
+    [1]*B + [0]*B. Single clips: "video" (B, C, T, H, W), "label" (B,) or (B, num_classes), "motion" ones (B,).
+    "skipped": the paths of bad videos passed over while building this batch.
+    """
+    videos = [s["video"] for s in batch]
+    labels = [s["label"] for s in batch]
+    motion = [1] * len(batch)
+    if "fake" in batch[0]:
+        videos += [s["fake"] for s in batch]
+        labels += labels  # the fake keeps the video's action label (task loss on both clips)
+        motion += [0] * len(batch)
+    label = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels)
+    return {"video": torch.stack(videos),  # (B or 2B, C, T, H, W)
+            "label": label, "motion": torch.tensor(motion), "skipped": [p for s in batch for p in s["skipped"]]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo dataset: synthetic motion classes that a tiny model learns on 2 CPU cores in minutes.
+
+DEMO_CLASSES = ["circle clockwise", "circle counter-clockwise", "move down", "move left", "move right", "move up"]
+DEMO_SIZE = 72  # frames are written 72 x 72 ...
+DEMO_FRAMES = 16  # ... and 16 frames long (2 s at 8 fps), from which the model samples 8
+DEMO_TRAIN_SCALE = (64, 72)  # random short side, then a random 64 x 64 crop
+DEMO_EVAL_SHORT_SIDE = 64  # eval: the whole frame at 64 x 64
+DEMO_FPS = 8
+_SAFE = (8.0, 64.0)  # pixels of a 72 x 72 frame inside every training crop (scale 72, crop offset 0..8)
+_SHAPES = ("disc", "square", "diamond")
+_MARKER = "DONE"
+
+DEMO_DOC = """Demo dataset: 6 classes of 16-frame 72 x 72 H.264 videos, DEMO_CLASSES, that differ only in how one
+object moves: left, right, up or down by 28-38 px in a straight line, or one full turn (radius 11-15 px)
+clockwise or counter-clockwise (clockwise as seen on screen). Every video, whatever its class, shows the same
+kinds of things drawn from the same distributions: a faint static blocky texture, 2-4 static shapes (discs,
+squares, diamonds of 10-14 px in random bright colours) and the one moving shape, drawn from the same shapes,
+sizes and colours and placed in the same central region, which every training crop keeps in view. A single
+frame shows 3-5 alike shapes with nothing marking which one moves, and paired classes (left/right, up/down,
+clockwise/counter-clockwise) put the mover at the same positions with the same probability, so one frame is at
+chance: the class is only in the motion across frames, which is what the Motion Loss and the joint space-time
+attention are for. Most patches (texture and static shapes) are redundant: tokens for the Glimpser and halting
+to drop."""
+
+
+def _colour(rng):
+    """A random bright, saturated RGB colour (a random hue), float (3,) in [0, 255]."""
+    hue = rng.uniform(0.0, 6.0)
+    ramp = np.clip(np.abs((hue + np.array([0.0, 4.0, 2.0])) % 6.0 - 3.0) - 1.0, 0.0, 1.0)  # hue -> RGB
+    return 255.0 * (0.25 + 0.75 * ramp)
+
+
+def _shape_mask(kind, cx, cy, size, grid):
+    """Boolean (H, W) mask of a shape of width `size` centred at (cx, cy) on pixel centres `grid` = (ys, xs)."""
+    dy, dx = grid[0] - cy, grid[1] - cx
+    if kind == "disc":
+        return dx ** 2 + dy ** 2 <= (size / 2) ** 2
+    if kind == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= size / 2
+    return np.abs(dx) + np.abs(dy) <= size / 1.6  # diamond, about the area of the disc
+
+
+def _random_shape(rng):
+    return {"kind": _SHAPES[rng.integers(len(_SHAPES))], "size": rng.uniform(10, 14), "colour": _colour(rng)}
+
+
+def _trajectory(label, rng):
+    """Mover centres (DEMO_FRAMES, 2) as (x, y) for class DEMO_CLASSES[label], inside the safe region."""
+    lo, hi = _SAFE[0] + 7, _SAFE[1] - 7  # a shape is at most 14 px wide
+    t = np.arange(DEMO_FRAMES) / (DEMO_FRAMES - 1)  # 0 .. 1 over the clip
+    name = DEMO_CLASSES[label]
+    if name.startswith("circle"):
+        radius = rng.uniform(11, 15)
+        cx, cy = rng.uniform(lo + radius, hi - radius, size=2)
+        sign = 1.0 if name == "circle clockwise" else -1.0  # y points down, so a growing angle turns clockwise
+        angle = rng.uniform(0, 2 * np.pi) + sign * 2 * np.pi * np.arange(DEMO_FRAMES) / DEMO_FRAMES
+        return np.stack([cx + radius * np.cos(angle), cy + radius * np.sin(angle)], axis=1)
+    step = {"move left": (-1, 0), "move right": (1, 0), "move up": (0, -1), "move down": (0, 1)}[name]
+    dist = rng.uniform(28, 38)
+    mid = np.array([rng.uniform(lo + dist / 2, hi - dist / 2) if s else rng.uniform(lo, hi) for s in step])
+    return mid + np.outer(t - 0.5, np.array(step) * dist)  # (DEMO_FRAMES, 2)
+
+
+def render_demo_video(label, rng):
+    """uint8 (DEMO_FRAMES, DEMO_SIZE, DEMO_SIZE, 3) frames of one demo video of class `label`."""
+    grid = np.mgrid[0:DEMO_SIZE, 0:DEMO_SIZE] + 0.5  # (2, H, W) pixel centres
+    texture = rng.uniform(-12, 12, size=(DEMO_SIZE // 8, DEMO_SIZE // 8, 1)).repeat(8, 0).repeat(8, 1)
+    still = rng.uniform(40, 90, size=3) + texture  # (H, W, 3) faint blocky background
+    for _ in range(rng.integers(2, 5)):  # 2-4 static shapes that look like the mover
+        shape = _random_shape(rng)
+        centre = rng.uniform(_SAFE[0] + 7, _SAFE[1] - 7, size=2)
+        still[_shape_mask(shape["kind"], *centre, shape["size"], grid)] = shape["colour"]
+    mover, path = _random_shape(rng), _trajectory(label, rng)
+    frames = np.repeat(still[None], DEMO_FRAMES, axis=0)  # (T, H, W, 3)
+    for frame, (x, y) in zip(frames, path):
+        frame[_shape_mask(mover["kind"], x, y, mover["size"], grid)] = mover["colour"]  # drawn on top
+    return frames.clip(0, 255).round().astype(np.uint8)
+
+
+def write_video(path, frames, fps=DEMO_FPS):
+    """Write uint8 (n, H, W, 3) frames (H, W even) as an H.264 yuv420p .mp4 with PyAV."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        # one encoder thread: deterministic output and no thread start-up cost for tiny frames
+        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+
+
+def _demo_params(seed, num_train, num_val):
+    return f"seed={seed} num_train={num_train} num_val={num_val} size={DEMO_SIZE} frames={DEMO_FRAMES}\n"
+
+
+def demo_dataset_ready(root, *, seed=0, num_train=60, num_val=20):
+    """True when `root` holds a complete demo dataset made with these arguments (its marker file is written last)."""
+    marker = Path(root) / _MARKER
+    return marker.is_file() and marker.read_text() == _demo_params(seed, num_train, num_val)
+
+
+def make_demo_dataset(root, *, seed=0, num_train=60, num_val=20):
+    """Write the demo dataset (see DEMO_DOC) under `root`; skip if it is already there and complete.
+
+    num_train and num_val are videos *per class*. Layout: root/videos/<split>/<class name>/<i>.mp4, list files
+    root/train.txt and root/val.txt (`videos/train/move left/0000.mp4 3`), root/classes.txt (one name a line, in
+    label order; the class folders sort in the same order, so root/videos/train also works as a folder dataset).
+    Each video is drawn from its own generator seeded by (seed, split, class, i): the same seed gives the same
+    list files and the same frames. Returns the paths and the class names.
+    """
+    root = Path(root)
+    info = {"train": root / "train.txt", "val": root / "val.txt", "classes_file": root / "classes.txt",
+            "classes": list(DEMO_CLASSES), "num_classes": len(DEMO_CLASSES)}
+    if demo_dataset_ready(root, seed=seed, num_train=num_train, num_val=num_val):
+        return info
+    if (root / _MARKER).exists():  # ours, made with other arguments: start again so no stale video remains
+        (root / _MARKER).unlink()
+        shutil.rmtree(root / "videos", ignore_errors=True)
+    for split_id, (split, count) in enumerate([("train", num_train), ("val", num_val)]):
+        lines = []
+        for label, name in enumerate(DEMO_CLASSES):
+            (root / "videos" / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                rel = f"videos/{split}/{name}/{i:04d}.mp4"
+                rng = np.random.default_rng([seed, split_id, label, i])
+                write_video(root / rel, render_demo_video(label, rng))
+                lines.append(f"{rel} {label}\n")
+        info[split].write_text("".join(lines))
+    info["classes_file"].write_text("".join(f"{name}\n" for name in DEMO_CLASSES))
+    (root / _MARKER).write_text(_demo_params(seed, num_train, num_val))
+    return info
+
+
+if __name__ == "__main__":
+    import tempfile
+    import time
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.time()
+        info = make_demo_dataset(tmp, num_train=4, num_val=2)
+        print(f"demo dataset (4 + 2 videos per class) written in {time.time() - start:.2f} s")
+        train = VideoDataset(info["train"], num_frames=8, img_size=64, train=True, scale=DEMO_TRAIN_SCALE)
+        batch = collate([train[0], train[1]])
+        print({k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in batch.items()}, batch["motion"].tolist())

@@ -1,0 +1,613 @@
+"""HaltingVT: an adaptive token halting transformer for efficient video recognition.
+
+A pure-PyTorch reading of the paper (Wu et al., "HaltingVT: Adaptive Token Halting Transformer for Efficient
+Video Recognition"), written to sit beside it. The network, top to bottom:
+
+    video (B, C, T, H, W)
+      -> patch embedding + space and time embeddings               (Sec. 3.1)
+      -> Glimpser: divided space-time layers, then top-K per frame  (Sec. 3.3, Eq. 7)
+      -> joint space-time layers with per-token ACT halting         (Sec. 3.2, Eqs. 2-4)
+      -> halting-weighted class token -> norm -> classifier          (Eq. 6)
+                                          -> motion head (real/fake)  (Sec. 3.4, Eq. 8)
+
+Halted tokens really leave the computation here (the authors' release only multiplies them by zero), so time
+falls with the FLOPs. The same math runs two ways (`drop_halted`):
+  - drop: halted tokens are removed from the sequence; the samples of a batch are packed back to back with no
+    padding, so every matmul is spent on live tokens only; a sample whose class token halted stops.
+  - mask: fixed shapes (B, K, D) with a key mask; halted tokens are frozen and no one attends to them.
+
+Axis letters used in shape comments:
+    B batch, C channels, T frames, H/W pixels, S patches per frame, K tokens (class token first),
+    N packed tokens of several samples, L layers, D width, h heads, d = D / h.
+Token order: index 0 is the class token, then frame-major patches: token 1 + t * S + s.
+"""
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HaltingVTConfig:
+    img_size: int = 224  # Sec. 4.1: 224x224 crops
+    patch_size: int = 16  # DeiT-S patch size
+    num_frames: int = 8  # Sec. 4.1: 8 frames on Mini-Kinetics (10 on ActivityNet)
+    in_chans: int = 3  # RGB
+    embed_dim: int = 384  # DeiT-S width
+    depth: int = 12  # DeiT-S layers: Glimpser layers + joint layers
+    num_heads: int = 6  # DeiT-S heads
+    mlp_ratio: float = 4.0  # DeiT-S MLP ratio
+    num_classes: int = 200  # Mini-Kinetics has 200 classes
+    glimpser_depth: int = 2  # Sec. 3.3: "two Divided Space-Time transformer layers"; 0 gives a plain Joint VT
+    keep_ratio: float = 0.5  # R of Sec. 3.3, 0.5 in the main results (Table 1)
+    halting: bool = True  # Sec. 3.2; False runs every joint layer on every token
+    gamma: float = 10.0  # Eq. (2), official config
+    beta: float = 20.0  # Eq. (2), official config (Table 2's 24.2 GFLOPs row); subtracted, see halting_score
+    eps: float = 0.01  # Eq. (3), official config
+    motion_head: bool = True  # Sec. 3.4: the real/fake head of the Motion Loss
+    drop_path: float = 0.1  # stochastic depth of the official config
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"HaltingVTConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("img_size", "patch_size", "num_frames", "in_chans", "embed_dim", "depth", "num_heads",
+                     "num_classes"):
+            if getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        if self.embed_dim % self.num_heads:
+            bad("embed_dim", f"must be a multiple of num_heads={self.num_heads}")
+        if self.img_size % self.patch_size:
+            bad("img_size", f"must be a multiple of patch_size={self.patch_size}")
+        if not 0 <= self.glimpser_depth < self.depth:
+            bad("glimpser_depth", f"must be in [0, depth={self.depth}): at least one joint layer must remain")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            bad("keep_ratio", "must be in (0, 1]")
+        if not 0.0 <= self.eps < 1.0:
+            bad("eps", "must be in [0, 1)")
+        if self.gamma <= 0:
+            bad("gamma", "must be > 0")
+        if self.mlp_ratio <= 0:
+            bad("mlp_ratio", "must be > 0")
+        if not 0.0 <= self.drop_path < 1.0:
+            bad("drop_path", "must be in [0, 1)")
+
+    @classmethod
+    def deit_small(cls, **overrides) -> "HaltingVTConfig":
+        """The paper's main setting: DeiT-S, 8 frames, Glimpser R=0.5, gamma 10, beta 20, eps 0.01."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "HaltingVTConfig":
+        """A small model that trains on 2 CPU cores in minutes on the demo dataset (data.py).
+
+        64x64 frames in 16x16 patches (S = 16 per frame, 128 per clip), width 128, 8 layers of which the first
+        2 form the Glimpser. Halting values are tuned for the demo run: see README "Sanity run".
+        """
+        base = dict(img_size=64, patch_size=16, num_frames=8, embed_dim=128, depth=8, num_heads=4,
+                    num_classes=6, glimpser_depth=2, keep_ratio=0.5, gamma=10.0, beta=6.0, eps=0.01,
+                    drop_path=0.0)
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class HaltingVTOutput:
+    logits: torch.Tensor  # (B, num_classes): classifier on the halting-weighted class token, Eq. (6)
+    motion_logits: Optional[torch.Tensor]  # (B, 2) real/fake logits (Sec. 3.4), or None without the head
+    halt_scores: torch.Tensor  # (L, B, K) h_k^l per joint layer for the K tokens entering the joint stage; 0 once halted
+    halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3)
+    remainder: torch.Tensor  # (B, K) r_k, Eq. (4)
+    ponder: torch.Tensor  # (B,) mean over tokens of N_k + r_k, Eq. (5)
+    tokens_per_layer: torch.Tensor  # (B, depth) tokens entering each layer as drop mode runs it
+    keep_index: Optional[torch.Tensor]  # (B, T, kept) patch indices kept by the Glimpser, or None
+    gflops: torch.Tensor  # (B,) GFLOPs (multiply-adds) drop mode spends on each sample
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Halting math (Eqs. 2-4, 6) as pure functions
+# ----------------------------------------------------------------------------------------------------------
+
+def halting_score(x: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
+    """Eq. (2) on a layer's output, from the first channel of each token: (..., D) -> (...).
+
+    The paper prints `+ beta`; the authors' release subtracts it, and only that sign matches Table 2 (a larger
+    beta halts less and spends more GFLOPs). We follow the release.
+    """
+    return torch.sigmoid(gamma * x[..., 0] - beta)
+
+
+def halting_weights(h: torch.Tensor, eps: float):
+    """The ACT bookkeeping of Eqs. (3), (4) and (6) for per-layer scores h of shape (L, ...).
+
+    The last layer's score is treated as 1, so every token halts by layer L. Returns
+      weights (L, ...): h_l before the halting layer, r at it, 0 after (they sum to 1 over L; Eq. 6),
+      depth (...): N = the first layer where the running sum of scores reaches 1 - eps (Eq. 3), in 1..L,
+      remainder (...): r = 1 - sum of the scores before layer N (Eq. 4).
+    """
+    L = h.shape[0]
+    h = torch.cat([h[:-1], torch.ones_like(h[-1:])])  # h^L := 1
+    layer = torch.arange(1, L + 1, device=h.device).view(L, *[1] * (h.dim() - 1))  # (L, 1, ...)
+    before = torch.cumsum(torch.cat([torch.zeros_like(h[:1]), h[:-1]]), 0)  # sum_{l' < l} h_l'  (L, ...)
+    reached = before + h >= 1 - eps  # Eq. (3): has the running sum reached 1 - eps at layer l?
+    depth = reached.int().argmax(0) + 1  # first such layer (argmax returns the first maximum)
+    remainder = 1 - before.gather(0, (depth - 1).unsqueeze(0)).squeeze(0)  # Eq. (4)
+    weights = torch.where(layer < depth, h, torch.where(layer == depth, remainder, torch.zeros_like(h)))
+    return weights, depth, remainder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for a whole sample with probability p (training only)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor, lengths: Optional[list] = None) -> torch.Tensor:
+        """x is (B, ...) or, with `lengths`, packed (N, D) where sample i owns lengths[i] rows."""
+        if self.p == 0.0 or not self.training:
+            return x
+        samples = x.shape[0] if lengths is None else len(lengths)
+        keep = x.new_empty(samples).bernoulli_(1 - self.p) / (1 - self.p)  # (B,)
+        if lengths is not None:
+            keep = keep.repeat_interleave(torch.tensor(lengths, device=x.device))  # (N,)
+        return x * keep.view(-1, *[1] * (x.dim() - 1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, Eq. (1), through F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # DeiT uses a qkv bias
+        self.proj = nn.Linear(dim, dim)
+
+    def heads(self, x):
+        """(B, K, D) -> q, k, v, each (B, h, K, d)."""
+        B, K, D = x.shape
+        qkv = self.qkv(x).view(B, K, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge(self, o):
+        """(B, h, K, d) -> (B, K, D), then the output projection."""
+        B, h, K, d = o.shape
+        return self.proj(o.transpose(1, 2).reshape(B, K, h * d))
+
+    def forward(self, x, key_mask: Optional[torch.Tensor] = None):
+        """x (B, K, D); key_mask (B, K) bool, True for the tokens that may be attended to."""
+        q, k, v = self.heads(x)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, K)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+    def forward_packed(self, x, lengths: list):
+        """x (N, D): the tokens of several samples back to back, sample i owning lengths[i] of them.
+
+        The projections run once over all N rows (no padding); attention runs per sample, so no token ever
+        sees another sample's tokens and no FLOP is spent on padding.
+        """
+        q, k, v = self.heads(x.unsqueeze(0))  # each (1, h, N, d)
+        parts = [F.scaled_dot_product_attention(*t) for t in zip(*(a.split(lengths, dim=2) for a in (q, k, v)))]
+        return self.merge(torch.cat(parts, dim=2)).squeeze(0)  # (N, D)
+
+    def forward_with_cls_row(self, x):
+        """Attention as in forward, plus the class token's attention row averaged over heads (Eq. 7's w).
+
+        Only the one row is computed explicitly: O(K) extra work, not O(K^2). x (B, K, D) -> (B, K, D), (B, K).
+        """
+        q, k, v = self.heads(x)
+        out = self.merge(F.scaled_dot_product_attention(q, k, v))
+        w = (q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, h, 1, K)
+        return out, w.mean(1).squeeze(1)  # (B, K, D), (B, K)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer layer (DeiT's block); in the joint stage it attends over all live tokens."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, key_mask: Optional[torch.Tensor] = None):
+        """x (B, K, D) -> (B, K, D); key_mask (B, K) hides tokens from attention (mask mode)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_packed(self, x, lengths: list):
+        """x (N, D) packed tokens of several samples (drop mode) -> (N, D)."""
+        x = x + self.drop_path(self.attn.forward_packed(self.norm1(x), lengths), lengths)
+        return x + self.drop_path(self.mlp(self.norm2(x)), lengths)
+
+
+class DividedBlock(Block):
+    """A divided space-time layer (TimeSformer): temporal attention, then spatial attention, then the MLP.
+
+    Temporal: each patch position attends over the T frames; a `temporal_fc` projects the result (zero at
+    initialisation, so an image checkpoint starts out unchanged). Spatial: each frame attends within itself,
+    with its own copy of the class token; the T class-token outputs are averaged back into one.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__(dim, num_heads, mlp_ratio, drop_path)
+        self.temporal_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.temporal_attn = Attention(dim, num_heads)
+        self.temporal_fc = nn.Linear(dim, dim)
+
+    def forward(self, x, num_frames: int):
+        """x (B, 1+T*S, D) -> x (B, 1+T*S, D) and the class token's spatial attention (B, T, S)."""
+        B, K, D = x.shape
+        T, S = num_frames, (K - 1) // num_frames
+        cls, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, T*S, D)
+        # 1) temporal attention at each patch position
+        xt = patches.view(B, T, S, D).transpose(1, 2).reshape(B * S, T, D)
+        xt = self.temporal_attn(self.temporal_norm1(xt))  # (B*S, T, D)
+        xt = xt.view(B, S, T, D).transpose(1, 2).reshape(B, T * S, D)
+        patches = patches + self.drop_path(self.temporal_fc(xt))
+        # 2) spatial attention within each frame, each frame with a copy of the class token
+        xs = torch.cat([cls.expand(B, T, D).unsqueeze(2), patches.view(B, T, S, D)], 2)  # (B, T, 1+S, D)
+        xs, cls_row = self.attn.forward_with_cls_row(self.norm1(xs.view(B * T, 1 + S, D)))
+        xs = xs.view(B, T, 1 + S, D)
+        res = torch.cat([xs[:, :, 0].mean(1, keepdim=True), xs[:, :, 1:].reshape(B, T * S, D)], 1)
+        x = torch.cat([cls, patches], 1) + self.drop_path(res)  # (B, 1+T*S, D)
+        # 3) MLP
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, cls_row[:, 1:].reshape(B, T, S)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Glimpser (Sec. 3.3)
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def top_k_per_frame(attn: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` patches with the highest class-token attention in each frame.
+
+    attn (B, T, S) -> (B, T, keep), sorted by position so the kept tokens keep their spatial order.
+    """
+    return attn.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+def gather_patches(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Keep the indexed patches of each frame: x (B, 1+T*S, D), index (B, T, k) -> (B, 1+T*k, D)."""
+    B, K, D = x.shape
+    T = index.shape[1]
+    patches = x[:, 1:].view(B, T, -1, D)  # (B, T, S, D)
+    kept = patches.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, T, k, D)
+    return torch.cat([x[:, :1], kept.flatten(1, 2)], 1)  # the class token is never pruned
+
+
+class Glimpser(nn.Module):
+    """Divided space-time layers; after the last, each frame keeps its top ceil(R * S) patches (Eq. 7)."""
+
+    def __init__(self, blocks: list, keep_ratio: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.keep_ratio = keep_ratio
+
+    def forward(self, x, num_frames: int):
+        """x (B, 1+T*S, D) -> x (B, 1+T*k, D), keep_index (B, T, k) with k = ceil(R * S)."""
+        for blk in self.blocks:
+            x, cls_attn = blk(x, num_frames)  # cls_attn (B, T, S): the last layer's is used
+        S = cls_attn.shape[-1]
+        index = top_k_per_frame(cls_attn, math.ceil(self.keep_ratio * S))
+        return gather_patches(x, index), index
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The joint stage with ACT halting (Sec. 3.2)
+# ----------------------------------------------------------------------------------------------------------
+
+class HaltingStage(nn.Module):
+    """Joint space-time layers where every token, the class token included, halts on its own (Eqs. 2-4).
+
+    Returns a dict: x_o (B, D) the halting-weighted class token (Eq. 6); halt_scores (L, B, K); depth (B, K);
+    remainder (B, K); tokens (B, L) tokens entering each layer as drop mode runs it.
+    """
+
+    def __init__(self, blocks: list, gamma: float, beta: float, eps: float, halting: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.gamma, self.beta, self.eps, self.halting = gamma, beta, eps, halting
+
+    def scores(self, x, layer: int):
+        """h^l of every token (Eq. 2), forced to 1 at the last layer; all 0 before it without halting."""
+        if layer == len(self.blocks) - 1:
+            return x.new_ones(x.shape[:-1])
+        if not self.halting:
+            return x.new_zeros(x.shape[:-1])
+        return halting_score(x, self.gamma, self.beta)
+
+    def forward(self, x, drop: bool):
+        return self.forward_dropped(x) if drop else self.forward_masked(x)
+
+    def forward_masked(self, x):
+        """Fixed shapes: halted tokens stay in x, frozen, and hidden from attention by a key mask."""
+        B, K, D = x.shape
+        L = len(self.blocks)
+        total = x.new_zeros(B, K)  # running sum of scores, Eq. (3)
+        active = torch.ones(B, K, dtype=torch.bool, device=x.device)
+        depth = torch.full((B, K), L, dtype=torch.long, device=x.device)
+        remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
+        scores, tokens = [], []
+        for l, blk in enumerate(self.blocks):
+            tokens.append(active.sum(1) * active[:, 0])  # drop mode stops a sample with its class token
+            x = torch.where(active.unsqueeze(-1), blk(x, key_mask=active), x)  # halted tokens stay frozen
+            # 1) halting score, 0 for tokens that already halted
+            h = self.scores(x, l) * active
+            # 2) accumulate; 3) the tokens whose sum reaches 1 - eps halt here, with their remainder
+            stop = active & (total + h >= 1 - self.eps)  # Eq. (3)
+            r = 1 - total  # Eq. (4)
+            depth = torch.where(stop, l + 1, depth)
+            remainder = torch.where(stop, r, remainder)
+            x_o = x_o + torch.where(stop[:, :1], r[:, :1], h[:, :1]) * x[:, 0]  # Eq. (6)
+            # 4) halted tokens take no part in later layers
+            total, active = total + h, active & ~stop
+            scores.append(h)
+        return dict(x_o=x_o, halt_scores=torch.stack(scores), depth=depth, remainder=remainder,
+                    tokens=torch.stack(tokens, 1))
+
+    def forward_dropped(self, x):
+        """Halted tokens leave the sequence. The samples' live tokens are packed back to back in one (N, D)
+        tensor (each sample's class token first), so no FLOP goes to padding; a sample whose class token has
+        halted leaves the batch, its other tokens stopping with it."""
+        B, K, D = x.shape
+        L = len(self.blocks)
+        sample = torch.arange(B, device=x.device).repeat_interleave(K)  # (N,) sample of each packed row
+        token = torch.arange(K, device=x.device).repeat(B)  # (N,) its index among the sample's K tokens
+        x, total, lengths = x.reshape(B * K, D), x.new_zeros(B * K), [K] * B
+        depth = torch.full((B, K), L, dtype=torch.long, device=x.device)
+        remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
+        scores, tokens = x.new_zeros(L, B, K), x.new_zeros(B, L, dtype=torch.long)
+        for l, blk in enumerate(self.blocks):
+            tokens[sample[token == 0], l] = torch.tensor(lengths, device=x.device)
+            x = blk.forward_packed(x, lengths)  # (N, D)
+            # 1) halting score; 2) accumulate; 3) halt where the sum reaches 1 - eps (Eq. 3), with remainder
+            h = self.scores(x, l)
+            stop = total + h >= 1 - self.eps
+            stop = stop | stop[token == 0].repeat_interleave(torch.tensor(lengths, device=x.device))
+            r = 1 - total  # Eq. (4); for tokens stopped by their class token: what is left of their budget
+            scores = scores.index_put((torch.full_like(token, l), sample, token), h)
+            depth = depth.index_put((sample[stop], token[stop]), torch.tensor(l + 1, device=x.device))
+            remainder = remainder.index_put((sample[stop], token[stop]), r[stop])
+            cls = token == 0
+            w = torch.where(stop[cls], r[cls], h[cls])
+            x_o = x_o.index_put((sample[cls],), w.unsqueeze(-1) * x[cls], accumulate=True)  # Eq. (6)
+            # 4) drop the halted tokens (and every token of a sample that is done)
+            keep = ~stop
+            if not keep.all():
+                x, total, sample, token = x[keep], (total + h)[keep], sample[keep], token[keep]
+                lengths = torch.unique_consecutive(sample, return_counts=True)[1].tolist() if len(sample) else []
+            else:
+                total = total + h
+            if not lengths:
+                break
+        return dict(x_o=x_o, halt_scores=scores, depth=depth, remainder=remainder, tokens=tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GFLOPs: one multiply-add = one FLOP; patch-embedding conv, every Linear, QK^T and AV (NOTES.md)
+# ----------------------------------------------------------------------------------------------------------
+
+def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
+    """A transformer layer over n tokens: qkv + proj (4 D^2), MLP (2 D hidden) per token; QK^T and AV."""
+    return n * (4 * dim * dim + 2 * dim * hidden) + 2 * n * n * dim
+
+
+def divided_layer_macs(T: int, S: int, dim: int, hidden: int) -> int:
+    """A divided layer: temporal attention (+ temporal_fc) over T*S patches, spatial attention over T frames of
+    1+S tokens (+ the class token's attention row), the MLP over 1+T*S tokens."""
+    temporal = T * S * 5 * dim * dim + S * 2 * T * T * dim
+    spatial = T * (1 + S) * 4 * dim * dim + T * 2 * (1 + S) ** 2 * dim + T * (1 + S) * dim
+    return temporal + spatial + (1 + T * S) * 2 * dim * hidden
+
+
+def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """GFLOPs each sample spends, from the tokens entering each layer: (B, depth) -> (B,)."""
+    D, hidden, g = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.glimpser_depth
+    macs = T * S * cfg.in_chans * cfg.patch_size ** 2 * D  # patch embedding
+    macs += g * divided_layer_macs(T, S, D, hidden)
+    macs = macs + joint_layer_macs(tokens_per_layer[:, g:].double(), D, hidden).sum(1)
+    macs = macs + D * (cfg.num_classes + (2 if cfg.motion_head else 0))  # the heads
+    return (macs / 1e9).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """(1, 1+S0, D) position embedding of a square grid -> (1, 1+gh*gw, D) by bicubic interpolation."""
+    S0 = pos.shape[1] - 1
+    g0 = math.isqrt(S0)
+    if (g0, g0) == tuple(grid):
+        return pos
+    patch = pos[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (1, D, g0, g0)
+    patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], patch.flatten(2).transpose(1, 2)], 1)
+
+
+def resize_time_embed(time: torch.Tensor, T: int) -> torch.Tensor:
+    """(1, T0, D) time embedding -> (1, T, D) by linear interpolation."""
+    if time.shape[1] == T:
+        return time
+    return F.interpolate(time.transpose(1, 2), size=T, mode="linear", align_corners=False).transpose(1, 2)
+
+
+class HaltingVT(nn.Module):
+    def __init__(self, cfg: HaltingVTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, g = cfg.embed_dim, cfg.glimpser_depth
+        S = (cfg.img_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)  # DeiT's key name
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + S, D))  # shared by every frame
+        self.time_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, D))  # zero at start: Sec. 3.1
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linearly rising
+        layer = dict(dim=D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+        self.glimpser = Glimpser([DividedBlock(**layer, drop_path=dpr[i]) for i in range(g)],
+                                 cfg.keep_ratio) if g else None
+        self.joint = HaltingStage([Block(**layer, drop_path=dpr[i]) for i in range(g, cfg.depth)],
+                                  cfg.gamma, cfg.beta, cfg.eps, cfg.halting)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes)
+        self.motion_head = nn.Linear(D, 2) if cfg.motion_head else None
+        self.apply(_init_weights)
+        for p in (self.cls_token, self.pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+        for blk in self.glimpser.blocks if self.glimpser else []:
+            nn.init.zeros_(blk.temporal_fc.weight), nn.init.zeros_(blk.temporal_fc.bias)
+
+    def check_input(self, video: torch.Tensor):
+        c, p = self.cfg, self.cfg.patch_size
+        if video.dim() != 5 or video.shape[1] != c.in_chans or video.shape[-1] % p or video.shape[-2] % p:
+            raise ValueError(f"expected video of shape (B, C={c.in_chans}, T, H, W) with H and W multiples of "
+                             f"patch_size={p}, got {tuple(video.shape)}")
+
+    def embed(self, video):
+        """(B, C, T, H, W) -> tokens (B, 1+T*S, D) with space and time embeddings."""
+        B, C, T, H, W = video.shape
+        grid = (H // self.cfg.patch_size, W // self.cfg.patch_size)
+        x = self.patch_embed.proj(video.transpose(1, 2).reshape(B * T, C, H, W))  # (B*T, D, gh, gw)
+        x = x.flatten(2).transpose(1, 2).reshape(B, T, -1, x.shape[1])  # (B, T, S, D)
+        pos = resize_pos_embed(self.pos_embed, grid)  # (1, 1+S, D)
+        x = x + pos[:, None, 1:] + resize_time_embed(self.time_embed, T).unsqueeze(2)
+        cls = self.cls_token + pos[:, :1]  # the class token gets only its position embedding
+        return torch.cat([cls.expand(B, -1, -1), x.flatten(1, 2)], 1)
+
+    def forward(self, video: torch.Tensor, drop_halted: Optional[bool] = None) -> HaltingVTOutput:
+        """video (B, C, T, H, W); drop_halted: None = drop in eval mode, mask in training."""
+        self.check_input(video)
+        B, _, T, H, W = video.shape
+        S = (H // self.cfg.patch_size) * (W // self.cfg.patch_size)
+        drop = (not self.training) if drop_halted is None else drop_halted
+        x = self.embed(video)  # (B, 1+T*S, D)
+        keep_index = None
+        if self.glimpser is not None:
+            x, keep_index = self.glimpser(x, T)  # (B, 1+T*k, D), (B, T, k)
+        out = self.joint(x, drop)
+        x_o = self.norm(out["x_o"])
+        tokens = torch.cat([out["tokens"].new_full((B, self.cfg.glimpser_depth), 1 + T * S), out["tokens"]], 1)
+        depth, remainder = out["depth"], out["remainder"]
+        return HaltingVTOutput(
+            logits=self.head(x_o),
+            motion_logits=self.motion_head(x_o) if self.motion_head is not None else None,
+            halt_scores=out["halt_scores"], halt_depth=depth, remainder=remainder,
+            ponder=(depth + remainder).mean(1),  # Eq. (5)
+            tokens_per_layer=tokens, keep_index=keep_index, gflops=count_gflops(self.cfg, tokens, T, S))
+
+def dense_gflops(cfg: HaltingVTConfig, num_frames: Optional[int] = None, img_size: Optional[int] = None) -> float:
+    """GFLOPs of the same model as a plain Joint VT: no Glimpser, no halting, every token in every layer."""
+    T, size = num_frames or cfg.num_frames, img_size or cfg.img_size
+    S = (size // cfg.patch_size) ** 2
+    dense = HaltingVTConfig(**{**cfg.to_dict(), "glimpser_depth": 0, "halting": False})
+    return count_gflops(dense, torch.full((1, cfg.depth), 1 + T * S), T, S).item()
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeiT-S initialisation
+# ----------------------------------------------------------------------------------------------------------
+
+def load_deit(model: HaltingVT, src) -> dict:
+    """Load a timm/DeiT image checkpoint (a path, a raw state dict or {"model": state_dict}) into the video model.
+
+    Every layer gets its spatial weights; the Glimpser's divided layers get their temporal attention and norm
+    copied from the spatial ones and a zero `temporal_fc` (so the video model starts as the image model); the
+    time embedding starts at zero; `pos_embed` is resized to the model's patch grid; the head is loaded only
+    when the class count matches. Returns {"missing": [...], "unexpected": [...]} (model keys left at their
+    initial values, checkpoint keys not used), which are also logged.
+    """
+    state = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, bytes)) or \
+        hasattr(src, "__fspath__") else src
+    state = state.get("model", state)
+    g = model.cfg.glimpser_depth
+    target = model.state_dict()
+    mapped, unexpected = {}, []
+    for key, value in state.items():
+        for name in _video_keys(key, g):
+            if name in target:
+                mapped[name] = value
+        if not any(name in target for name in _video_keys(key, g)):
+            unexpected.append(key)
+    grid = (model.cfg.img_size // model.cfg.patch_size,) * 2
+    if "pos_embed" in mapped:
+        mapped["pos_embed"] = resize_pos_embed(mapped["pos_embed"], grid)
+    for name in ("head.weight", "head.bias"):
+        if name in mapped and mapped[name].shape != target[name].shape:
+            del mapped[name]  # a different class count: keep the fresh head
+    for name, value in mapped.items():
+        if value.shape != target[name].shape:
+            raise ValueError(f"load_deit: checkpoint tensor for {name} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(target[name].shape)}")
+    missing = [k for k in target if k not in mapped]
+    model.load_state_dict(mapped, strict=False)
+    with torch.no_grad():
+        model.time_embed.zero_()
+        for blk in model.glimpser.blocks if model.glimpser else []:
+            blk.temporal_fc.weight.zero_(), blk.temporal_fc.bias.zero_()
+    log.info("load_deit: %d tensors loaded; missing (left as initialised): %s; unexpected (unused): %s",
+             len(mapped), missing, unexpected)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _video_keys(key: str, g: int) -> list:
+    """The video model's names for one DeiT key: blocks.i -> glimpser.blocks.i (plus temporal copies) for the
+    first g layers, joint.blocks.(i-g) for the rest."""
+    if not key.startswith("blocks."):
+        return [key]
+    _, i, rest = key.split(".", 2)
+    i = int(i)
+    if i >= g:
+        return [f"joint.blocks.{i - g}.{rest}"]
+    names = [f"glimpser.blocks.{i}.{rest}"]
+    if rest.startswith("attn."):
+        names.append(f"glimpser.blocks.{i}.temporal_{rest}")
+    if rest.startswith("norm1."):
+        names.append(f"glimpser.blocks.{i}.temporal_{rest}")
+    return names
+
+
+if __name__ == "__main__":
+    cfg = HaltingVTConfig.tiny()
+    model = HaltingVT(cfg).eval()
+    video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        out = model(video)
+    print("logits", tuple(out.logits.shape), "ponder", out.ponder.tolist())
+    print("tokens per layer", out.tokens_per_layer.tolist())
+    print(f"GFLOPs {out.gflops.tolist()} (dense {dense_gflops(cfg):.3f})")
