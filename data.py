@@ -87,19 +87,26 @@ def count_frames(path):
 def _decode(path, wanted=None):
     """Decode frames of `path` in presentation order; keep those in `wanted` (all if None) as (H, W, 3) uint8.
 
-    Stops once the last wanted frame is read. Returns ({index: frame}, number of frames decoded).
+    Stops once the last wanted frame is read. A decoding error after at least one good frame (a truncated or
+    damaged tail, common in scraped datasets) ends the video there, with a warning. Returns ({index: frame},
+    number of frames decoded).
     """
     last = None if wanted is None else max(wanted)
     kept, n = {}, 0
     with _errors_name(path), av.open(str(path)) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
-        for frame in container.decode(stream):
-            if wanted is None or n in wanted:
-                kept[n] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
-            n += 1
-            if n - 1 == last:
-                break
+        try:
+            for frame in container.decode(stream):
+                if wanted is None or n in wanted:
+                    kept[n] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                n += 1
+                if n - 1 == last:
+                    break
+        except av.error.FFmpegError as err:
+            if n == 0:
+                raise
+            logging.warning("%s: decoding stopped after %d frames: %s", path, n, err)
     return kept, n
 
 
@@ -115,7 +122,7 @@ def read_clip(path, num_frames, train=False, rng=None):
     indices = sample_indices(n, num_frames, train, rng)
     kept, n_decoded = _decode(path, set(indices))
     if len(kept) < len(set(indices)):
-        # Fewer decodable frames than packets (a truncated or damaged tail): sample again from those that decode.
+        # Fewer decodable frames than packets (a truncated or damaged tail): sample again from those that do.
         if n_decoded == 0:
             raise VideoDecodeError(f"no decodable frame in {path}")
         indices = sample_indices(n_decoded, num_frames, train, rng)

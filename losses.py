@@ -78,11 +78,12 @@ def haltingvt_loss(out, labels, motion_labels=None, *, num_classes=None, alpha_p
     l_task = task_loss(out.logits, labels, multi_label)
     l_ponder = ponder_loss(out.ponder)
     total = l_task + alpha_p * l_ponder  # Eq. (9), first two terms
-    l_motion = 0.0
+    parts = {"task": l_task.item(), "ponder": l_ponder.item(), "motion": 0.0}
     if alpha_m != 0 and out.motion_logits is not None and motion_labels is not None:
         l_motion = motion_loss(out.motion_logits, motion_labels)
         total = total + alpha_m * l_motion  # Eq. (9), third term
-    parts = {"task": float(l_task), "ponder": float(l_ponder), "motion": float(l_motion), "total": float(total)}
+        parts["motion"] = l_motion.item()
+    parts["total"] = total.item()
     return total, parts
 
 
