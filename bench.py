@@ -1,0 +1,234 @@
+"""Wall-clock speed of HaltingVT: does the time fall with the GFLOPs?
+
+Times inference at the paper's scale (DeiT-S, 8 frames of 224x224, random weights, float32, eval mode, no grad)
+for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop mode and in mask mode, at batch
+1 and 8; plus a plain float32 matrix product for the machine's GFLOP/s. With `--train`, times one training step
+(forward + backward + optimiser) in mask and in drop mode for the tiny and the DeiT-S settings.
+
+    python bench.py            # a table
+    python bench.py --json     # the same, then one JSON object on the last line
+    python bench.py --quick    # fewer rows and repeats: under a minute on 2 CPU cores
+    python bench.py --train    # training steps, mask vs drop
+
+Random weights halt little at the paper's beta (20): their halting channel x[..., 0] stays near 0, so
+h = sigmoid(gamma * x0 - beta) ~ sigmoid(-beta). The halting rows therefore use smaller betas, chosen so the
+rows spread over about 0.2x-0.8x of the dense GFLOPs; each row's name carries its R and beta.
+"""
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from haltingvt import HaltingVT, HaltingVTConfig
+
+
+@dataclass
+class Row:
+    """One benchmark row: a model setting run in one mode."""
+    name: str
+    mode: str  # "dense", "drop" or "mask"
+    keep_ratio: float = 1.0  # Glimpser R; ignored without a Glimpser
+    glimpser: bool = True
+    halting: bool = False
+    beta: float = 20.0
+
+    def config(self, base: HaltingVTConfig) -> HaltingVTConfig:
+        return HaltingVTConfig(**{**base.to_dict(), "glimpser_depth": base.glimpser_depth if self.glimpser else 0,
+                                  "keep_ratio": self.keep_ratio, "halting": self.halting, "beta": self.beta})
+
+
+def inference_rows(quick: bool) -> list:
+    """dense; Glimpser alone at R = 0.7, 0.5, 0.3; Glimpser + halting at betas that halt (drop, then mask)."""
+    halting = [(1.0, 5.0), (1.0, 3.0), (0.5, 4.0), (0.5, 2.0)]  # (R, beta): about 0.8x down to 0.2x dense
+    ratios = (0.5,) if quick else (0.7, 0.5, 0.3)
+    if quick:
+        halting = halting[1:2] + halting[3:]
+    rows = [Row("dense", "dense", glimpser=False)]
+    rows += [Row(f"glimpser R={r}", "drop", keep_ratio=r) for r in ratios]
+    for mode in ("drop", "mask"):
+        rows += [Row(f"halt R={r} beta={b:g}", mode, keep_ratio=r, halting=True, beta=b) for r, b in halting]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------
+
+def timer(device: torch.device):
+    """A function that runs fn() once and returns its wall-clock seconds: CUDA events (synchronised) on a GPU,
+    perf_counter on the CPU."""
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn):
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    return run
+
+
+def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall-clock seconds of fn() over `repeats` runs after `warmup` untimed ones."""
+    run = timer(device)
+    for _ in range(warmup):
+        run(fn)
+    return statistics.median(run(fn) for _ in range(repeats))
+
+
+def matmul_gflops_per_s(device: torch.device, n: int, warmup: int, repeats: int) -> float:
+    """GFLOP/s of a float32 (n x n) @ (n x n) product, 2 FLOPs per multiply-add as usual for a matmul.
+    On CUDA, TF32 is switched off for this product so it stays float32 like the model."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        seconds = median_seconds(lambda: a @ b, device, warmup, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def time_inference(row: Row, base: HaltingVTConfig, batch: int, device: torch.device, warmup: int,
+                   repeats: int) -> dict:
+    """ms and spent GFLOPs per video of one row at one batch size (fixed random weights and input)."""
+    torch.manual_seed(0)
+    model = HaltingVT(row.config(base)).to(device).eval()
+    video = torch.randn(batch, base.in_chans, base.num_frames, base.img_size, base.img_size, device=device)
+    drop = row.mode != "mask"
+    with torch.no_grad():
+        gflops = model(video, drop_halted=drop).gflops.mean().item()
+        seconds = median_seconds(lambda: model(video, drop_halted=drop), device, warmup, repeats)
+    return dict(name=row.name, mode=row.mode, batch=batch, gflops_per_video=gflops,
+                ms_per_video=seconds * 1e3 / batch)
+
+
+def add_ratios(rows: list) -> list:
+    """speed-up = dense ms / ms, gflops ratio = GFLOPs / dense GFLOPs, efficiency = speed-up x gflops ratio
+    (1.0: the time fell exactly as the GFLOPs did), each against `dense` at the same batch size."""
+    dense = {r["batch"]: r for r in rows if r["mode"] == "dense"}
+    for r in rows:
+        d = dense[r["batch"]]
+        r["speedup"] = d["ms_per_video"] / r["ms_per_video"]
+        r["gflops_ratio"] = r["gflops_per_video"] / d["gflops_per_video"]
+        r["efficiency"] = r["speedup"] * r["gflops_ratio"]
+        r["gflops_per_s"] = 2 * r["gflops_per_video"] / r["ms_per_video"] * 1e3  # 2 FLOPs per multiply-add
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training steps
+# ----------------------------------------------------------------------------------------------------------
+
+def time_train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.device, warmup: int,
+                    repeats: int) -> float:
+    """Seconds per training step: forward (task + ponder + motion terms, Eq. 9), backward, Adam."""
+    torch.manual_seed(0)
+    model = HaltingVT(cfg).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    video = torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    label = torch.randint(cfg.num_classes, (batch,), device=device)
+    real = torch.ones(batch, dtype=torch.long, device=device)
+
+    def step():
+        out = model(video, drop_halted=drop)
+        loss = F.cross_entropy(out.logits, label) + 5e-4 * out.ponder.mean() + 0.01 * F.cross_entropy(
+            out.motion_logits, real)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return median_seconds(step, device, warmup, repeats)
+
+
+def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int) -> list:
+    settings = [("tiny", HaltingVTConfig.tiny(), 48)]  # 24 Motion-Loss pairs, as in the demo run
+    if not quick:
+        settings.append(("deit_small beta=3", HaltingVTConfig.deit_small(beta=3.0), 2))
+    rows = []
+    for name, cfg, batch in settings:
+        for mode in ("mask", "drop"):
+            s = time_train_step(cfg, batch, mode == "drop", device, warmup, repeats)
+            rows.append(dict(name=name, mode=mode, batch=batch, ms_per_step=s * 1e3))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"device: {result['device']}",
+             f"float32 matmul {result['matmul_size']}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s "
+             "(2 FLOPs per multiply-add)",
+             f"{'row':<22}{'mode':<6}{'batch':>6}{'GFLOPs':>9}{'ratio':>7}{'ms/video':>10}{'speed-up':>9}"
+             f"{'effic.':>8}{'GFLOP/s':>9}{'of mm':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['name']:<22}{r['mode']:<6}{r['batch']:>6}{r['gflops_per_video']:>9.2f}"
+                     f"{r['gflops_ratio']:>7.2f}{r['ms_per_video']:>10.1f}{r['speedup']:>9.2f}"
+                     f"{r['efficiency']:>8.2f}{r['gflops_per_s']:>9.1f}"
+                     f"{r['gflops_per_s'] / result['matmul_gflops_per_s']:>7.0%}")
+    lines.append("GFLOPs: multiply-adds per video, as spent (the model's own count); ratio and speed-up against "
+                 "`dense` at the same batch; effic. = speed-up x ratio (1 = time fell as the GFLOPs did); "
+                 "GFLOP/s at 2 FLOPs per multiply-add, `of mm` = share of the matmul's GFLOP/s.")
+    for r in result.get("train", []):
+        lines.append(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    p.add_argument("--quick", action="store_true", help="fewer rows and repeats (under a minute on 2 cores)")
+    p.add_argument("--train", action="store_true", help="time training steps, mask vs drop, instead")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 4)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 5; quick: 1)")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="the tiny model instead of DeiT-S (for tests)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    repeats = args.repeats or (1 if args.quick else 5)
+    warmup = 1
+    result = dict(device=device_name(device), matmul_size=args.matmul_size,
+                  matmul_gflops_per_s=matmul_gflops_per_s(device, args.matmul_size, 2, max(repeats, 3)))
+    if args.train:
+        result["rows"], result["train"] = [], train_rows(args.quick, device, warmup, repeats)
+    else:
+        base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
+        batches = args.batch or ([1, 4] if args.quick else [1, 8])
+        rows = inference_rows(args.quick)
+        result["rows"] = add_ratios([time_inference(row, base, b, device, warmup, repeats)
+                                     for b in batches for row in rows])
+    print(format_table(result), flush=True)
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
