@@ -1,0 +1,602 @@
+"""Train and evaluate HaltingVT: the one-command sanity run, and the real loop (CPU or CUDA, one GPU or many).
+
+    python train.py                                   # the sanity run: demo dataset, tiny model, a few minutes
+    python train.py --train k200_train.txt --val k200_val.txt --root /data/kinetics --num-classes 200 \
+        --model deit_small --init deit_small_patch16_224-cd65a155.pth
+    torchrun --standalone --nproc-per-node=8 train.py ...   # the same, one process per GPU
+
+One training step (paper Sec. 3.4 and Eq. 9): a batch of B videos becomes 2B clips, each video's real clip and
+its static fake (data.collate); both go through the model; loss = task + alpha_p * ponder + alpha_m * motion.
+Evaluation runs the model in drop mode (halted tokens leave the computation) and reports top-1/top-5 (or mAP),
+motion accuracy on each validation video's real clip and its fake, GFLOPs spent per video, halting depths.
+
+Two sets of defaults: the real-data ones follow the authors' release config (NOTES.md); the sanity run changes
+only what is listed in DEMO_PRESET. Every value in either can be overridden by its flag.
+Axis letters as in haltingvt.py: B batch, L joint layers, K tokens entering the joint stage.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_deit
+from losses import haltingvt_loss
+
+log = logging.getLogger("train")
+
+# How the model treats halted tokens while training (evaluation always drops them). "drop" removes them from the
+# sequence and is exact with gradients; "mask" keeps fixed shapes. Which is faster is measured by bench.py.
+TRAIN_MODE = "drop"
+
+# Real-data defaults: the authors' release config (NOTES.md), per process: 16 videos (32 clips) per GPU.
+REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20,
+                     warmup_epochs=5, batch_size=16, eval_every=1, log_every=20, cache=False)
+
+# The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) on 2 CPU cores in
+# minutes. From scratch, at lr 1e-5 it would not move: AdamW at 1e-3 with weight decay 0.05 is the usual
+# from-scratch ViT recipe. Decoded demo videos are tiny, so they are cached in RAM after the first epoch.
+DEMO_PRESET = dict(model="tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=25, warmup_epochs=1,
+                   batch_size=24, eval_every=5, log_every=5, cache=True,
+                   train_scale=data.DEMO_TRAIN_SCALE, eval_short_side=data.DEMO_EVAL_SHORT_SIDE)
+
+# Parameters without weight decay: the embeddings and class token (as in the release), norms and biases.
+NO_DECAY = ("cls_token", "pos_embed", "time_embed")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint was left as it was."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group("data").add_argument
+    a("--train", help="training list file (`path label` or `path l1 l2 ...`) or class-folder root; "
+                      "without it: the demo sanity run")
+    a("--val", help="validation list file or class-folder root")
+    a("--root", help="folder the list files' paths are relative to (default: the list file's folder)")
+    a("--num-classes", type=int, help="default: from the class folders or the largest label + 1")
+    a("--multi-label", action="store_true", help="`path l1 l2 ...` lists, BCE loss, mAP (ActivityNet)")
+    a("--on-error", choices=["skip", "raise"], default="skip", help="what a bad video does: skip it, or stop")
+    a("--workers", type=int, default=0, help="DataLoader worker processes per training process")
+    a("--train-scale", type=int, nargs=2, help="random short side range (default: img_size * 8/7 .. 10/7)")
+    a("--eval-short-side", type=int, help="eval short side before the centre crop (default: img_size * 8/7)")
+    a("--randaugment", action="store_true", help="RandAugment in training (needs torchvision)")
+    a("--cache", action=argparse.BooleanOptionalAction, help="keep decoded videos in RAM (small sets only)")
+    a("--demo-root", default="data/demo", help="where the sanity run writes its demo dataset")
+    a("--demo-videos", type=int, nargs=2, default=(60, 20), metavar=("TRAIN", "VAL"),
+      help="demo videos per class")
+    m = p.add_argument_group("model (unset values come from --model)").add_argument
+    m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
+    m("--init", help="DeiT-S ImageNet checkpoint (timm keys, or {'model': ...}) to start from")
+    m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
+    m("--img-size", type=int)
+    m("--embed-dim", type=int)
+    m("--depth", type=int)
+    m("--heads", type=int)
+    m("--glimpser-depth", type=int)
+    m("--keep-ratio", type=float, help="R of the Glimpser, Eq. (7)")
+    m("--gamma", type=float, help="Eq. (2)")
+    m("--beta", type=float, help="Eq. (2), subtracted: larger beta halts later")
+    m("--eps", type=float, help="Eq. (3)")
+    m("--drop-path", type=float)
+    m("--no-halting", dest="halting", action="store_false", help="run every joint layer on every token")
+    o = p.add_argument_group("optimisation (unset values: real-data defaults, or DEMO_PRESET without --train)")
+    o = o.add_argument
+    o("--preset", choices=["demo", "real"], help="default: demo without --train, else real")
+    o("--optimizer", choices=["adam", "adamw"])
+    o("--lr", type=float)
+    o("--weight-decay", type=float)
+    o("--epochs", type=int)
+    o("--warmup-epochs", type=float)
+    o("--batch-size", type=int, help="videos per process; each gives a real and a fake clip")
+    o("--clip-grad", type=float, default=40.0, help="max gradient norm (release config)")
+    o("--alpha-p", type=float, default=5e-4, help="ponder weight, Eq. (9)")
+    o("--alpha-m", type=float, default=0.01, help="motion weight, Eq. (9) (paper; see losses.py)")
+    o("--train-mode", choices=["mask", "drop"], default=TRAIN_MODE, help="halted tokens in training")
+    r = p.add_argument_group("run").add_argument
+    r("--out", default="runs/sanity", help="metrics.jsonl, last.pt, best.pt")
+    r("--seed", type=int, default=0)
+    r("--device", help="default: cuda if available, else cpu")
+    r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    r("--threads", type=int, help="torch CPU threads per process (default: cores / local processes)")
+    r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only)")
+    r("--eval-only", action="store_true")
+    r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
+    r("--log-every", type=int, help="progress line every N steps")
+    r("--stop-after", type=int, help="stop after N epochs of this run (the schedule still spans --epochs)")
+    args = p.parse_args(argv)
+    return apply_preset(args)
+
+
+def apply_preset(args):
+    """Fill every unset optimisation value from the demo preset or the real-data defaults."""
+    args.preset = args.preset or ("real" if args.train else "demo")
+    if args.preset == "real" and not (args.train and args.val):
+        raise SystemExit("--preset real needs --train and --val")
+    preset = {**REAL_DEFAULTS, **(DEMO_PRESET if args.preset == "demo" else {})}
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes and devices
+# ----------------------------------------------------------------------------------------------------------
+
+def setup_distributed(args):
+    """(rank, world size, device). A process group only when torchrun set WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
+    return rank, world, device
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) over processes, in place; a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data, model, optimiser
+# ----------------------------------------------------------------------------------------------------------
+
+def build_data(args, rank):
+    """(train set, val set, num_classes). The sanity run first writes the demo dataset (rank 0 only)."""
+    if args.preset == "demo" and not args.train:
+        if rank == 0:
+            args_demo = dict(num_train=args.demo_videos[0], num_val=args.demo_videos[1])
+            if not data.demo_dataset_ready(args.demo_root, **args_demo):
+                log.info("writing the demo dataset to %s", args.demo_root)
+            data.make_demo_dataset(args.demo_root, **args_demo)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for the files
+        args.train, args.val = f"{args.demo_root}/train.txt", f"{args.demo_root}/val.txt"
+    frames = args.frames or (8 if args.model == "tiny" else HaltingVTConfig.deit_small().num_frames)
+    size = args.img_size or (HaltingVTConfig.tiny() if args.model == "tiny" else HaltingVTConfig()).img_size
+    common = dict(root=args.root, num_frames=frames, img_size=size, multi_label=args.multi_label,
+                  num_classes=args.num_classes, on_error=args.on_error, seed=args.seed, cache=args.cache,
+                  short_side=args.eval_short_side, scale=args.train_scale)
+    train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment, **common)
+    # validation: each video's real clip and its static fake, for the motion accuracy
+    val = data.VideoDataset(args.val, train=False, motion_pairs=True, **{**common, "num_classes": train.num_classes})
+    return train, val, train.num_classes
+
+
+def model_config(args, num_classes) -> HaltingVTConfig:
+    """The named setting with every model flag that was given on top."""
+    flags = dict(num_frames=args.frames, img_size=args.img_size, embed_dim=args.embed_dim, depth=args.depth,
+                 num_heads=args.heads, glimpser_depth=args.glimpser_depth, keep_ratio=args.keep_ratio,
+                 gamma=args.gamma, beta=args.beta, eps=args.eps, drop_path=args.drop_path)
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(num_classes=num_classes, halting=args.halting)
+    return getattr(HaltingVTConfig, args.model)(**overrides)
+
+
+def build_model(cfg: HaltingVTConfig, args, device):
+    model = HaltingVT(cfg)
+    if args.init:
+        report = load_deit(model, args.init)
+        log.info("--init %s: %d keys left as initialised, %d checkpoint keys unused", args.init,
+                 len(report["missing"]), len(report["unexpected"]))
+    return model.to(device)
+
+
+def build_optimizer(model, args, steps_per_epoch):
+    """Adam(W) with no weight decay on the embeddings, class token, norms and biases; warm-up then cosine.
+
+    The schedule is stepped every iteration (not every epoch), so warm-up is smooth even for short runs:
+    LinearLR from 0.1 x lr over the warm-up iterations, then CosineAnnealingLR to 0 (release config).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in NO_DECAY else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_class(groups, lr=args.lr)
+    total = max(1, args.epochs * steps_per_epoch)
+    warm = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
+    sched = torch.optim.lr_scheduler
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=total - warm, eta_min=0.0)
+    if warm == 0:
+        return optimizer, cosine
+    linear = sched.LinearLR(optimizer, start_factor=0.1, total_iters=warm)
+    return optimizer, sched.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
+
+
+def epoch_loader(dataset, args, epoch, rank, world, skip_batches=0, train=True):
+    """The DataLoader of one epoch.
+
+    Training: a shuffle seeded by (seed, epoch), the same in every process, split between processes
+    (DistributedSampler, also for one process); `skip_batches` resumes in the middle of an epoch. The dataset's
+    augmentation is seeded by (seed, epoch, index). So an epoch's batches are the same however often the run
+    stopped and resumed. Evaluation: each process takes every world-th video, no padding, no duplicates.
+    """
+    dataset.set_epoch(epoch)
+    if train:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=args.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip_batches * args.batch_size:]
+    else:
+        order = list(range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=order, drop_last=train,
+                                       num_workers=args.workers, collate_fn=data.collate,
+                                       persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args):
+    """A plain dict, written to a temporary file and renamed: a kill at any moment leaves the old file whole."""
+    ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": vars(args),
+            "rng": rng_states()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
+    """Load weights (and optimiser, scheduler, RNG states when given); returns the run state to continue."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
+    unwrap(model).load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_states(ckpt["rng"])
+    return {k: ckpt[k] for k in ("epoch", "batch_in_epoch", "step", "best")}
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def weights_sha(model) -> str:
+    """A hash of every parameter's bytes: equal replicas have equal hashes."""
+    h = hashlib.sha256()
+    for name, t in sorted(unwrap(model).state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM while the training loop runs (a `with` block, which then puts the previous
+    handlers back); the loop saves last.pt at the end of the current step and returns."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.set = False
+        self.previous = [signal.signal(sig, self.handle) for sig in self.signals]
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in zip(self.signals, self.previous):
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        log.warning("%s received: saving last.pt after this step", signal.Signals(signum).name)
+        self.set = True
+
+
+def autocast(args, device):
+    """bf16 autocast on CUDA with --amp; otherwise a no-op context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+
+
+def forward_loss(model, batch, args, device, num_classes):
+    """Eq. (9) on B videos = 2B clips (real, then fake): (loss tensor, parts as floats)."""
+    video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
+    with autocast(args, device):
+        out = model(video, drop_halted=args.train_mode == "drop")
+    loss, parts = haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p,
+                                 alpha_m=args.alpha_m, multi_label=args.multi_label)
+    return loss, parts
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_classes, stop: StopFlag):
+    """Train over one epoch's loader. `run` holds epoch, batch_in_epoch, step, steps_per_epoch, t0; updated.
+
+    Returns the mean total loss, or None when a stop signal ended the epoch early. Raises NonFiniteLoss.
+    """
+    model.train()
+    total, count, tick, ticks = 0.0, 0, time.time(), 0
+    for batch in loader:
+        loss, parts = forward_loss(model, batch, args, device, num_classes)
+        # one collective per step: did any process see a bad loss, or a stop signal?
+        flags = all_reduce(torch.tensor([float(not math.isfinite(parts["total"])), float(stop.set)]),
+                           dist.ReduceOp.MAX if dist.is_initialized() else None)
+        if flags[0]:
+            raise NonFiniteLoss(f"loss is {parts['total']} at epoch {run['epoch']}, step {run['step']} "
+                                f"(parts {parts}); stopping without writing a checkpoint, so "
+                                f"{args.out}/last.pt is the last good state. Try a lower --lr or no --amp.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        run["step"] += 1
+        run["batch_in_epoch"] += 1
+        total, count, ticks = total + parts["total"], count + 1, ticks + 1
+        if run["step"] % args.log_every == 0:
+            log_progress(run, parts, optimizer, len(batch["video"]) * ticks / (time.time() - tick), args)
+            tick, ticks = time.time(), 0
+        if flags[1]:
+            return None
+    return total / max(count, 1)
+
+
+def log_progress(run, parts, optimizer, clips_per_s, args):
+    total_steps = args.epochs * run["steps_per_epoch"]
+    left = (total_steps - run["step"]) * (time.time() - run["t0"]) / max(run["step"] - run["start_step"], 1)
+    log.info("epoch %d step %d/%d  loss %.4f (task %.4f ponder %.3f motion %.4f)  lr %.2e  %.1f clips/s  "
+             "left %s", run["epoch"] + 1, run["step"], total_steps, parts["total"], parts["task"], parts["ponder"],
+             parts["motion"], optimizer.param_groups[0]["lr"], clips_per_s, time.strftime("%H:%M:%S",
+                                                                                            time.gmtime(left)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over classes (with at least one positive) of the average precision: scores, targets (B, Y)."""
+    aps = []
+    for s, t in zip(scores.T, targets.T):
+        if t.sum() == 0:
+            continue
+        t = t[s.argsort(descending=True)]
+        hits = t.cumsum(0)
+        precision = hits / torch.arange(1, len(t) + 1)
+        aps.append((precision * t).sum() / t.sum())
+    return torch.stack(aps).mean().item() if aps else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
+    """Drop mode (halted tokens leave the computation) on each video's real clip; motion accuracy on the
+    real clips and their static fakes. Sums are reduced across processes; every process gets the result."""
+    model = unwrap(model).eval()
+    L = cfg.depth - cfg.glimpser_depth
+    # sums: videos, top1, top5, motion correct, motion clips, gflops, depth sum, joint tokens, hist (L),
+    # tokens per layer (depth)
+    sums = torch.zeros(8 + L + cfg.depth, dtype=torch.float64)
+    scores, targets = [], []
+    for batch in loader:
+        video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
+        with autocast(args, device):
+            out = model(video, drop_halted=True)
+        B = len(video) // 2  # real clips first, then their fakes (data.collate)
+        logits, label = out.logits[:B].float(), label[:B]
+        if args.multi_label:
+            scores.append(logits.sigmoid().cpu()), targets.append(label.cpu())
+        else:
+            top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
+            sums[1] += (top5[:, 0] == label).sum().item()
+            sums[2] += (top5 == label[:, None]).any(1).sum().item()
+        depth = out.halt_depth[:B]  # (B, K) joint layer 1..L where each token halted
+        sums[0] += B
+        sums[3] += (out.motion_logits.argmax(1) == motion).sum().item()
+        sums[4] += len(video)
+        sums[5] += out.gflops[:B].sum().item()
+        sums[6] += depth.sum().item()
+        sums[7] += depth.numel()
+        sums[8:8 + L] += torch.bincount(depth.flatten().cpu() - 1, minlength=L).double()
+        sums[8 + L:] += out.tokens_per_layer[:B].sum(0).cpu().double()
+    sums = all_reduce(sums.to(device)).cpu()
+    n = max(sums[0].item(), 1)
+    metrics = {"val_motion_acc": sums[3].item() / max(sums[4].item(), 1), "val_gflops": sums[5].item() / n,
+               "dense_gflops": dense_gflops(cfg), "halt_depth_mean": sums[6].item() / max(sums[7].item(), 1),
+               "halt_depth_hist": (sums[8:8 + L] / max(sums[7].item(), 1)).tolist(),
+               "tokens_per_layer": (sums[8 + L:] / n).tolist(), "val_videos": int(sums[0].item())}
+    if args.multi_label:
+        metrics["val_map"] = average_precision(*gather_scores(scores, targets))
+    else:
+        metrics.update(val_top1=sums[1].item() / n, val_top5=sums[2].item() / n)
+    return metrics
+
+
+def gather_scores(scores, targets):
+    """All processes' (scores, targets) for mAP, concatenated."""
+    scores, targets = torch.cat(scores), torch.cat(targets)
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (scores, targets))
+        scores, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return scores, targets
+
+
+def summary(m: dict) -> str:
+    acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else \
+        f"val top-1 {m['val_top1']:.3f} (top-5 {m['val_top5']:.3f})"
+    return (f"{acc}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video {m['val_gflops']:.4f} spent vs "
+            f"{m['dense_gflops']:.4f} dense ({m['val_gflops'] / m['dense_gflops']:.2f}x), mean halting depth "
+            f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
+            ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    """Train (or evaluate) as the flags say; returns the last evaluation's metrics."""
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, rank, world, device) -> dict:
+    seed_everything(args.seed)
+    train_set, val_set, num_classes = build_data(args, rank)
+    cfg = model_config(args, num_classes)
+    if args.resume:
+        saved = HaltingVTConfig(**torch.load(args.resume, map_location="cpu", weights_only=False)["config"])
+        if saved != cfg:
+            log.warning("--resume: using the checkpoint's model config %s", saved)
+        cfg = saved
+    model = build_model(cfg, args, device)
+    val_loader = epoch_loader(val_set, args, 0, rank, world, train=False)
+    if args.eval_only:
+        if args.resume:
+            load_checkpoint(args.resume, model)
+        metrics = evaluate(model, val_loader, args, device, cfg)
+        log.info("eval: %s", summary(metrics))
+        return metrics
+    steps_per_epoch = len(train_set) // world // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} training videos are fewer than one batch of {args.batch_size} "
+                         f"per process x {world} processes: lower --batch-size")
+    optimizer, scheduler = build_optimizer(model, args, steps_per_epoch)
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None}
+    if args.resume:
+        state = load_checkpoint(args.resume, model, optimizer, scheduler)
+        log.info("resumed from %s at epoch %d, step %d", args.resume, state["epoch"], state["step"])
+    if world > 1:
+        # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
+        # batch halted earlier, and without the motion term the motion head gets no gradient.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not args.resume:
+        (Path(args.out) / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %d process(es), %s",
+             cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
+             world, device)
+    loop = dict(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, args=args, device=device,
+                rank=rank, world=world, num_classes=num_classes)
+    return fit(loop, state, train_set, val_loader, steps_per_epoch)
+
+
+def fit(loop, state, train_set, val_loader, steps_per_epoch) -> dict:
+    """The epoch loop: train, evaluate every --eval-every epochs, save last.pt (and best.pt), log metrics."""
+    args, model, rank, world = loop["args"], loop["model"], loop["rank"], loop["world"]
+    out = Path(args.out)
+    run_state = {**state, "steps_per_epoch": steps_per_epoch, "t0": time.time(), "start_step": state["step"]}
+    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, state["epoch"] + args.stop_after)
+    with StopFlag() as stop:
+        metrics = train_epochs(loop, run_state, train_set, val_loader, last_epoch, stop)
+    if stop.set:
+        return metrics
+    if world > 1:  # replicas must agree; the test of the distributed run reads this
+        hashes = [None] * world
+        dist.all_gather_object(hashes, weights_sha(model))
+        metrics["rank_weight_sha"] = hashes
+    if rank == 0:
+        (out / "final.json").write_text(json.dumps(metrics, indent=1))
+        if metrics:
+            log.info("done in %.0f s: %s", time.time() - run_state["t0"], summary(metrics))
+    return metrics
+
+
+def train_epochs(loop, run_state, train_set, val_loader, last_epoch, stop) -> dict:
+    """Epochs until `last_epoch` or a stop signal; returns the last evaluation's metrics."""
+    args, model, rank, world = loop["args"], loop["model"], loop["rank"], loop["world"]
+    out, metrics = Path(args.out), {}
+    while run_state["epoch"] < last_epoch:
+        epoch = run_state["epoch"]
+        loader = epoch_loader(train_set, args, epoch, rank, world, skip_batches=run_state["batch_in_epoch"])
+        train_loss = train_one_epoch(model, loader, loop["optimizer"], loop["scheduler"], run_state, args,
+                                     loop["device"], loop["num_classes"], stop)
+        if train_loss is None:  # SIGINT / SIGTERM: save where we are; --resume continues mid-epoch
+            checkpoint(loop, run_state, out / "last.pt")
+            log.warning("stopped at epoch %d, step %d; continue with --resume %s", epoch, run_state["step"],
+                        out / "last.pt")
+            return metrics
+        run_state.update(epoch=epoch + 1, batch_in_epoch=0)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch:
+            metrics = {"epoch": epoch + 1, "step": run_state["step"], "train_loss": train_loss,
+                       **evaluate(model, val_loader, args, loop["device"], loop["cfg"]),
+                       "elapsed_s": time.time() - run_state["t0"]}
+            record(metrics, run_state, loop, out)
+        checkpoint(loop, run_state, out / "last.pt")
+    return metrics
+
+
+def record(metrics, run_state, loop, out):
+    """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0)."""
+    key = "val_map" if "val_map" in metrics else "val_top1"
+    log.info("epoch %d eval: %s", metrics["epoch"], summary(metrics))
+    if loop["rank"] != 0:
+        return
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if run_state["best"] is None or metrics[key] > run_state["best"]:
+        run_state["best"] = metrics[key]
+        checkpoint(loop, run_state, out / "best.pt")
+
+
+def checkpoint(loop, run_state, path):
+    if loop["rank"] == 0:
+        state = {k: run_state[k] for k in ("epoch", "batch_in_epoch", "step", "best")}
+        save_checkpoint(path, loop["model"], loop["optimizer"], loop["scheduler"], state, loop["cfg"],
+                        loop["args"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NonFiniteLoss as err:
+        raise SystemExit(f"error: {err}")
