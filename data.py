@@ -113,8 +113,9 @@ def _decode(path, wanted=None):
 def read_clip(path, num_frames, train=False, rng=None):
     """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices`: uint8 (T, H, W, 3).
 
-    Raises VideoDecodeError (naming the path) for a missing, empty, corrupt or truncated file, a file without a
-    video stream, or one with no decodable frame.
+    Raises VideoDecodeError (naming the path) for a missing, empty or corrupt file, one without a video stream,
+    or one with no decodable frame. A truncated or damaged file whose first frames decode is treated as the
+    shorter video made of those frames.
     """
     n = count_frames(path)
     if n == 0:
@@ -149,7 +150,8 @@ def resize_short_side(x, short_side):
     h, w = x.shape[-2:]
     scale = short_side / min(h, w)
     size = (max(short_side, round(h * scale)), max(short_side, round(w * scale)))
-    # antialias only acts when shrinking; it keeps small moving objects from flickering between frames
+    # antialias only acts when shrinking, where plain bilinear would alias fine texture (and F.interpolate's
+    # default differs from PIL's, which torchvision and mmaction resize with)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (T, C, H', W')
 
 
@@ -319,6 +321,9 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_frames, self.img_size, self.train = num_frames, img_size, train
         self.short_side = round(img_size * 8 / 7) if short_side is None else short_side
         self.scale = (round(img_size * 8 / 7), round(img_size * 10 / 7)) if scale is None else tuple(scale)
+        if min(self.short_side, *self.scale) < img_size:
+            raise ValueError(f"short_side={self.short_side} and scale={self.scale} must be >= img_size={img_size}"
+                             f" (the crop is taken after the resize)")
         self.multi_label, self.num_classes, self.on_error = multi_label, num_classes, on_error
         self.randaugment, self.seed, self.epoch = randaugment, seed, 0
         self.motion_pairs = train if motion_pairs is None else motion_pairs
@@ -409,20 +414,21 @@ DEMO_TRAIN_SCALE = (64, 72)  # random short side, then a random 64 x 64 crop
 DEMO_EVAL_SHORT_SIDE = 64  # eval: the whole frame at 64 x 64
 DEMO_FPS = 8
 _SAFE = (8.0, 64.0)  # pixels of a 72 x 72 frame inside every training crop (scale 72, crop offset 0..8)
+_SHAPE_SIZE = (14.0, 18.0)  # about one 16 x 16 patch at 64 x 64: the mover fills the patches it crosses
 _SHAPES = ("disc", "square", "diamond")
 _MARKER = "DONE"
 
 DEMO_DOC = """Demo dataset: 6 classes of 16-frame 72 x 72 H.264 videos, DEMO_CLASSES, that differ only in how one
-object moves: left, right, up or down by 28-38 px in a straight line, or one full turn (radius 11-15 px)
-clockwise or counter-clockwise (clockwise as seen on screen). Every video, whatever its class, shows the same
-kinds of things drawn from the same distributions: a faint static blocky texture, 2-4 static shapes (discs,
-squares, diamonds of 10-14 px in random bright colours) and the one moving shape, drawn from the same shapes,
-sizes and colours and placed in the same central region, which every training crop keeps in view. A single
-frame shows 3-5 alike shapes with nothing marking which one moves, and paired classes (left/right, up/down,
-clockwise/counter-clockwise) put the mover at the same positions with the same probability, so one frame is at
-chance: the class is only in the motion across frames, which is what the Motion Loss and the joint space-time
-attention are for. Most patches (texture and static shapes) are redundant: tokens for the Glimpser and halting
-to drop."""
+bright object moves: left, right, up or down by 28-38 px in a straight line, or one full turn (radius 11-15 px)
+clockwise or counter-clockwise (as seen on screen). Everything else is drawn from the same distributions in
+every class: a faint static blocky texture, 2-4 static shapes in muted colours (clutter: redundant tokens for
+the Glimpser and halting to drop) and the mover, a disc, square or diamond of 14-18 px in a random bright
+colour, kept inside the central region that every training crop keeps in view. Opposite classes (left/right,
+up/down, clockwise/counter-clockwise) are the same random draw played backwards in time, so the mover visits
+the same positions with the same probability: one frame, or the frames without their order, cannot tell them
+apart, and across the three pairs a single frame keeps only a weak cue (a trace's spread along x or y). The
+class is in the motion across ordered frames, which is what joint space-time attention and the Motion Loss
+are for."""
 
 
 def _colour(rng):
@@ -442,13 +448,19 @@ def _shape_mask(kind, cx, cy, size, grid):
     return np.abs(dx) + np.abs(dy) <= size / 1.6  # diamond, about the area of the disc
 
 
-def _random_shape(rng):
-    return {"kind": _SHAPES[rng.integers(len(_SHAPES))], "size": rng.uniform(10, 14), "colour": _colour(rng)}
+def _random_shape(rng, bright):
+    """A disc, square or diamond: bright for the mover, muted (mixed with grey) for the clutter.
+
+    Clutter that looked exactly like the mover made the tiny model's search for the motion too slow for a
+    minutes-long CPU run (it stayed at chance for 250 steps); muted clutter still gives tokens to drop.
+    """
+    colour = _colour(rng) if bright else 0.3 * _colour(rng) + 0.7 * rng.uniform(110, 150)
+    return {"kind": _SHAPES[rng.integers(len(_SHAPES))], "size": rng.uniform(*_SHAPE_SIZE), "colour": colour}
 
 
 def _trajectory(label, rng):
     """Mover centres (DEMO_FRAMES, 2) as (x, y) for class DEMO_CLASSES[label], inside the safe region."""
-    lo, hi = _SAFE[0] + 7, _SAFE[1] - 7  # a shape is at most 14 px wide
+    lo, hi = _SAFE[0] + _SHAPE_SIZE[1] / 2, _SAFE[1] - _SHAPE_SIZE[1] / 2  # the whole shape stays in view
     t = np.arange(DEMO_FRAMES) / (DEMO_FRAMES - 1)  # 0 .. 1 over the clip
     name = DEMO_CLASSES[label]
     if name.startswith("circle"):
@@ -468,11 +480,11 @@ def render_demo_video(label, rng):
     grid = np.mgrid[0:DEMO_SIZE, 0:DEMO_SIZE] + 0.5  # (2, H, W) pixel centres
     texture = rng.uniform(-12, 12, size=(DEMO_SIZE // 8, DEMO_SIZE // 8, 1)).repeat(8, 0).repeat(8, 1)
     still = rng.uniform(40, 90, size=3) + texture  # (H, W, 3) faint blocky background
-    for _ in range(rng.integers(2, 5)):  # 2-4 static shapes that look like the mover
-        shape = _random_shape(rng)
-        centre = rng.uniform(_SAFE[0] + 7, _SAFE[1] - 7, size=2)
+    for _ in range(rng.integers(2, 5)):  # 2-4 static shapes of the mover's kinds and sizes
+        shape = _random_shape(rng, bright=False)
+        centre = rng.uniform(_SAFE[0] + _SHAPE_SIZE[1] / 2, _SAFE[1] - _SHAPE_SIZE[1] / 2, size=2)
         still[_shape_mask(shape["kind"], *centre, shape["size"], grid)] = shape["colour"]
-    mover, path = _random_shape(rng), _trajectory(label, rng)
+    mover, path = _random_shape(rng, bright=True), _trajectory(label, rng)
     frames = np.repeat(still[None], DEMO_FRAMES, axis=0)  # (T, H, W, 3)
     for frame, (x, y) in zip(frames, path):
         frame[_shape_mask(mover["kind"], x, y, mover["size"], grid)] = mover["colour"]  # drawn on top

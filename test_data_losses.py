@@ -224,6 +224,8 @@ def test_data_list_file_labels(tmp_path):
     ds = data.VideoDataset(multi, num_frames=8, img_size=32, train=False, multi_label=True, num_classes=5)
     assert ds.samples[0] == (tmp_path / "x 1.mp4", [0, 3])
     assert ds._label([0, 3]).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="must be >= img_size"):  # the crop would not fit after the resize
+        data.VideoDataset(single, num_frames=8, img_size=32, train=True, scale=(30, 40))
 
 
 def test_data_out_of_range_labels_raise(tmp_path):
@@ -356,12 +358,13 @@ def test_data_demo_dataset_is_deterministic(tmp_path):
 
 
 def test_data_demo_mover_stays_in_view_and_paired_classes_share_positions():
-    # Every training crop keeps the region _SAFE in view: the mover (at most 14 px wide) must stay inside it.
+    # Every training crop keeps the region _SAFE in view: the whole mover must stay inside it.
     lo, hi = data._SAFE
+    half = data._SHAPE_SIZE[1] / 2
     for label, name in enumerate(data.DEMO_CLASSES):
         rng = np.random.default_rng([7, label])
         paths = np.stack([data._trajectory(label, rng) for _ in range(300)])  # (videos, frames, 2) as (x, y)
-        assert paths.min() >= lo + 7 and paths.max() <= hi - 7, name
+        assert paths.min() >= lo + half and paths.max() <= hi - half, name
         if name.startswith("move"):  # a visible, roughly 2-patch displacement
             span = np.abs(paths[:, -1] - paths[:, 0]).max(-1)
             assert span.min() >= 28 and span.max() <= 38
