@@ -154,3 +154,19 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
     assert final["val_videos"] == 6  # each validation video counted once across the two ranks
     assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3  # 12 videos / (2 ranks x 2)
+
+
+def test_train_class_folders_and_multi_label(demo, tmp_path):
+    folders = ["--train", str(demo / "videos/train"), "--val", str(demo / "videos/val"), "--preset", "demo"]
+    metrics = train.main(folders + small_run(demo, tmp_path / "folders", "--epochs", "1"))
+    assert metrics["val_videos"] == 6 and 0 <= metrics["val_top1"] <= 1
+    # multi-label list file: each video also carries the label (label + 1) % 6
+    lines = []
+    for line in (demo / "train.txt").read_text().splitlines():
+        path, label = line.rsplit(" ", 1)
+        lines.append(f"{path} {label} {(int(label) + 1) % 6}\n")
+    (demo / "multi.txt").write_text("".join(lines))
+    multi = ["--train", str(demo / "multi.txt"), "--val", str(demo / "multi.txt"), "--multi-label",
+             "--preset", "demo"]
+    metrics = train.main(multi + small_run(demo, tmp_path / "multi", "--epochs", "1"))
+    assert 0 < metrics["val_map"] <= 1 and "val_top1" not in metrics and metrics["val_videos"] == 12

@@ -184,14 +184,15 @@ def build_data(args, rank):
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait for the files
         args.train, args.val = f"{args.demo_root}/train.txt", f"{args.demo_root}/val.txt"
-    frames = args.frames or (8 if args.model == "tiny" else HaltingVTConfig.deit_small().num_frames)
-    size = args.img_size or (HaltingVTConfig.tiny() if args.model == "tiny" else HaltingVTConfig()).img_size
+    base = getattr(HaltingVTConfig, args.model)()  # frames and size unless the flags say otherwise
+    frames, size = args.frames or base.num_frames, args.img_size or base.img_size
     common = dict(root=args.root, num_frames=frames, img_size=size, multi_label=args.multi_label,
                   num_classes=args.num_classes, on_error=args.on_error, seed=args.seed, cache=args.cache,
                   short_side=args.eval_short_side, scale=args.train_scale)
     train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment, **common)
     # validation: each video's real clip and its static fake, for the motion accuracy
-    val = data.VideoDataset(args.val, train=False, motion_pairs=True, **{**common, "num_classes": train.num_classes})
+    common["num_classes"] = train.num_classes
+    val = data.VideoDataset(args.val, train=False, motion_pairs=True, **common)
     return train, val, train.num_classes
 
 
@@ -343,11 +344,10 @@ def autocast(args, device):
 def forward_loss(model, batch, args, device, num_classes):
     """Eq. (9) on B videos = 2B clips (real, then fake): (loss tensor, parts as floats)."""
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
-    with autocast(args, device):
+    with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
         out = model(video, drop_halted=args.train_mode == "drop")
-    loss, parts = haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p,
-                                 alpha_m=args.alpha_m, multi_label=args.multi_label)
-    return loss, parts
+        return haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p,
+                              alpha_m=args.alpha_m, multi_label=args.multi_label)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_classes, stop: StopFlag):
@@ -363,12 +363,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
         flags = all_reduce(torch.tensor([float(not math.isfinite(parts["total"])), float(stop.set)]),
                            dist.ReduceOp.MAX if dist.is_initialized() else None)
         if flags[0]:
-            raise NonFiniteLoss(f"loss is {parts['total']} at epoch {run['epoch']}, step {run['step']} "
+            raise NonFiniteLoss(f"loss is {parts['total']} at epoch {run['epoch'] + 1}, step {run['step']} "
                                 f"(parts {parts}); stopping without writing a checkpoint, so "
                                 f"{args.out}/last.pt is the last good state. Try a lower --lr or no --amp.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        if not torch.isfinite(grad_norm):  # the same on every process: gradients were already averaged
+            raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {run['epoch'] + 1}, step "
+                                f"{run['step']}; stopping before the update, {args.out}/last.pt is untouched.")
         optimizer.step()
         scheduler.step()
         run["step"] += 1
@@ -383,12 +386,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
 
 
 def log_progress(run, parts, optimizer, clips_per_s, args):
-    total_steps = args.epochs * run["steps_per_epoch"]
-    left = (total_steps - run["step"]) * (time.time() - run["t0"]) / max(run["step"] - run["start_step"], 1)
-    log.info("epoch %d step %d/%d  loss %.4f (task %.4f ponder %.3f motion %.4f)  lr %.2e  %.1f clips/s  "
-             "left %s", run["epoch"] + 1, run["step"], total_steps, parts["total"], parts["task"], parts["ponder"],
-             parts["motion"], optimizer.param_groups[0]["lr"], clips_per_s, time.strftime("%H:%M:%S",
-                                                                                            time.gmtime(left)))
+    """One line: step/total, each loss part, lr, clips/s, time left at this run's mean step time."""
+    total = args.epochs * run["steps_per_epoch"]
+    step_s = (time.time() - run["t0"]) / max(run["step"] - run["start_step"], 1)
+    left = time.strftime("%H:%M:%S", time.gmtime((total - run["step"]) * step_s))
+    log.info("epoch %d step %d/%d  loss %.4f (task %.4f ponder %.3f motion %.4f)  lr %.2e  %.1f clips/s  left %s",
+             run["epoch"] + 1, run["step"], total, parts["total"], parts["task"], parts["ponder"], parts["motion"],
+             optimizer.param_groups[0]["lr"], clips_per_s, left)
 
 
 # ----------------------------------------------------------------------------------------------------------
