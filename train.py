@@ -255,7 +255,7 @@ def epoch_loader(dataset, args, epoch, rank, world, skip_batches=0, train=True):
         order = list(range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=order, drop_last=train,
                                        num_workers=args.workers, collate_fn=data.collate,
-                                       persistent_workers=False)
+                                       pin_memory=torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ def train_epochs(loop, run_state, train_set, val_loader, last_epoch, stop) -> di
                                      loop["device"], loop["num_classes"], stop)
         if train_loss is None:  # SIGINT / SIGTERM: save where we are; --resume continues mid-epoch
             checkpoint(loop, run_state, out / "last.pt")
-            log.warning("stopped at epoch %d, step %d; continue with --resume %s", epoch, run_state["step"],
+            log.warning("stopped at epoch %d, step %d; continue with --resume %s", epoch + 1, run_state["step"],
                         out / "last.pt")
             return metrics
         run_state.update(epoch=epoch + 1, batch_in_epoch=0)
