@@ -115,17 +115,14 @@ def time_inference(row: Row, base: HaltingVTConfig, batch: int, device: torch.de
                 ms_per_video=seconds * 1e3 / batch)
 
 
-def add_ratios(rows: list) -> list:
+def add_ratios(row: dict, dense: dict) -> dict:
     """speed-up = dense ms / ms, gflops ratio = GFLOPs / dense GFLOPs, efficiency = speed-up x gflops ratio
     (1.0: the time fell exactly as the GFLOPs did), each against `dense` at the same batch size."""
-    dense = {r["batch"]: r for r in rows if r["mode"] == "dense"}
-    for r in rows:
-        d = dense[r["batch"]]
-        r["speedup"] = d["ms_per_video"] / r["ms_per_video"]
-        r["gflops_ratio"] = r["gflops_per_video"] / d["gflops_per_video"]
-        r["efficiency"] = r["speedup"] * r["gflops_ratio"]
-        r["gflops_per_s"] = 2 * r["gflops_per_video"] / r["ms_per_video"] * 1e3  # 2 FLOPs per multiply-add
-    return rows
+    row["speedup"] = dense["ms_per_video"] / row["ms_per_video"]
+    row["gflops_ratio"] = row["gflops_per_video"] / dense["gflops_per_video"]
+    row["efficiency"] = row["speedup"] * row["gflops_ratio"]
+    row["gflops_per_s"] = 2 * row["gflops_per_video"] / row["ms_per_video"] * 1e3  # 2 FLOPs per multiply-add
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,18 +150,16 @@ def time_train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.
     return median_seconds(step, device, warmup, repeats)
 
 
-def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, batch: int = 48) -> list:
-    """ms per training step in mask and in drop mode: the tiny setting at `batch` clips (48 = the demo run's
+def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, batch: int = 48):
+    """Yields ms per training step in mask and in drop mode: the tiny setting at `batch` clips (48 = the demo run's
     24 Motion-Loss pairs) and, unless quick, DeiT-S at batch 2 with a beta that halts (random weights)."""
     settings = [("tiny", HaltingVTConfig.tiny(), batch)]
     if not quick:
         settings.append(("deit_small beta=3", HaltingVTConfig.deit_small(beta=3.0), 2))
-    rows = []
     for name, cfg, size in settings:
         for mode in ("mask", "drop"):
             s = time_train_step(cfg, size, mode == "drop", device, warmup, repeats)
-            rows.append(dict(name=name, mode=mode, batch=size, ms_per_step=s * 1e3))
-    return rows
+            yield dict(name=name, mode=mode, batch=size, ms_per_step=s * 1e3)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,23 +178,17 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu}, {torch.get_num_threads()} threads"
 
 
-def format_table(result: dict) -> str:
-    lines = [f"device: {result['device']}",
-             f"float32 matmul {result['matmul_size']}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s "
-             "(2 FLOPs per multiply-add)",
-             f"{'row':<22}{'mode':<6}{'batch':>6}{'GFLOPs':>9}{'ratio':>7}{'ms/video':>10}{'speed-up':>9}"
-             f"{'effic.':>8}{'GFLOP/s':>9}{'of mm':>7}"]
-    for r in result["rows"]:
-        lines.append(f"{r['name']:<22}{r['mode']:<6}{r['batch']:>6}{r['gflops_per_video']:>9.2f}"
-                     f"{r['gflops_ratio']:>7.2f}{r['ms_per_video']:>10.1f}{r['speedup']:>9.2f}"
-                     f"{r['efficiency']:>8.2f}{r['gflops_per_s']:>9.1f}"
-                     f"{r['gflops_per_s'] / result['matmul_gflops_per_s']:>7.0%}")
-    lines.append("GFLOPs: multiply-adds per video, as spent (the model's own count); ratio and speed-up against "
-                 "`dense` at the same batch; effic. = speed-up x ratio (1 = time fell as the GFLOPs did); "
-                 "GFLOP/s at 2 FLOPs per multiply-add, `of mm` = share of the matmul's GFLOP/s.")
-    for r in result.get("train", []):
-        lines.append(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms")
-    return "\n".join(lines)
+HEADER = (f"{'row':<22}{'mode':<6}{'batch':>6}{'GFLOPs':>9}{'ratio':>7}{'ms/video':>10}{'speed-up':>9}"
+          f"{'effic.':>8}{'GFLOP/s':>9}{'of mm':>7}")
+LEGEND = ("GFLOPs: multiply-adds per video, as spent (the model's own count); ratio and speed-up against `dense` "
+          "at the same batch; effic. = speed-up x ratio (1 = time fell as the GFLOPs did); GFLOP/s at 2 FLOPs per "
+          "multiply-add; of mm = share of the matmul's GFLOP/s.")
+
+
+def format_row(r: dict, matmul_gflops_per_s: float) -> str:
+    return (f"{r['name']:<22}{r['mode']:<6}{r['batch']:>6}{r['gflops_per_video']:>9.2f}{r['gflops_ratio']:>7.2f}"
+            f"{r['ms_per_video']:>10.1f}{r['speedup']:>9.2f}{r['efficiency']:>8.2f}{r['gflops_per_s']:>9.1f}"
+            f"{r['gflops_per_s'] / matmul_gflops_per_s:>7.0%}")
 
 
 def main(argv=None):
@@ -220,17 +209,30 @@ def main(argv=None):
     device = torch.device(args.device)
     repeats = args.repeats or (1 if args.quick else 5)
     warmup = 1
-    result = dict(device=device_name(device), matmul_size=args.matmul_size,
-                  matmul_gflops_per_s=matmul_gflops_per_s(device, args.matmul_size, 2, max(repeats, 3)))
-    if args.train:
-        result["rows"], result["train"] = [], train_rows(args.quick, device, warmup, repeats)
+    mm = matmul_gflops_per_s(device, args.matmul_size, 2, max(repeats, 3))
+    result = dict(device=device_name(device), matmul_size=args.matmul_size, matmul_gflops_per_s=mm, rows=[])
+    print(f"device: {result['device']}\nfloat32 matmul {args.matmul_size}^2: {mm:.1f} GFLOP/s "
+          "(2 FLOPs per multiply-add)", flush=True)
+    if args.train:  # rows appear as they are measured
+        result["train"] = []
+        for r in train_rows(args.quick, device, warmup, repeats):
+            result["train"].append(r)
+            print(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms",
+                  flush=True)
     else:
         base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
-        batches = args.batch or ([1, 4] if args.quick else [1, 8])
-        rows = inference_rows(args.quick)
-        result["rows"] = add_ratios([time_inference(row, base, b, device, warmup, repeats)
-                                     for b in batches for row in rows])
-    print(format_table(result), flush=True)
+        print(HEADER, flush=True)
+        for batch in args.batch or ([1, 4] if args.quick else [1, 8]):
+            dense = None
+            for row in inference_rows(args.quick):  # `dense` comes first
+                r = time_inference(row, base, batch, device, warmup, repeats)
+                dense = dense or r
+                result["rows"].append(add_ratios(r, dense))
+                print(format_row(r, mm), flush=True)
+        print(LEGEND)
+    result["matmul_gflops_per_s_at_end"] = matmul_gflops_per_s(device, args.matmul_size, 1, max(repeats, 3))
+    print(f"float32 matmul at the end: {result['matmul_gflops_per_s_at_end']:.1f} GFLOP/s (a change from the start "
+          "means the machine's load changed during the run)")
     if args.json:
         print(json.dumps(result))
     return result

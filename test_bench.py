@@ -59,6 +59,6 @@ def test_bench_json_last_line_has_the_required_keys(capsys):
 
 
 def test_bench_train_step_rows():
-    rows = bench.train_rows(quick=True, device=torch.device("cpu"), warmup=0, repeats=1, batch=2)
+    rows = list(bench.train_rows(quick=True, device=torch.device("cpu"), warmup=0, repeats=1, batch=2))
     assert [(r["name"], r["mode"]) for r in rows] == [("tiny", "mask"), ("tiny", "drop")]
     assert all(r["ms_per_step"] > 0 for r in rows)
