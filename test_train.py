@@ -42,8 +42,7 @@ def test_train_demo_preset_is_the_only_difference():
     demo_args = vars(train.parse_args([]))
     real_args = vars(train.parse_args(["--train", "t.txt", "--val", "v.txt"]))
     differ = {k for k in demo_args if demo_args[k] != real_args[k]}
-    assert differ == set(train.DEMO_PRESET) | {"train", "val", "preset"} - {
-        k for k in train.DEMO_PRESET if train.DEMO_PRESET[k] == train.REAL_DEFAULTS.get(k)}
+    assert differ == set(train.DEMO_PRESET) | {"train", "val", "preset"}
     assert real_args["optimizer"] == "adam" and real_args["lr"] == 1e-5 and real_args["weight_decay"] == 1e-5
     assert real_args["epochs"] == 20 and real_args["warmup_epochs"] == 5 and real_args["clip_grad"] == 40
     assert train.parse_args(["--lr", "0.5"]).lr == 0.5  # a flag beats the preset
