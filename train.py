@@ -156,10 +156,10 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Sum (or `op`) over processes, in place; a no-op in a single process."""
     if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
     return t
 
 
@@ -377,8 +377,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
     for batch in single_threaded(loader):
         loss, parts = forward_loss(model, batch, args, device, num_classes)
         # one collective per step: did any process see a bad loss, or a stop signal?
-        flags = all_reduce(torch.tensor([float(not math.isfinite(parts["total"])), float(stop.set)]),
-                           dist.ReduceOp.MAX if dist.is_initialized() else None)
+        bad = float(not math.isfinite(parts["total"]))
+        flags = all_reduce(torch.tensor([bad, float(stop.set)], device=device), dist.ReduceOp.MAX).tolist()
         if flags[0]:
             raise NonFiniteLoss(f"loss is {parts['total']} at epoch {run['epoch'] + 1}, step {run['step']} "
                                 f"(parts {parts}); stopping without writing a checkpoint, so "
@@ -399,7 +399,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
             tick, ticks = time.time(), 0
         if flags[1]:
             return None
-    return total / max(count, 1)
+    total, count = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
+    return total / max(count, 1)  # the mean over every process's steps
 
 
 def log_progress(run, parts, optimizer, clips_per_s, args):
