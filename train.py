@@ -41,11 +41,14 @@ TRAIN_MODE = "drop"
 
 # Real-data defaults: the authors' release config (NOTES.md), per process: 16 videos (32 clips) per GPU.
 REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20,
-                     warmup_epochs=5, batch_size=16, eval_every=1, log_every=20, cache=False)
+                     warmup_epochs=5, batch_size=16, clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01,
+                     train_mode=TRAIN_MODE, eval_every=1, log_every=20, cache=False)
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) on 2 CPU cores in
 # minutes. From scratch, at lr 1e-5 it would not move: AdamW at 1e-3 with weight decay 0.05 is the usual
 # from-scratch ViT recipe. Decoded demo videos are tiny, so they are cached in RAM after the first epoch.
+# Halting values (gamma, beta, eps) come from HaltingVTConfig.tiny(); a key here (beta=..., alpha_p=...)
+# overrides them for the sanity run only.
 DEMO_PRESET = dict(model="tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=25, warmup_epochs=1,
                    batch_size=24, eval_every=5, log_every=5, cache=True,
                    train_scale=data.DEMO_TRAIN_SCALE, eval_short_side=data.DEMO_EVAL_SHORT_SIDE)
@@ -81,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--demo-root", default="data/demo", help="where the sanity run writes its demo dataset")
     a("--demo-videos", type=int, nargs=2, default=(60, 20), metavar=("TRAIN", "VAL"),
       help="demo videos per class")
-    m = p.add_argument_group("model (unset values come from --model)").add_argument
+    m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
     m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
     m("--init", help="DeiT-S ImageNet checkpoint (timm keys, or {'model': ...}) to start from")
     m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
@@ -105,10 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     o("--epochs", type=int)
     o("--warmup-epochs", type=float)
     o("--batch-size", type=int, help="videos per process; each gives a real and a fake clip")
-    o("--clip-grad", type=float, default=40.0, help="max gradient norm (release config)")
-    o("--alpha-p", type=float, default=5e-4, help="ponder weight, Eq. (9)")
-    o("--alpha-m", type=float, default=0.01, help="motion weight, Eq. (9) (paper; see losses.py)")
-    o("--train-mode", choices=["mask", "drop"], default=TRAIN_MODE, help="halted tokens in training")
+    o("--clip-grad", type=float, help="max gradient norm")
+    o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
+    o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's; see losses.py)")
+    o("--train-mode", choices=["mask", "drop"], help="halted tokens in training (default: TRAIN_MODE)")
     r = p.add_argument_group("run").add_argument
     r("--out", default="runs/sanity", help="metrics.jsonl, last.pt, best.pt")
     r("--seed", type=int, default=0)
