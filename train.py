@@ -67,7 +67,7 @@ class NonFiniteLoss(RuntimeError):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py).")
     a = p.add_argument_group("data").add_argument
     a("--train", help="training list file (`path label` or `path l1 l2 ...`) or class-folder root; "
                       "without it: the demo sanity run")
@@ -75,15 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--root", help="folder the list files' paths are relative to (default: the list file's folder)")
     a("--num-classes", type=int, help="default: from the class folders or the largest label + 1")
     a("--multi-label", action="store_true", help="`path l1 l2 ...` lists, BCE loss, mAP (ActivityNet)")
-    a("--on-error", choices=["skip", "raise"], default="skip", help="what a bad video does: skip it, or stop")
-    a("--workers", type=int, default=0, help="DataLoader worker processes per training process")
+    a("--on-error", choices=["skip", "raise"], default="skip", help="what a bad video does: skip it (logged; the default), or stop")
+    a("--workers", type=int, default=0, help="DataLoader worker processes per training process (default 0)")
     a("--train-scale", type=int, nargs=2, help="random short side range (default: img_size * 8/7 .. 10/7)")
     a("--eval-short-side", type=int, help="eval short side before the centre crop (default: img_size * 8/7)")
     a("--randaugment", action="store_true", help="RandAugment in training (needs torchvision)")
     a("--cache", action=argparse.BooleanOptionalAction, help="keep decoded videos in RAM (small sets only)")
-    a("--demo-root", default="data/demo", help="where the sanity run writes its demo dataset")
+    a("--demo-root", default="data/demo", help="where the sanity run writes its demo dataset (data/demo)")
     a("--demo-videos", type=int, nargs=2, default=(60, 20), metavar=("TRAIN", "VAL"),
-      help="demo videos per class")
+      help="demo videos per class (60 20)")
     m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
     m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
     m("--init", help="DeiT-S ImageNet checkpoint (timm keys, or {'model': ...}) to start from")
@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's; see losses.py)")
     o("--train-mode", choices=["mask", "drop"], help="halted tokens in training (default: TRAIN_MODE)")
     r = p.add_argument_group("run").add_argument
-    r("--out", default="runs/sanity", help="metrics.jsonl, last.pt, best.pt")
+    r("--out", default="runs/sanity", help="for metrics.jsonl, last.pt, best.pt, final.json (runs/sanity)")
     r("--seed", type=int, default=0)
     r("--device", help="default: cuda if available, else cpu")
     r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
