@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--root", help="folder the list files' paths are relative to (default: the list file's folder)")
     a("--num-classes", type=int, help="default: from the class folders or the largest label + 1")
     a("--multi-label", action="store_true", help="`path l1 l2 ...` lists, BCE loss, mAP (ActivityNet)")
-    a("--on-error", choices=["skip", "raise"], default="skip", help="what a bad video does: skip it (logged; the default), or stop")
+    a("--on-error", choices=["skip", "raise"], default="skip",
+      help="what a bad video does: skip it (logged; the default), or stop")
     a("--workers", type=int, default=0, help="DataLoader worker processes per training process (default 0)")
     a("--train-scale", type=int, nargs=2, help="random short side range (default: img_size * 8/7 .. 10/7)")
     a("--eval-short-side", type=int, help="eval short side before the centre crop (default: img_size * 8/7)")
