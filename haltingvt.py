@@ -181,7 +181,7 @@ def row_groups(lengths: list, rows: int) -> list:
 class Mlp(nn.Module):
     """The token-wise MLP. It runs over at most `rows` tokens at a time: the (rows, hidden) intermediate then
     stays small enough to be reused from the allocator and the cache; one (B*K, hidden) tensor at batch 8 is
-    freshly mapped memory on every call, and on a CPU that made bias + GELU cost a third of the GEMM time."""
+    freshly mapped memory on every call, and on a CPU that made bias + GELU a third of the forward's time."""
 
     rows = 2048
 
