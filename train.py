@@ -259,7 +259,12 @@ def epoch_loader(dataset, args, epoch, rank, world, skip_batches=0, train=True):
         order = list(range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=order, drop_last=train,
                                        num_workers=args.workers, collate_fn=data.collate,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigint)
+
+
+def ignore_sigint(worker_id):
+    """Ctrl-C reaches the DataLoader workers too; they leave it to the main process, which saves and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,6 +392,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
             raise NonFiniteLoss(f"loss is {parts['total']} at epoch {run['epoch'] + 1}, step {run['step']} "
                                 f"(parts {parts}); stopping without writing a checkpoint, so "
                                 f"{args.out}/last.pt is the last good state. Try a lower --lr or no --amp.")
+        if flags[1]:
+            return None  # before this batch's update: --resume starts again from this batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -401,8 +408,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
         if run["step"] % args.log_every == 0:
             log_progress(run, parts, optimizer, len(batch["video"]) * ticks / (time.time() - tick), args)
             tick, ticks = time.time(), 0
-        if flags[1]:
-            return None
     total, count = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     return total / max(count, 1)  # the mean over every process's steps
 
