@@ -521,6 +521,8 @@ def main(argv=None) -> dict:
 
 def run(args, rank, world, device) -> dict:
     seed_everything(args.seed)
+    if args.amp and device.type != "cuda":
+        log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
     cfg = model_config(args, num_classes)
     if args.resume:
