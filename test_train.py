@@ -169,3 +169,13 @@ def test_train_class_folders_and_multi_label(demo, tmp_path):
              "--preset", "demo"]
     metrics = train.main(multi + small_run(demo, tmp_path / "multi", "--epochs", "1"))
     assert 0 < metrics["val_map"] <= 1 and "val_top1" not in metrics and metrics["val_videos"] == 12
+
+
+def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
+    lines = (demo / "train.txt").read_text().splitlines()
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    listing = "".join(f"{demo / line}\n" for line in lines) + f"{tmp_path}/broken.mp4 0\n"
+    (tmp_path / "with_bad.txt").write_text(listing)
+    args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
+    train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
+    assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text

@@ -382,8 +382,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
     Returns the mean total loss, or None when a stop signal ended the epoch early. Raises NonFiniteLoss.
     """
     model.train()
-    total, count, tick, ticks = 0.0, 0, time.time(), 0
+    total, count, tick, ticks, skipped = 0.0, 0, time.time(), 0, set()
     for batch in single_threaded(loader):
+        skipped.update(batch["skipped"])  # bad videos the dataset passed over (--on-error skip)
         loss, parts = forward_loss(model, batch, args, device, num_classes)
         # one collective per step: did any process see a bad loss, or a stop signal?
         bad = float(not math.isfinite(parts["total"]))
@@ -408,6 +409,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
         if run["step"] % args.log_every == 0:
             log_progress(run, parts, optimizer, len(batch["video"]) * ticks / (time.time() - tick), args)
             tick, ticks = time.time(), 0
+    if skipped:
+        log.warning("epoch %d: %d bad videos skipped: %s", run["epoch"] + 1, len(skipped), sorted(skipped)[:3])
     total, count = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     return total / max(count, 1)  # the mean over every process's steps
 
