@@ -179,3 +179,11 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
     train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
     assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text
+
+
+def test_train_depth_prior_flag(demo, tmp_path):
+    if not hasattr(train.losses, "depth_prior"):
+        pytest.skip("losses.py has no depth prior yet")
+    metrics = train.main(small_run(demo, tmp_path, "--epochs", "1", "--depth", "5", "--alpha-d", "0.1",
+                                   "--depth-prior", "2", "1"))
+    assert len(metrics["halt_depth_hist"]) == 3

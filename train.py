@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import losses
 from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_deit
 from losses import haltingvt_loss
 
@@ -41,7 +42,7 @@ TRAIN_MODE = "drop"
 
 # Real-data defaults: the authors' release config (NOTES.md), per process: 16 videos (32 clips) per GPU.
 REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20,
-                     warmup_epochs=5, batch_size=16, clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01,
+                     warmup_epochs=5, batch_size=16, clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01, alpha_d=0.0,
                      train_mode=TRAIN_MODE, eval_every=1, log_every=20, cache=False)
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) on 2 CPU cores in
@@ -112,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     o("--clip-grad", type=float, help="max gradient norm")
     o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
     o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's; see losses.py)")
+    o("--alpha-d", type=float, help="weight of the halting-depth prior (not in the paper, see "
+                                    "losses.depth_prior_loss); 0 = off")
+    o("--depth-prior", type=float, nargs=2, metavar=("MEAN", "STD"),
+      help="the prior's Gaussian over joint layers 1..L (default: the middle layer, std L/4)")
     o("--train-mode", choices=["mask", "drop"], help="halted tokens in training (default: TRAIN_MODE)")
     r = p.add_argument_group("run").add_argument
     r("--out", default="runs/sanity", help="for metrics.jsonl, last.pt, best.pt, final.json (runs/sanity)")
@@ -355,8 +360,13 @@ def forward_loss(model, batch, args, device, num_classes):
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
     with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
         out = model(video, drop_halted=args.train_mode == "drop")
+        prior = {}
+        if args.alpha_d:  # the depth prior, off by default
+            L = out.halt_scores.shape[0]
+            mean, std = args.depth_prior or ((L + 1) / 2, L / 4)
+            prior = dict(alpha_d=args.alpha_d, depth_target=losses.depth_prior(L, mean, std))
         return haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p,
-                              alpha_m=args.alpha_m, multi_label=args.multi_label)
+                              alpha_m=args.alpha_m, multi_label=args.multi_label, **prior)
 
 
 def single_threaded(loader):
@@ -420,9 +430,9 @@ def log_progress(run, parts, optimizer, clips_per_s, args):
     total = args.epochs * run["steps_per_epoch"]
     step_s = (time.time() - run["t0"]) / max(run["step"] - run["start_step"], 1)
     left = time.strftime("%H:%M:%S", time.gmtime((total - run["step"]) * step_s))
-    log.info("epoch %d step %d/%d  loss %.4f (task %.4f ponder %.3f motion %.4f)  lr %.2e  %.1f clips/s  left %s",
-             run["epoch"] + 1, run["step"], total, parts["total"], parts["task"], parts["ponder"], parts["motion"],
-             optimizer.param_groups[0]["lr"], clips_per_s, left)
+    terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
+    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s", run["epoch"] + 1, run["step"],
+             total, parts["total"], terms, optimizer.param_groups[0]["lr"], clips_per_s, left)
 
 
 # ----------------------------------------------------------------------------------------------------------
