@@ -196,7 +196,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--quick", action="store_true", help="fewer rows and repeats (under a minute on 2 cores)")
     p.add_argument("--train", action="store_true", help="time training steps, mask vs drop, instead")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 4)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 5; quick: 1)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -222,7 +222,7 @@ def main(argv=None):
     else:
         base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
         print(HEADER, flush=True)
-        for batch in args.batch or ([1, 4] if args.quick else [1, 8]):
+        for batch in args.batch or ([1, 2] if args.quick else [1, 8]):
             dense = None
             for row in inference_rows(args.quick):  # `dense` comes first
                 r = time_inference(row, base, batch, device, warmup, repeats)
