@@ -417,6 +417,7 @@ _SAFE = (8.0, 64.0)  # pixels of a 72 x 72 frame inside every training crop (sca
 _SHAPE_SIZE = (14.0, 18.0)  # about one 16 x 16 patch at 64 x 64: the mover fills the patches it crosses
 _SHAPES = ("disc", "square", "diamond")
 _MARKER = "DONE"
+DEMO_VERSION = 2  # of the generator: bump it whenever render_demo_video changes, so old demo folders are rebuilt
 
 DEMO_DOC = """Demo dataset: 6 classes of 16-frame 72 x 72 H.264 videos, DEMO_CLASSES, that differ only in how one
 bright object moves: left, right, up or down by 28-38 px in a straight line, or one full turn (radius 11-15 px)
@@ -505,11 +506,13 @@ def write_video(path, frames, fps=DEMO_FPS):
 
 
 def _demo_params(seed, num_train, num_val):
-    return f"seed={seed} num_train={num_train} num_val={num_val} size={DEMO_SIZE} frames={DEMO_FRAMES}\n"
+    return (f"version={DEMO_VERSION} seed={seed} num_train={num_train} num_val={num_val} size={DEMO_SIZE} "
+            f"frames={DEMO_FRAMES}\n")
 
 
 def demo_dataset_ready(root, *, seed=0, num_train=60, num_val=20):
-    """True when `root` holds a complete demo dataset made with these arguments (its marker file is written last)."""
+    """True when `root` holds a complete demo dataset made with these arguments by this DEMO_VERSION of the
+    generator (its marker file is written last)."""
     marker = Path(root) / _MARKER
     return marker.is_file() and marker.read_text() == _demo_params(seed, num_train, num_val)
 
@@ -544,6 +547,71 @@ def make_demo_dataset(root, *, seed=0, num_train=60, num_val=20):
     info["classes_file"].write_text("".join(f"{name}\n" for name in DEMO_CLASSES))
     (root / _MARKER).write_text(_demo_params(seed, num_train, num_val))
     return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures: halting maps like the paper's Fig. 4, written as PNG through PyAV (no imaging library needed)
+
+DARKEN = 0.25  # brightness left to a pruned or halted patch
+GAP = 2  # white pixels between the tiles of a halting map
+
+
+def display_frames(video):
+    """Undo `_normalise` for display: float (C, T, H, W) -> uint8 (T, H, W, 3)."""
+    return (video * STD + MEAN).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def active_token_masks(keep_index, halt_depth, num_patches, layers):
+    """Which patches of one clip take part where, from what the model returned for it.
+
+    keep_index (T, k) patch indices the Glimpser kept per frame, or None (no Glimpser: every patch kept);
+    halt_depth (1 + T*k,) N_k of the tokens entering the joint stage: the class token, then frame-major patches.
+    Returns bool (1 + len(layers), T, S): row 0 the patches the Glimpser kept, then for each joint layer l in
+    `layers` (1-based) the patches that take part in it, N_k >= l (Eq. 3; in drop mode the tokens left when the
+    class token halts carry its N_k, so they stop with it).
+    """
+    halt_depth = halt_depth.cpu()
+    if keep_index is None:
+        T = (halt_depth.shape[0] - 1) // num_patches
+        keep_index = torch.arange(num_patches).expand(T, num_patches)  # (T, S)
+    keep_index = keep_index.cpu()
+    T, k = keep_index.shape
+    depth = halt_depth[1:].view(T, k)  # (T*k,) -> (T, k), the patch tokens' N_k
+    frame = torch.arange(T).unsqueeze(1).expand(T, k)  # (T, k) frame of each token
+    masks = torch.zeros(1 + len(layers), T, num_patches, dtype=torch.bool)
+    masks[0, frame, keep_index] = True
+    for i, layer in enumerate(layers, start=1):
+        masks[i, frame, keep_index] = depth >= layer  # pruned patches stay False
+    return masks
+
+
+def halting_map(frames, masks, patch_size, scale=2):
+    """A grid image: one column per frame; row 0 the frames, then one row per mask with the patches it leaves
+    out darkened to DARKEN. frames uint8 (T, H, W, 3), masks bool (R, T, S) with S = (H/p) * (W/p) row-major
+    -> uint8 (1 + R) * (scale*H + GAP) x T * (scale*W + GAP) x 3, nearest-neighbour upscaled by `scale`."""
+    T, H, W, _ = frames.shape
+    tiles = [frames]
+    for mask in masks:  # (T, S) -> (T, H, W): one patch covers patch_size x patch_size pixels
+        pixel = mask.view(T, H // patch_size, W // patch_size).repeat_interleave(patch_size, 1)
+        pixel = pixel.repeat_interleave(patch_size, 2)  # (T, H, W)
+        shade = torch.where(pixel, 1.0, DARKEN).unsqueeze(-1)  # (T, H, W, 1)
+        tiles.append((frames.float() * shade).round().to(torch.uint8))
+    image = torch.stack(tiles)  # (rows, T, H, W, 3)
+    image = image.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (rows, T, sH, sW, 3)
+    image = F.pad(image.permute(0, 1, 4, 2, 3), (0, GAP, 0, GAP), value=255)  # white right and below a tile
+    rows, T, C, h, w = image.shape
+    return image.permute(0, 3, 1, 4, 2).reshape(rows * h, T * w, C).numpy()  # (rows, h, T, w, 3) -> (rows*h, T*w, 3)
+
+
+def write_png(path, image):
+    """Write a uint8 (H, W, 3) image with PyAV's PNG encoder, through a temporary file and a rename."""
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    packets = codec.encode(frame) + codec.encode(None)  # None flushes the encoder
+    tmp = Path(f"{path}.tmp")
+    tmp.write_bytes(b"".join(bytes(p) for p in packets))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

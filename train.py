@@ -1,6 +1,8 @@
 """Train and evaluate HaltingVT: the one-command sanity run, and the real loop (CPU or CUDA, one GPU or many).
 
     python train.py                                   # the sanity run: demo dataset, tiny model, a few minutes
+    python train.py --halting-map VIDEO --resume runs/sanity/best.pt   # Fig. 4: runs/sanity/halting_map.png
+    python train.py --ablation --out runs/ablation    # Tables 1 and 2 on the demo set: runs/ablation/ablation.md
     python train.py --train k200_train.txt --val k200_val.txt --root /data/kinetics --num-classes 200 \
         --model deit_small --init deit_small_patch16_224-cd65a155.pth
     torchrun --standalone --nproc-per-node=8 train.py ...   # the same, one process per GPU
@@ -21,7 +23,9 @@ import logging
 import math
 import os
 import random
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -119,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="the prior's Gaussian over joint layers 1..L (default: the middle layer, std L/4)")
     o("--train-mode", choices=["mask", "drop"], help="halted tokens in training (default: TRAIN_MODE)")
     r = p.add_argument_group("run").add_argument
-    r("--out", default="runs/sanity", help="for metrics.jsonl, last.pt, best.pt, final.json (runs/sanity)")
+    r("--out", help="for metrics.jsonl, last.pt, best.pt, final.json (runs/sanity; runs/ablation with --ablation;"
+                    " with --halting-map: the checkpoint's folder)")
     r("--seed", type=int, default=0)
     r("--device", help="default: cuda if available, else cpu")
     r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
@@ -129,7 +134,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
     r("--stop-after", type=int, help="stop after N epochs of this run (the schedule still spans --epochs)")
+    v = p.add_argument_group("pictures and ablations").add_argument
+    v("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (paper Fig. 4) for this video with the "
+                                             "--resume checkpoint, then exit")
+    v("--map-layers", type=int, nargs="+", help="joint layers (1..L) whose active tokens the map shows "
+                                                "(default: up to 3 spread over 2..L)")
+    v("--ablation", action="store_true", help="one training per row of Tables 1 and 2 (ablation_rows), each in "
+                                              "its own folder of --out; the table goes to OUT/ablation.md")
+    v("--ablation-seeds", type=int, nargs="+", default=[0], help="seeds of each ablation row (0)")
     args = p.parse_args(argv)
+    if args.out is None and args.halting_map:
+        args.out = str(Path(args.resume).parent) if args.resume else "runs/sanity"
+    args.out = args.out or ("runs/ablation" if args.ablation else "runs/sanity")
     return apply_preset(args)
 
 
@@ -211,7 +227,8 @@ def model_config(args, num_classes) -> HaltingVTConfig:
                  num_heads=args.heads, glimpser_depth=args.glimpser_depth, keep_ratio=args.keep_ratio,
                  gamma=args.gamma, beta=args.beta, eps=args.eps, drop_path=args.drop_path)
     overrides = {k: v for k, v in flags.items() if v is not None}
-    overrides.update(num_classes=num_classes, halting=args.halting)
+    # no motion loss, no motion head: an untrained head would only add parameters without gradients (DDP)
+    overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0)
     return getattr(HaltingVTConfig, args.model)(**overrides)
 
 
@@ -476,8 +493,9 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
             sums[2] += (top5 == label[:, None]).any(1).sum().item()
         depth = out.halt_depth[:B]  # (B, K) joint layer 1..L where each token halted
         sums[0] += B
-        sums[3] += (out.motion_logits.argmax(1) == motion).sum().item()
-        sums[4] += len(video)
+        if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
+            sums[3] += (out.motion_logits.argmax(1) == motion).sum().item()
+            sums[4] += len(video)
         sums[5] += out.gflops[:B].sum().item()
         sums[6] += depth.sum().item()
         sums[7] += depth.numel()
@@ -485,7 +503,7 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
         sums[8 + L:] += out.tokens_per_layer[:B].sum(0).cpu().double()
     sums = all_reduce(sums.to(device)).cpu()
     n = max(sums[0].item(), 1)
-    metrics = {"val_motion_acc": sums[3].item() / max(sums[4].item(), 1), "val_gflops": sums[5].item() / n,
+    metrics = {"val_motion_acc": sums[3].item() / sums[4].item() if sums[4] else float("nan"), "val_gflops": sums[5].item() / n,
                "dense_gflops": dense_gflops(cfg), "halt_depth_mean": sums[6].item() / max(sums[7].item(), 1),
                "halt_depth_hist": (sums[8:8 + L] / max(sums[7].item(), 1)).tolist(),
                "tokens_per_layer": (sums[8 + L:] / n).tolist(), "val_videos": int(sums[0].item())}
@@ -526,6 +544,10 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.halting_map:
+            return write_halting_map(args, device)
+        if args.ablation:
+            return ablation(args, sys.argv[1:] if argv is None else argv, rank, world, device)
         return run(args, rank, world, device)
     finally:
         if dist.is_initialized():
@@ -639,6 +661,124 @@ def checkpoint(loop, run_state, path):
         state = {k: run_state[k] for k in ("epoch", "batch_in_epoch", "step", "best")}
         save_checkpoint(path, loop["model"], loop["optimizer"], loop["scheduler"], state, loop["cfg"],
                         loop["args"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Halting maps (paper Fig. 4)
+# ----------------------------------------------------------------------------------------------------------
+
+def load_trained_model(path, device):
+    """(model in eval mode, its config, the run's args as a dict), rebuilt from a checkpoint alone."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = HaltingVTConfig(**ckpt["config"])
+    model = HaltingVT(cfg)
+    load_checkpoint(path, model)
+    return model.to(device).eval(), cfg, ckpt.get("args", {})
+
+
+def map_layers(layers, L) -> list:
+    """The joint layers a map shows: the given ones, or up to 3 spread over 2..L (at layer 1 every kept token is
+    still active, which the Glimpser row already shows)."""
+    if layers:
+        if not all(1 <= layer <= L for layer in layers):
+            raise SystemExit(f"--map-layers {layers}: joint layers are 1..{L}")
+        return list(layers)
+    return sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]
+
+
+@torch.no_grad()
+def token_masks(model, video, layers):
+    """Run one clip (C, T, H, W) in drop mode: bool masks (1 + len(layers), T, S), data.active_token_masks."""
+    out = model(video.unsqueeze(0), drop_halted=True)
+    keep_index = out.keep_index[0] if out.keep_index is not None else None
+    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
+    return data.active_token_masks(keep_index, out.halt_depth[0], S, layers)
+
+
+def write_halting_map(args, device) -> dict:
+    """--halting-map: the video through the run's eval pipeline and the checkpoint's model -> OUT/halting_map.png.
+
+    Rows: the input, the patches the Glimpser kept, the tokens still active at each of `map_layers`; columns:
+    the sampled frames. Returns {"path": ..., "active": {row name: fraction of the T x S patches active}}."""
+    if not args.resume:
+        raise SystemExit("--halting-map needs --resume CHECKPOINT")
+    model, cfg, run_args = load_trained_model(args.resume, device)
+    layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
+    short_side = run_args.get("eval_short_side") or round(cfg.img_size * 8 / 7)  # as data.VideoDataset
+    clip = data.read_clip(args.halting_map, cfg.num_frames, train=False)  # (T, H, W, 3)
+    video = data.eval_transform(clip, cfg.img_size, short_side)  # (C, T, H, W), what evaluation feeds
+    masks = token_masks(model, video.to(device), layers)
+    image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
+    path = Path(args.out) / "halting_map.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.write_png(path, image)
+    names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
+    active = {name: m.float().mean().item() for name, m in zip(names, masks)}
+    log.info("wrote %s (rows: input, %s); patches active: %s", path, ", ".join(names),
+             ", ".join(f"{name} {a:.2f}" for name, a in active.items()))
+    return {"path": str(path), "active": active}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ablations (paper Tables 1 and 2) at laptop scale
+# ----------------------------------------------------------------------------------------------------------
+
+ABLATION_COLUMNS = ("setting", "R", "motion loss", "beta", "seed", "val top-1", "GFLOPs/video",
+                    "GFLOPs ratio vs dense", "mean halting depth", "wall time (s)")
+
+
+def ablation_rows(args) -> list:
+    """Table 1: no Glimpser, then R = 0.3, 0.5, 0.7, each with the Motion Loss (alpha_m as set) and without
+    (alpha_m = 0). Then Table 2's beta sweep at R = 0.5 with the Motion Loss: beta x 0.5, 1.5, 2 (beta x 1 is
+    Table 1's R = 0.5 row). Each row: the model and loss flags that differ from the sanity run."""
+    beta = args.beta if args.beta is not None else getattr(HaltingVTConfig, args.model)().beta
+    rows = []
+    for R in (None, 0.3, 0.5, 0.7):
+        for alpha_m in (args.alpha_m, 0.0):
+            rows.append(dict(setting="no Glimpser" if R is None else "Glimpser", keep_ratio=R, alpha_m=alpha_m,
+                             beta=beta, glimpser_depth=0 if R is None else args.glimpser_depth))
+    for factor in (0.5, 1.5, 2.0):
+        rows.append(dict(setting="beta sweep", keep_ratio=0.5, alpha_m=args.alpha_m, beta=beta * factor,
+                         glimpser_depth=args.glimpser_depth))
+    return rows
+
+
+def ablation_line(row, seed, metrics, wall_s) -> str:
+    """One markdown table line, in ABLATION_COLUMNS order."""
+    R = "-" if row["glimpser_depth"] == 0 else f"{row['keep_ratio']:g}"
+    cells = [row["setting"], R, "yes" if row["alpha_m"] else "no", f"{row['beta']:g}", str(seed),
+             f"{metrics['val_top1']:.3f}", f"{metrics['val_gflops']:.4f}",
+             f"{metrics['val_gflops'] / metrics['dense_gflops']:.2f}", f"{metrics['halt_depth_mean']:.2f}",
+             f"{wall_s:.0f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def ablation(args, argv, rank, world, device) -> list:
+    """--ablation: `run` once per row of ablation_rows and seed, with the row's flags on top of the command
+    line's (so --epochs and the like apply to every row), each in OUT/<row>; OUT/ablation.md, rewritten after
+    every row so that an interrupted ablation keeps the rows it finished. Returns the table's lines."""
+    out = Path(args.out)
+    head = [f"Made by `python train.py {shlex.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
+            "| " + " | ".join(ABLATION_COLUMNS) + " |", "|" + "---|" * len(ABLATION_COLUMNS)]
+    lines = []
+    for i, row in enumerate(ablation_rows(args)):
+        for seed in args.ablation_seeds:
+            name = f"{i:02d}_R{row['keep_ratio'] if row['glimpser_depth'] != 0 else 'none'}_" \
+                   f"motion{int(bool(row['alpha_m']))}_beta{row['beta']:g}_seed{seed}"
+            flags = {k: v for k, v in row.items() if k != "setting"}
+            row_args = argparse.Namespace(**{**vars(args), **flags, "seed": seed, "out": str(out / name),
+                                             "ablation": False, "resume": None, "eval_only": False})
+            log.info("ablation run %s", name)
+            t0 = time.time()
+            metrics = run(row_args, rank, world, device)
+            if metrics.get("epoch") != args.epochs:  # a stop signal, or --stop-after: the row is unfinished
+                log.warning("ablation stopped in %s; %s has the rows before it", name, out / "ablation.md")
+                return lines
+            lines.append(ablation_line(row, seed, metrics, time.time() - t0))
+            if rank == 0:
+                (out / "ablation.md").write_text("\n".join(head + lines) + "\n")
+    log.info("wrote %s", out / "ablation.md")
+    return lines
 
 
 if __name__ == "__main__":
