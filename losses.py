@@ -63,14 +63,38 @@ def motion_loss(motion_logits, motion_labels):
     return F.cross_entropy(motion_logits, motion_labels.long())
 
 
+def depth_prior(num_layers, mean, std):
+    """A discretised Gaussian over the joint layers 1..L: (L,), summing to 1."""
+    layer = torch.arange(1, num_layers + 1, dtype=torch.float64)
+    p = torch.exp(-0.5 * ((layer - mean) / std) ** 2)
+    return (p / p.sum()).float()
+
+
+def depth_prior_loss(halt_scores, target):
+    """KL(target || p), p_l = the batch's mean halting score at joint layer l, normalised over layers.
+
+    Not in the paper: A-ViT's "distribution prior", which the authors' release carries as an off-by-default
+    switch. The ponder loss alone pushes every score up, and nothing pushes a patch token's score down (its halt
+    is a discrete decision, so the task loss sends it no gradient): at small scale every token then halts at the
+    first joint layer. Pulling the layer-wise mean of the scores towards a Gaussian over depth keeps halting
+    spread over layers. halt_scores (L, B, K), target (L,) -> ().
+    """
+    p = halt_scores.mean(dim=(1, 2))  # (L,)
+    p = p / p.sum()
+    target = target.to(p)
+    return (target * (target.log() - p.clamp_min(1e-8).log())).sum()
+
+
 def haltingvt_loss(out, labels, motion_labels=None, *, num_classes=None, alpha_p=5e-4, alpha_m=0.01,
-                   multi_label=False):
+                   multi_label=False, alpha_d=0.0, depth_target=None):
     """Eq. (9): L = L_task + alpha_p * L_ponder + alpha_m * L_motion. Returns (total, parts for the log).
 
     alpha_p = 5e-4 and alpha_m = 0.01 are the paper's values (Sec. 4.1). The authors' release config sets the
     motion weight to 0.001, but its loss code only uses that number to switch the term on and then adds the
     motion cross-entropy unweighted; we follow the paper. The motion term is left out entirely (not computed)
     when alpha_m == 0, when the model gives no motion logits, or when no motion labels are given (evaluation).
+    With alpha_d > 0 the depth prior (`depth_prior_loss`, not in the paper; off by default) is added with
+    `depth_target` (L,) as its target.
     """
     num_classes = out.logits.shape[-1] if num_classes is None else num_classes
     if out.logits.shape[-1] != num_classes:
@@ -83,6 +107,10 @@ def haltingvt_loss(out, labels, motion_labels=None, *, num_classes=None, alpha_p
         l_motion = motion_loss(out.motion_logits, motion_labels)
         total = total + alpha_m * l_motion  # Eq. (9), third term
         parts["motion"] = l_motion.item()
+    if alpha_d != 0:
+        l_depth = depth_prior_loss(out.halt_scores, depth_target)
+        total = total + alpha_d * l_depth
+        parts["depth"] = l_depth.item()
     parts["total"] = total.item()
     return total, parts
 

@@ -76,6 +76,23 @@ def test_loss_ponder_gradient_raises_halting_score():
     assert s.grad.item() == pytest.approx(-5e-4 * h * (1 - h), rel=1e-5)
 
 
+def test_loss_depth_prior_is_kl_by_hand_and_zero_at_the_target():
+    target = losses.depth_prior(4, mean=2.0, std=1.0)
+    g = [math.exp(-0.5 * (l - 2.0) ** 2) for l in (1, 2, 3, 4)]
+    assert target.tolist() == pytest.approx([v / sum(g) for v in g], rel=1e-6)
+    scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [0.0, 0.0], [1.0, 1.0]]).view(4, 1, 2)  # (L, B, K)
+    p = [0.3, 0.2, 0.0, 1.0]
+    p = [v / sum(p) for v in p]
+    hand = sum(t * (math.log(t) - math.log(max(q, 1e-8))) for t, q in zip(target.tolist(), p))
+    assert losses.depth_prior_loss(scores, target).item() == pytest.approx(hand, rel=1e-5)
+    at_target = (target * 3).view(4, 1, 1).expand(4, 2, 3)
+    assert losses.depth_prior_loss(at_target, target).item() == pytest.approx(0.0, abs=1e-6)
+    # too much halting at layer 1: the gradient lowers the first layer's scores
+    scores = torch.tensor([0.9, 0.05, 0.05, 1.0]).view(4, 1, 1).requires_grad_()
+    losses.depth_prior_loss(scores, target).backward()
+    assert scores.grad[0] > 0 and scores.grad[1] < 0
+
+
 def test_loss_bad_labels_raise_with_value():
     out = _out(torch.zeros(2, 6), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="label 7 "):
