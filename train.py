@@ -503,7 +503,8 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
         sums[8 + L:] += out.tokens_per_layer[:B].sum(0).cpu().double()
     sums = all_reduce(sums.to(device)).cpu()
     n = max(sums[0].item(), 1)
-    metrics = {"val_motion_acc": sums[3].item() / sums[4].item() if sums[4] else float("nan"), "val_gflops": sums[5].item() / n,
+    motion_acc = sums[3].item() / sums[4].item() if sums[4] else float("nan")  # nan: no motion head
+    metrics = {"val_motion_acc": motion_acc, "val_gflops": sums[5].item() / n,
                "dense_gflops": dense_gflops(cfg), "halt_depth_mean": sums[6].item() / max(sums[7].item(), 1),
                "halt_depth_hist": (sums[8:8 + L] / max(sums[7].item(), 1)).tolist(),
                "tokens_per_layer": (sums[8 + L:] / n).tolist(), "val_videos": int(sums[0].item())}
