@@ -16,7 +16,6 @@ rows spread over about 0.2x-0.8x of the dense GFLOPs; each row's name carries it
 """
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -40,7 +39,8 @@ class Row:
 
     def config(self, base: HaltingVTConfig) -> HaltingVTConfig:
         return HaltingVTConfig(**{**base.to_dict(), "glimpser_depth": base.glimpser_depth if self.glimpser else 0,
-                                  "keep_ratio": self.keep_ratio, "halting": self.halting, "beta": self.beta})
+                                  "keep_ratio": self.keep_ratio, "halting": self.halting, "beta": self.beta,
+                                  "gamma": 10.0})  # the paper's gamma, whatever the base setting's
 
 
 def inference_rows(quick: bool) -> list:

@@ -86,20 +86,24 @@ def depth_prior_loss(halt_scores, target):
 
 
 def haltingvt_loss(out, labels, motion_labels=None, *, num_classes=None, alpha_p=5e-4, alpha_m=0.01,
-                   multi_label=False, alpha_d=0.0, depth_target=None):
+                   multi_label=False, alpha_d=0.0, depth_target=None, task_on_fakes=True):
     """Eq. (9): L = L_task + alpha_p * L_ponder + alpha_m * L_motion. Returns (total, parts for the log).
 
     alpha_p = 5e-4 and alpha_m = 0.01 are the paper's values (Sec. 4.1). The authors' release config sets the
     motion weight to 0.001, but its loss code only uses that number to switch the term on and then adds the
     motion cross-entropy unweighted; we follow the paper. The motion term is left out entirely (not computed)
     when alpha_m == 0, when the model gives no motion logits, or when no motion labels are given (evaluation).
+    task_on_fakes=False applies the task loss to the real clips only (motion label 1); the release applies it to
+    both clips of a pair, which helps where one frame shows the scene (Kinetics), and only adds noise where a
+    static clip cannot tell the class by construction (the demo dataset).
     With alpha_d > 0 the depth prior (`depth_prior_loss`, not in the paper; off by default) is added with
     `depth_target` (L,) as its target.
     """
     num_classes = out.logits.shape[-1] if num_classes is None else num_classes
     if out.logits.shape[-1] != num_classes:
         raise ValueError(f"logits have {out.logits.shape[-1]} classes but num_classes is {num_classes}")
-    l_task = task_loss(out.logits, labels, multi_label)
+    real = slice(None) if task_on_fakes or motion_labels is None else motion_labels == 1
+    l_task = task_loss(out.logits[real], labels[real], multi_label)
     l_ponder = ponder_loss(out.ponder)
     total = l_task + alpha_p * l_ponder  # Eq. (9), first two terms
     parts = {"task": l_task.item(), "ponder": l_ponder.item(), "motion": 0.0}

@@ -1,14 +1,33 @@
-"""Tests for haltingvt: shapes, then gradients, then parity with slow, obviously-correct references."""
-import math
+"""Tests for haltingvt: shapes, then gradients, then parity with slow, obviously-correct references.
 
+Sections: the network (halting math, Glimpser, mask/drop modes, gradients, GFLOPs, DeiT loading, inputs), the
+losses and video data, training, the benchmark helpers, pictures and ablations. No wall-clock thresholds:
+timings are benchmark figures (bench.py, the sanity run), not tests.
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench
+import data
+import losses
+import train
 from haltingvt import (HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, halting_weights,
-                       load_deit, top_k_per_frame)
+                       load_deit, row_groups, top_k_per_frame)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,3 +428,763 @@ def test_plain_joint_vt_and_no_halting():
     assert (out.halt_depth == cfg.depth).all() and (out.remainder == 1).all()
     assert out.gflops[0].item() == pytest.approx(dense_gflops(cfg), rel=1e-6)
     assert out.halt_scores.shape == (cfg.depth, 2, 1 + cfg.num_frames * 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses and data (losses.py, data.py)
+# ----------------------------------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+def _out(logits, motion_logits=None, ponder=None):
+    ponder = torch.zeros(logits.shape[0]) if ponder is None else ponder
+    return SimpleNamespace(logits=logits, motion_logits=motion_logits, ponder=ponder)
+
+
+def _hand_ce(rows, targets):
+    """Mean over rows of -log softmax(row)[target], written out."""
+    return sum(math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(rows, targets)) / len(rows)
+
+
+def test_loss_task_is_cross_entropy_by_hand():
+    rows = [[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]
+    got = losses.task_loss(torch.tensor(rows), torch.tensor([2, 0]))
+    assert got.item() == pytest.approx(_hand_ce(rows, [2, 0]), rel=1e-6)
+
+
+def test_loss_multi_label_is_bce_by_hand():
+    rows, targets = [[2.0, -1.0, 0.0]], [[1.0, 0.0, 1.0]]
+    sig = [1 / (1 + math.exp(-v)) for v in rows[0]]
+    hand = -sum(y * math.log(s) + (1 - y) * math.log(1 - s) for s, y in zip(sig, targets[0])) / 3
+    got = losses.task_loss(torch.tensor(rows), torch.tensor(targets), multi_label=True)
+    assert got.item() == pytest.approx(hand, rel=1e-6)
+
+
+def test_loss_total_is_eq9_by_hand():
+    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, 1.0]]
+    out = _out(torch.tensor(rows), torch.tensor(motion_rows), torch.tensor([6.0, 8.0]))
+    total, parts = losses.haltingvt_loss(out, torch.tensor([1, 0]), torch.tensor([1, 0]))
+    task, motion = _hand_ce(rows, [1, 0]), _hand_ce(motion_rows, [1, 0])
+    assert parts["task"] == pytest.approx(task, rel=1e-6)
+    assert parts["motion"] == pytest.approx(motion, rel=1e-6)
+    assert parts["ponder"] == pytest.approx(7.0)
+    assert total.item() == pytest.approx(task + 5e-4 * 7.0 + 0.01 * motion, rel=1e-6)
+    assert parts["total"] == pytest.approx(total.item())
+    assert all(type(v) is float for v in parts.values())
+
+
+def test_loss_task_on_real_clips_only():
+    rows = [[1.0, -2.0, 0.5], [0.0, 3.0, -1.0], [2.0, 0.0, 0.0]]
+    out = _out(torch.tensor(rows), torch.zeros(3, 2))
+    labels, motion = torch.tensor([2, 0, 1]), torch.tensor([1, 0, 1])
+    _, parts = losses.haltingvt_loss(out, labels, motion, alpha_m=0.0, task_on_fakes=False)
+    assert parts["task"] == pytest.approx(_hand_ce([rows[0], rows[2]], [2, 1]), rel=1e-6)
+    _, parts = losses.haltingvt_loss(out, labels, motion, alpha_m=0.0)
+    assert parts["task"] == pytest.approx(_hand_ce(rows, [2, 0, 1]), rel=1e-6)
+
+
+def test_loss_alpha_m_zero_drops_motion_exactly():
+    logits, motion_logits = torch.randn(2, 4), torch.randn(2, 2, requires_grad=True)
+    ponder = torch.tensor([3.0, 5.0])
+    expected = losses.task_loss(logits, torch.tensor([3, 1])) + 5e-4 * 4.0
+    # the invalid motion label 7 would raise if the motion term were computed at all
+    total, parts = losses.haltingvt_loss(_out(logits, motion_logits, ponder), torch.tensor([3, 1]),
+                                         torch.tensor([7, 0]), alpha_m=0.0)
+    assert total.item() == expected.item() and parts["motion"] == 0.0
+    total2, parts2 = losses.haltingvt_loss(_out(logits, None, ponder), torch.tensor([3, 1]), torch.tensor([1, 0]))
+    assert total2.item() == expected.item() and parts2["motion"] == 0.0
+
+
+def test_loss_ponder_gradient_raises_halting_score():
+    # One token, 2 layers: h1 = sigmoid(s) < 1 - eps at layer 1, so it halts at the last layer (h2 := 1):
+    # N = 2, r = 1 - h1 (Eq. 4), ponder = N + r = 3 - h1 (Eq. 5). d loss / d s = -alpha_p * h1 * (1 - h1) < 0,
+    # so gradient descent raises the score: the ponder loss pushes towards halting earlier.
+    s = torch.tensor(0.3, requires_grad=True)
+    h1 = torch.sigmoid(s)
+    ponder = (2 + (1 - h1)).reshape(1)  # (B=1,)
+    total, _ = losses.haltingvt_loss(_out(torch.zeros(1, 3), ponder=ponder), torch.tensor([0]))
+    total.backward()
+    h = torch.sigmoid(torch.tensor(0.3)).item()
+    assert s.grad.item() < 0
+    assert s.grad.item() == pytest.approx(-5e-4 * h * (1 - h), rel=1e-5)
+
+
+def test_loss_depth_prior_is_kl_by_hand_and_zero_at_the_target():
+    target = losses.depth_prior(4, mean=2.0, std=1.0)
+    g = [math.exp(-0.5 * (l - 2.0) ** 2) for l in (1, 2, 3, 4)]
+    assert target.tolist() == pytest.approx([v / sum(g) for v in g], rel=1e-6)
+    scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [0.0, 0.0], [1.0, 1.0]]).view(4, 1, 2)  # (L, B, K)
+    p = [0.3, 0.2, 0.0, 1.0]
+    p = [v / sum(p) for v in p]
+    hand = sum(t * (math.log(t) - math.log(max(q, 1e-8))) for t, q in zip(target.tolist(), p))
+    assert losses.depth_prior_loss(scores, target).item() == pytest.approx(hand, rel=1e-5)
+    at_target = (target * 3).view(4, 1, 1).expand(4, 2, 3)
+    assert losses.depth_prior_loss(at_target, target).item() == pytest.approx(0.0, abs=1e-6)
+    # too much halting at layer 1: the gradient lowers the first layer's scores
+    scores = torch.tensor([0.9, 0.05, 0.05, 1.0]).view(4, 1, 1).requires_grad_()
+    losses.depth_prior_loss(scores, target).backward()
+    assert scores.grad[0] > 0 and scores.grad[1] < 0
+
+
+def test_loss_bad_labels_raise_with_value():
+    out = _out(torch.zeros(2, 6), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="label 7 "):
+        losses.haltingvt_loss(out, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="label -1 "):
+        losses.haltingvt_loss(out, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="label 5 "):  # num_classes given: checked against it
+        losses.haltingvt_loss(_out(torch.zeros(1, 5)), torch.tensor([5]), num_classes=5)
+    with pytest.raises(ValueError, match="motion label 2"):
+        losses.haltingvt_loss(out, torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="0 or 1, got 2"):
+        losses.task_loss(torch.zeros(1, 3), torch.tensor([[0.0, 2.0, 1.0]]), multi_label=True)
+    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
+        losses.task_loss(torch.zeros(1, 3), torch.tensor([[0.0, 1.0]]), multi_label=True)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+GREY_STEP = 12  # frame k of a test video is grey level 12 * k, so a decoded frame tells its index
+
+
+def _grey_video(path, n, height=32, width=48, faststart=False):
+    frames = np.stack([np.full((height, width, 3), GREY_STEP * k, np.uint8) for k in range(n)])
+    if not faststart:
+        data.write_video(path, frames)
+        return path
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:  # index before the data
+        stream = container.add_stream("libx264", rate=8)
+        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _frame_ids(clip):
+    return [round(f.float().mean().item() / GREY_STEP) for f in clip]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    return {"v20": _grey_video(d / "v20.mp4", 20), "v5": _grey_video(d / "v5.mp4", 5),
+            "fast20": _grey_video(d / "fast20.mp4", 20, faststart=True), "dir": d}
+
+
+def test_data_sample_indices_by_hand():
+    # n = 20, T = 8: segments of 2.5 frames, midpoints 1.25, 3.75, 6.25, ... -> frames 1, 3, 6, ...
+    assert data.sample_indices(20, 8, train=False) == [1, 3, 6, 8, 11, 13, 16, 18]
+    # fewer frames than T: midpoints (i + 0.5) * 5 / 8 -> frames repeat
+    assert data.sample_indices(5, 8, train=False) == [0, 0, 1, 2, 2, 3, 4, 4]
+    assert data.sample_indices(7, 2, train=False) == [1, 5]  # midpoints 1.75 and 5.25
+    assert data.sample_indices(4, 1, train=False) == [2]
+    for seed in range(20):
+        idx = data.sample_indices(20, 8, train=True, rng=random.Random(seed))
+        assert idx == data.sample_indices(20, 8, train=True, rng=random.Random(seed))  # reproducible
+        assert all(math.floor(i * 2.5) <= k <= math.ceil((i + 1) * 2.5) - 1 for i, k in enumerate(idx))
+    draws = {tuple(data.sample_indices(20, 8, True, random.Random(s))) for s in range(20)}
+    assert len(draws) > 5  # training really is random
+
+
+def test_data_read_clip_eval_takes_segment_centres(videos):
+    clip = data.read_clip(videos["v20"], 8)
+    assert clip.dtype == torch.uint8 and clip.shape == (8, 32, 48, 3)
+    assert _frame_ids(clip) == [1, 3, 6, 8, 11, 13, 16, 18]
+
+
+def test_data_read_clip_train_stays_in_segments(videos):
+    for seed in range(4):
+        ids = _frame_ids(data.read_clip(videos["v20"], 8, train=True, rng=random.Random(seed)))
+        assert ids == data.sample_indices(20, 8, True, random.Random(seed))
+        assert all(math.floor(i * 2.5) <= k <= math.ceil((i + 1) * 2.5) - 1 for i, k in enumerate(ids))
+
+
+def test_data_short_video_repeats_frames(videos):
+    clip = data.read_clip(videos["v5"], 8)
+    assert clip.shape[0] == 8 and _frame_ids(clip) == [0, 0, 1, 2, 2, 3, 4, 4]
+
+
+def _bad_file(kind, d, v20):
+    path = d / f"bad_{kind}.mp4"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "corrupt":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif kind == "truncated":  # first half of a real mp4 whose index (moov) is at the end
+        content = v20.read_bytes()
+        path.write_bytes(content[: len(content) // 2])
+    elif kind == "audio_only":
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("aac", rate=16000)
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt", "truncated", "audio_only"])
+def test_data_bad_files_raise_naming_the_path(videos, kind):
+    path = _bad_file(kind, videos["dir"], videos["v20"])
+    with pytest.raises(data.VideoDecodeError, match=str(path)):
+        data.read_clip(path, 8)
+
+
+def test_data_truncated_after_index_decodes_the_frames_it_has(videos):
+    # With the index first (faststart) a cut file still opens: the header says 20 frames, the last packets are
+    # gone or cut short, and the decoder fails inside the damaged tail. The frames before it are the video.
+    content = videos["fast20"].read_bytes()
+    path = videos["dir"] / "cut_fast.mp4"
+    path.write_bytes(content[: len(content) - 150])
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 20  # the header lies
+    decodable = len(data.read_all_frames(path))
+    assert 1 < decodable < data.count_frames(path) < 20  # fewer good frames than packets: read_clip resamples
+    assert _frame_ids(data.read_clip(path, 8)) == data.sample_indices(decodable, 8, train=False)
+    # garbage in the middle of the frame data: the decoder raises after some good frames, which are the video
+    damaged = bytearray(content)
+    at = int(0.83 * len(content))
+    damaged[at:at + 40] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(damaged))
+    decodable = len(data.read_all_frames(path))
+    assert 1 < decodable < 20
+    assert _frame_ids(data.read_clip(path, 8)) == data.sample_indices(decodable, 8, train=False)
+    path.write_bytes(content[: len(content) // 2])  # only a broken first frame left: nothing decodes
+    with pytest.raises(data.VideoDecodeError, match=str(path)):
+        data.read_clip(path, 8)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_data_list_file_labels(tmp_path):
+    assert data.parse_list_line("my clips/a b.mp4 3", multi_label=False) == ("my clips/a b.mp4", [3])
+    assert data.parse_list_line("clip 2.mp4 5 7", multi_label=True) == ("clip 2.mp4", [5, 7])
+    assert data.parse_list_line("   ", multi_label=False) is None
+    single = _write(tmp_path / "single.txt", "a b.mp4 2\n\nsub/c.mp4 0\n")
+    ds = data.VideoDataset(single, num_frames=8, img_size=32, train=False)
+    assert [(p, l) for p, l in ds.samples] == [(tmp_path / "a b.mp4", [2]), (tmp_path / "sub/c.mp4", [0])]
+    assert ds.num_classes == 3 and ds.classes is None
+    ds = data.VideoDataset(single, root="/videos", num_frames=8, img_size=32, train=False)
+    assert ds.samples[0][0] == data.Path("/videos/a b.mp4")
+    multi = _write(tmp_path / "multi.txt", "x 1.mp4 0 3\ny.mp4 2\n")
+    ds = data.VideoDataset(multi, num_frames=8, img_size=32, train=False, multi_label=True, num_classes=5)
+    assert ds.samples[0] == (tmp_path / "x 1.mp4", [0, 3])
+    assert ds._label([0, 3]).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="must be >= img_size"):  # the crop would not fit after the resize
+        data.VideoDataset(single, num_frames=8, img_size=32, train=True, scale=(30, 40))
+
+
+def test_data_out_of_range_labels_raise(tmp_path):
+    bad = _write(tmp_path / "bad.txt", "a.mp4 1\nb.mp4 3\n")
+    with pytest.raises(ValueError, match="line 2: label 3 "):
+        data.VideoDataset(bad, num_frames=8, img_size=32, train=False, num_classes=3)
+    neg = _write(tmp_path / "neg.txt", "a.mp4 -1\n")
+    with pytest.raises(ValueError, match="line 1: label -1 "):
+        data.VideoDataset(neg, num_frames=8, img_size=32, train=False)
+    nolabel = _write(tmp_path / "nolabel.txt", "a.mp4\n")
+    with pytest.raises(ValueError, match="line 1"):
+        data.VideoDataset(nolabel, num_frames=8, img_size=32, train=False)
+
+
+def test_data_class_folders_sorted_with_spaces(tmp_path, videos):
+    for name in ["walk the dog", "ride a bike"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "v 1.mp4").write_bytes(videos["v5"].read_bytes())
+    (tmp_path / "ride a bike" / "notes.txt").write_text("not a video")
+    ds = data.VideoDataset(tmp_path, num_frames=4, img_size=32, train=False, short_side=32)
+    assert ds.classes == ["ride a bike", "walk the dog"]
+    assert [(p.parent.name, l) for p, l in ds.samples] == [("ride a bike", [0]), ("walk the dog", [1])]
+    assert ds[1]["label"] == 1 and ds[1]["video"].shape == (3, 4, 32, 32)
+
+
+def test_data_on_error_skip_counts_and_raise_raises(tmp_path, videos):
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
+    lst = _write(tmp_path / "l.txt", f"{videos['v20']} 0\nbad.mp4 1\n{videos['v5']} 2\n")
+    ds = data.VideoDataset(lst, num_frames=4, img_size=32, train=False, short_side=32)
+    sample = ds[1]  # bad.mp4 -> falls back to the next video, deterministically
+    assert sample["label"] == 2 and sample["skipped"] == [str(tmp_path / "bad.mp4")]
+    assert ds.bad_files == {tmp_path / "bad.mp4"}
+    assert ds[1]["skipped"] == []  # a known bad file is not decoded (nor reported) again
+    strict = data.VideoDataset(lst, num_frames=4, img_size=32, train=False, on_error="raise")
+    with pytest.raises(data.VideoDecodeError, match="bad.mp4"):
+        strict[1]
+    all_bad = data.VideoDataset(_write(tmp_path / "b.txt", "bad.mp4 0\n"), num_frames=4, img_size=32, train=False)
+    with pytest.raises(RuntimeError, match="none of the 1 videos"):
+        all_bad[0]
+
+
+def test_data_transforms_by_hand():
+    # frame pixel (y, x) = 10 * y + x on all channels, 8 x 12: short side 8 -> no resize; centre 4 x 4 crop
+    # takes rows 2..5, columns 4..7; normalisation maps v to (v - 127.5) / 127.5.
+    grid = torch.arange(8)[:, None] * 10 + torch.arange(12)[None, :]  # (H, W)
+    clip = grid[None, :, :, None].expand(3, 8, 12, 3).to(torch.uint8)  # (T, H, W, 3)
+    out = data.eval_transform(clip, size=4, short_side=8)
+    assert out.shape == (3, 3, 4, 4) and out.dtype == torch.float32
+    assert torch.allclose(out[0, 0], (grid[2:6, 4:8].float() - 127.5) / 127.5)
+    # training with the scale pinned to the original size: a 4 x 4 window of the original, not flipped
+    out = data.train_transform(clip, size=4, scale=(8, 8), rng=random.Random(3))
+    pix = (out[1, 2] * 127.5 + 127.5).round()
+    top, left = divmod(int(pix[0, 0]), 10)
+    assert torch.equal(pix, grid[top:top + 4, left:left + 4].float())
+    assert torch.equal(out[:, 0], out[:, 2])  # the same crop for every frame
+    assert data.resize_short_side(torch.zeros(1, 3, 30, 60), 20).shape == (1, 3, 20, 40)
+
+
+def test_data_motion_pair_and_collate(videos):
+    clip = data.read_clip(videos["v20"], 8)
+    rng = random.Random(0)
+    real, fake = data.make_motion_pair(clip, lambda c: data.train_transform(c, 24, (28, 36), rng), rng)
+    assert real.shape == fake.shape == (3, 8, 24, 24) and real.dtype == fake.dtype == torch.float32
+    assert -1 <= fake.min() and fake.max() <= 1 and -1 <= real.min() and real.max() <= 1
+    assert all(torch.equal(fake[:, t], fake[:, 0]) for t in range(8))  # static: every frame the same
+    assert not torch.equal(real[:, 0], real[:, 7])  # the real clip moves (grey level changes)
+    batch = data.collate([{"video": real, "fake": fake, "label": 4, "skipped": []},
+                          {"video": real + 1, "fake": fake + 1, "label": 2, "skipped": ["x.mp4"]}])
+    assert batch["video"].shape == (4, 3, 8, 24, 24)
+    assert torch.equal(batch["video"][1], real + 1) and torch.equal(batch["video"][2], fake)
+    assert batch["label"].tolist() == [4, 2, 4, 2] and batch["motion"].tolist() == [1, 1, 0, 0]
+    assert batch["skipped"] == ["x.mp4"]
+    single = data.collate([{"video": real, "label": torch.tensor([1.0, 0.0]), "skipped": []}] * 3)
+    assert single["video"].shape == (3, 3, 8, 24, 24) and single["label"].shape == (3, 2)
+    assert single["motion"].tolist() == [1, 1, 1]
+
+
+def test_data_dataset_reproducible_and_cache_identical(videos, tmp_path):
+    lst = _write(tmp_path / "l.txt", f"{videos['v20']} 0\n{videos['v5']} 1\n")
+    kw = dict(num_frames=8, img_size=24, train=True, scale=(28, 36), seed=5)
+    ds, cached = data.VideoDataset(lst, **kw), data.VideoDataset(lst, cache=True, **kw)
+    a, b, c = ds[0], ds[0], cached[0]
+    assert set(a) == {"video", "fake", "label", "skipped"}
+    assert torch.equal(a["video"], b["video"]) and torch.equal(a["video"], c["video"])
+    assert torch.equal(a["fake"], c["fake"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0]["video"], a["video"])
+
+
+def test_data_randaugment_without_torchvision_says_what_to_install(videos, monkeypatch):
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed: import raises
+    clip = data.read_clip(videos["v5"], 4)
+    with pytest.raises(ImportError, match="pip install torchvision"):
+        data.train_transform(clip, 24, (28, 32), random.Random(0), randaugment=True)
+    lst = videos["dir"] / "one.txt"
+    lst.write_text(f"{videos['v5']} 0\n")
+    with pytest.raises(ImportError, match="pip install torchvision"):
+        data.VideoDataset(lst, num_frames=4, img_size=24, train=True, randaugment=True)
+
+
+def test_data_demo_dataset_is_deterministic(tmp_path):
+    a = data.make_demo_dataset(tmp_path / "a", seed=3, num_train=2, num_val=1)
+    b = data.make_demo_dataset(tmp_path / "b", seed=3, num_train=2, num_val=1)
+    other = data.make_demo_dataset(tmp_path / "c", seed=4, num_train=2, num_val=1)
+    for key in ("train", "val", "classes_file"):
+        assert a[key].read_bytes() == b[key].read_bytes()
+    assert a["classes_file"].read_text().splitlines() == data.DEMO_CLASSES
+    lines = a["train"].read_text().splitlines()
+    assert len(lines) == 2 * len(data.DEMO_CLASSES) and lines[0] == "videos/train/move down/0000.mp4 0"
+    first = tmp_path / "a" / "videos/train/move left/0001.mp4"
+    clip_a = data.read_clip(first, 8)
+    assert clip_a.shape == (8, data.DEMO_SIZE, data.DEMO_SIZE, 3)
+    assert torch.equal(clip_a, data.read_clip(tmp_path / "b" / "videos/train/move left/0001.mp4", 8))
+    assert not torch.equal(clip_a, data.read_clip(tmp_path / "c" / "videos/train/move left/0001.mp4", 8))
+    assert data.read_all_frames(first).shape[0] == data.DEMO_FRAMES
+    # complete: a second call rewrites nothing; the class folders read as a folder dataset with the same labels
+    mtime = first.stat().st_mtime_ns
+    data.make_demo_dataset(tmp_path / "a", seed=3, num_train=2, num_val=1)
+    assert first.stat().st_mtime_ns == mtime and data.demo_dataset_ready(tmp_path / "a", seed=3, num_train=2,
+                                                                          num_val=1)
+    folders = data.VideoDataset(tmp_path / "a" / "videos" / "train", num_frames=8, img_size=64, train=False)
+    listed = data.VideoDataset(a["train"], num_frames=8, img_size=64, train=False)
+    assert folders.classes == data.DEMO_CLASSES
+    assert [(p, l) for p, l in folders.samples] == [(p, l) for p, l in listed.samples]
+    assert other["train"].read_bytes() == a["train"].read_bytes()  # same names, different videos
+
+
+def test_data_demo_mover_stays_in_view_and_paired_classes_share_positions():
+    # Every training crop keeps the region _SAFE in view: the whole mover must stay inside it.
+    lo, hi = data._SAFE
+    half = data._SHAPE_SIZE[1] / 2
+    for label, name in enumerate(data.DEMO_CLASSES):
+        rng = np.random.default_rng([7, label])
+        paths = np.stack([data._trajectory(label, rng) for _ in range(300)])  # (videos, frames, 2) as (x, y)
+        assert paths.min() >= lo + half and paths.max() <= hi - half, name
+        if name.startswith("move"):  # a visible, roughly 2-patch displacement
+            span = np.linalg.norm(paths[:, -1] - paths[:, 0], axis=-1)
+            assert span.min() >= 28 and span.max() <= 38
+    # Opposite classes are the same random draw played backwards in time, so over a clip the mover visits the
+    # same positions with the same probability: one frame cannot tell "move left" from "move right".
+    def path(name, seed):
+        return data._trajectory(data.DEMO_CLASSES.index(name), np.random.default_rng(seed))
+    for seed in range(5):
+        assert np.allclose(path("move left", seed), path("move right", seed)[::-1])
+        assert np.allclose(path("move up", seed), path("move down", seed)[::-1])
+        assert np.allclose(path("move up-left", seed), path("move down-right", seed)[::-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training (train.py)
+# ----------------------------------------------------------------------------------------------------------
+
+# A model far smaller than tiny() and a demo set of 12 training and 6 validation videos: each run takes seconds.
+SMALL = ["--embed-dim", "32", "--depth", "4", "--heads", "2", "--frames", "4", "--batch-size", "4",
+         "--log-every", "1", "--eval-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo dataset with 2 training and 1 validation video per class, shared by this module's tests."""
+    root = tmp_path_factory.mktemp("demo")
+    data.make_demo_dataset(root, num_train=2, num_val=1)
+    return root
+
+
+def small_run(demo, out, *extra):
+    return ["--demo-root", str(demo), "--demo-videos", "2", "1", "--out", str(out), *SMALL, *extra]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_train_demo_preset_is_the_only_difference():
+    demo_args = vars(train.parse_args([]))
+    real_args = vars(train.parse_args(["--train", "t.txt", "--val", "v.txt"]))
+    differ = {k for k in demo_args if demo_args[k] != real_args[k]}
+    assert differ == set(train.DEMO_PRESET) | {"train", "val", "preset"}
+    assert real_args["optimizer"] == "adam" and real_args["lr"] == 1e-5 and real_args["weight_decay"] == 1e-5
+    assert real_args["epochs"] == 20 and real_args["warmup_epochs"] == 5 and real_args["clip_grad"] == 40
+    assert train.parse_args(["--lr", "0.5"]).lr == 0.5  # a flag beats the preset
+
+
+def test_train_optimizer_groups_and_schedule():
+    args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
+    model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
+    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=10)
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "time_embed", "norm.weight", "head.bias"} <= no_decay_names
+    assert all(p.ndim > 1 for p in decay["params"]) and "head.weight" not in no_decay_names
+    assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-6)  # warm-up starts at 0.1 x lr
+    assert max(lrs) == pytest.approx(1e-5) and lrs.index(max(lrs)) == 10  # peak after the warm-up epoch
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+
+
+def test_train_average_precision():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.6]])
+    targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
+    # class 0: positives ranked 1st and 3rd -> (1/1 + 2/3) / 2; class 1: its one positive ranked 1st -> 1
+    assert train.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+
+
+def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
+    metrics = train.main(small_run(demo, tmp_path, "--epochs", "2"))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and lines[-1] == json.loads((tmp_path / "final.json").read_text())
+    for key in ("epoch", "step", "train_loss", "val_top1", "val_top5", "val_motion_acc", "val_gflops",
+                "dense_gflops", "halt_depth_mean", "halt_depth_hist", "tokens_per_layer", "elapsed_s"):
+        assert key in metrics, key
+    assert len(metrics["halt_depth_hist"]) == 2 and sum(metrics["halt_depth_hist"]) == pytest.approx(1)
+    assert len(metrics["tokens_per_layer"]) == 4 and 1 <= metrics["halt_depth_mean"] <= 2
+    assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == 6
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= ckpt.keys()
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["embed_dim"] == 32
+    assert (tmp_path / "best.pt").is_file() and not list(tmp_path.glob("*.tmp"))
+    # --eval-only on the saved weights gives the same figures
+    again = train.main(small_run(demo, tmp_path / "eval", "--eval-only", "--resume", str(tmp_path / "last.pt")))
+    assert again["val_top1"] == metrics["val_top1"] and again["val_gflops"] == pytest.approx(metrics["val_gflops"])
+
+
+def test_train_resume_is_exact(demo, tmp_path):
+    train.main(small_run(demo, tmp_path / "straight", "--epochs", "2"))
+    train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--stop-after", "1"))
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["epoch"] == 1
+    train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--resume", str(tmp_path / "split/last.pt")))
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+
+
+def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
+    train.main(small_run(demo, tmp_path / "straight", "--epochs", "1"))
+    calls = []
+    forward_loss = train.forward_loss
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the second step
+        return forward_loss(*a, **kw)
+
+    monkeypatch.setattr(train, "forward_loss", interrupted)
+    train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "split/last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 1, 1)  # the second step was not taken
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    monkeypatch.setattr(train, "forward_loss", forward_loss)
+    train.main(small_run(demo, tmp_path / "split", "--epochs", "1", "--resume", str(tmp_path / "split/last.pt")))
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+
+
+def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
+    calls = []
+    loss_fn = train.haltingvt_loss
+
+    def nan_in_second_epoch(*a, **kw):
+        calls.append(1)
+        total, parts = loss_fn(*a, **kw)
+        if len(calls) > 3:  # 3 steps per epoch: the second epoch goes bad
+            total, parts = total * float("nan"), {**parts, "total": float("nan")}
+        return total, parts
+
+    monkeypatch.setattr(train, "haltingvt_loss", nan_in_second_epoch)
+    with pytest.raises(train.NonFiniteLoss, match="loss is nan"):
+        train.main(small_run(demo, tmp_path, "--epochs", "2"))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 3
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(Path(train.__file__)), *small_run(demo, tmp_path, "--epochs", "1", "--batch-size", "2",
+                                                 "--threads", "1")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
+    assert final["val_videos"] == 6  # each validation video counted once across the two ranks
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3  # 12 videos / (2 ranks x 2)
+
+
+def test_train_class_folders_and_multi_label(demo, tmp_path):
+    folders = ["--train", str(demo / "videos/train"), "--val", str(demo / "videos/val"), "--preset", "demo"]
+    metrics = train.main(folders + small_run(demo, tmp_path / "folders", "--epochs", "1"))
+    assert metrics["val_videos"] == 6 and 0 <= metrics["val_top1"] <= 1
+    # multi-label list file: each video also carries the label (label + 1) % 6
+    lines = []
+    for line in (demo / "train.txt").read_text().splitlines():
+        path, label = line.rsplit(" ", 1)
+        lines.append(f"{path} {label} {(int(label) + 1) % 6}\n")
+    (demo / "multi.txt").write_text("".join(lines))
+    multi = ["--train", str(demo / "multi.txt"), "--val", str(demo / "multi.txt"), "--multi-label",
+             "--preset", "demo"]
+    metrics = train.main(multi + small_run(demo, tmp_path / "multi", "--epochs", "1"))
+    assert 0 < metrics["val_map"] <= 1 and "val_top1" not in metrics and metrics["val_videos"] == 12
+
+
+def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
+    lines = (demo / "train.txt").read_text().splitlines()
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    listing = "".join(f"{demo / line}\n" for line in lines) + f"{tmp_path}/broken.mp4 0\n"
+    (tmp_path / "with_bad.txt").write_text(listing)
+    args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
+    train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
+    assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text
+
+
+def test_train_depth_prior_flag(demo, tmp_path):
+    if not hasattr(train.losses, "depth_prior"):
+        pytest.skip("losses.py has no depth prior yet")
+    metrics = train.main(small_run(demo, tmp_path, "--epochs", "1", "--depth", "5", "--alpha-d", "0.1",
+                                   "--depth-prior", "2", "1"))
+    assert len(metrics["halt_depth_hist"]) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark helpers (bench.py) and the drop path's row chunking
+# ----------------------------------------------------------------------------------------------------------
+
+def test_bench_row_groups_keep_order_and_bound_the_rows():
+    lengths = [5, 3, 9, 1, 1, 4, 12]
+    groups = row_groups(lengths, rows=8)
+    assert [n for g in groups for n in g] == lengths  # consecutive samples, none lost or moved
+    assert all(sum(g) <= 8 or len(g) == 1 for g in groups)  # a longer sample stands alone
+    assert row_groups([], rows=8) == []
+
+
+def test_bench_row_chunks_do_not_change_outputs():
+    """Running Attention and Mlp over small chunks of rows gives what one pass over all rows gives."""
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(beta=0.0, gamma=5.0, drop_path=0.0)
+    model = HaltingVT(cfg).eval()
+    with torch.no_grad():
+        model.cls_token[0, 0, 0] = 0.0
+        for blk in model.joint.blocks:  # let halting follow the input, so samples keep different counts
+            blk.attn.proj.weight[0] *= 30
+            blk.mlp.fc2.weight[0] *= 10
+    video = torch.randn(4, 3, cfg.num_frames, cfg.img_size, cfg.img_size) * torch.linspace(0.2, 3, 4).view(
+        4, 1, 1, 1, 1)
+    chunked = [m for m in model.modules() if hasattr(m, "rows")]
+    assert chunked
+    with torch.no_grad():
+        whole = [model(video, drop_halted=d) for d in (True, False)]
+        for m in chunked:
+            m.rows = 40  # fewer rows than one sample: chunks of single samples, and of 40 MLP rows
+        parts = [model(video, drop_halted=d) for d in (True, False)]
+    assert len(set(whole[0].halt_depth[:, 0].tolist())) > 1  # class tokens halt at different layers
+    for a, b in zip(whole, parts):
+        assert torch.allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.tokens_per_layer, b.tokens_per_layer)
+
+
+def test_bench_json_last_line_has_the_required_keys(capsys):
+    bench.main(["--json", "--quick", "--tiny", "--batch", "1", "--repeats", "1", "--matmul-size", "128"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"device", "matmul_gflops_per_s", "rows"} <= set(result)
+    assert result["matmul_gflops_per_s"] > 0
+    names = {r["name"] for r in result["rows"]}
+    assert "dense" in names and len(names) >= 4
+    assert {r["mode"] for r in result["rows"]} == {"dense", "drop", "mask"}
+    for r in result["rows"]:
+        assert {"name", "mode", "batch", "gflops_per_video", "ms_per_video", "speedup", "gflops_ratio"} <= set(r)
+        assert r["gflops_per_video"] > 0 and r["ms_per_video"] > 0
+    dense = next(r for r in result["rows"] if r["name"] == "dense")
+    assert dense["mode"] == "dense" and dense["speedup"] == 1.0
+    assert all(r["gflops_ratio"] < 1 for r in result["rows"] if r["mode"] != "dense")
+
+
+def test_bench_train_step_rows():
+    rows = list(bench.train_rows(quick=True, device=torch.device("cpu"), warmup=0, repeats=1, batch=2))
+    assert [(r["name"], r["mode"]) for r in rows] == [("tiny", "mask"), ("tiny", "drop")]
+    assert all(r["ms_per_step"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pictures and ablations
+# ----------------------------------------------------------------------------------------------------------
+
+def loop_masks(keep_index, halt_depth, S, layers):
+    """The obviously-correct reference: token 1 + t*k + j is frame t, patch keep_index[t][j], with depth N."""
+    T = len(keep_index) if keep_index is not None else (len(halt_depth) - 1) // S
+    kept = [[keep_index[t][j] for j in range(len(keep_index[t]))] if keep_index is not None else list(range(S))
+            for t in range(T)]
+    masks = torch.zeros(1 + len(layers), T, S, dtype=torch.bool)
+    for t in range(T):
+        for j, s in enumerate(kept[t]):
+            n = int(halt_depth[1 + t * len(kept[t]) + j])
+            masks[0, t, s] = True
+            for i, layer in enumerate(layers, start=1):
+                masks[i, t, s] = n >= layer
+    return masks
+
+
+def test_map_active_token_masks_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    T, S, k, L = 3, 16, 6, 4
+    keep = torch.stack([torch.randperm(S, generator=g)[:k] for _ in range(T)])  # (T, k)
+    depth = torch.randint(1, L + 1, (1 + T * k,), generator=g)
+    got = data.active_token_masks(keep, depth, S, [1, 2, 4])
+    assert torch.equal(got, loop_masks(keep.tolist(), depth.tolist(), S, [1, 2, 4]))
+    assert got[0].sum() == T * k and torch.equal(got[1], got[0])  # every kept token runs joint layer 1
+    depth = torch.randint(1, L + 1, (1 + T * S,), generator=g)  # no Glimpser
+    assert torch.equal(data.active_token_masks(None, depth, S, [3]), loop_masks(None, depth.tolist(), S, [3]))
+
+
+def test_map_darkens_exactly_the_pruned_and_halted_tokens():
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(embed_dim=32, depth=6, num_heads=2, num_frames=4, beta=1.0)
+    model = HaltingVT(cfg).eval()
+    clip = torch.randint(40, 256, (4, 64, 64, 3), dtype=torch.uint8)  # >= 40: darkening changes every pixel
+    video = data.eval_transform(clip, 64, 64)  # (C, T, H, W)
+    layers = [2, 3, 4]
+    with torch.no_grad():
+        out = model(video.unsqueeze(0), drop_halted=True)
+    p, S = cfg.patch_size, 16
+    expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
+    assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
+    image = data.halting_map(data.display_frames(video), train.token_masks(model, video, layers), p, scale=2)
+    tile_h, tile_w = 2 * 64 + data.GAP, 2 * 64 + data.GAP
+    assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
+
+    def patch(row, t, s):
+        top, left = row * tile_h + 2 * p * (s // 4), t * tile_w + 2 * p * (s % 4)
+        return image[top:top + 2 * p, left:left + 2 * p].astype(np.float64)
+
+    for t in range(4):
+        for s in range(S):
+            original = patch(0, t, s)
+            assert np.array_equal(original, np.repeat(np.repeat(clip[t, 16 * (s // 4):16 * (s // 4 + 1),
+                                  16 * (s % 4):16 * (s % 4 + 1)].numpy(), 2, 0), 2, 1))  # the input row
+            for r in range(len(expected)):
+                shown = patch(1 + r, t, s)
+                if expected[r, t, s]:
+                    assert np.array_equal(shown, original), (r, t, s)
+                else:
+                    assert np.array_equal(shown, np.round(original * data.DARKEN)), (r, t, s)
+
+
+def test_map_png_round_trips_through_pyav(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (70, 130, 3), dtype=np.uint8)
+    data.write_png(tmp_path / "x.png", image)
+    with av.open(str(tmp_path / "x.png")) as container:
+        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
+    train.main(small_run(demo, tmp_path / "run", "--epochs", "1"))
+    video = demo / "videos/val/move left/0000.mp4"
+    result = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1"])
+    assert result["path"] == str(tmp_path / "run/halting_map.png")  # default: next to the checkpoint
+    assert list(result["active"]) == ["Glimpser", "joint layer 2"]  # 2 joint layers: the default shows layer 2
+    assert result["active"]["Glimpser"] == pytest.approx(0.5)  # R = 0.5 of every frame's patches
+    with av.open(result["path"]) as container:
+        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3)  # input, Glimpser, layer 2; 4 frames
+    again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
+                        "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
+    assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
+    assert again["active"]["joint layer 1"] == pytest.approx(0.5)
+
+
+def test_ablation_rows_are_tables_1_and_2():
+    rows = train.ablation_rows(train.parse_args(["--ablation"]))
+    table1 = [(r["glimpser_depth"] == 0, r["keep_ratio"], r["alpha_m"] > 0) for r in rows[:8]]
+    assert table1 == [(True, None, True), (True, None, False)] + [
+        (False, R, m) for R in (0.3, 0.5, 0.7) for m in (True, False)]
+    beta = HaltingVTConfig.tiny().beta
+    assert all(r["beta"] == beta for r in rows[:8])
+    assert [r["beta"] for r in rows[8:]] == [beta * 0.5, beta * 1.5, beta * 2]
+    assert all(r["keep_ratio"] == 0.5 and r["alpha_m"] > 0 for r in rows[8:])
+
+
+def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
+    rows = train.ablation_rows
+    monkeypatch.setattr(train, "ablation_rows", lambda args: rows(args)[1:3])  # no Glimpser w/o motion; R=0.3
+    lines = train.main(small_run(demo, tmp_path, "--ablation", "--epochs", "1"))
+    table = (tmp_path / "ablation.md").read_text().splitlines()
+    assert table[0].startswith("Made by `python train.py ") and "--ablation" in table[0]
+    assert table[2] == "| " + " | ".join(train.ABLATION_COLUMNS) + " |" and table[4:] == lines
+    cells = [line.strip("| ").split(" | ") for line in lines]
+    beta = f"{HaltingVTConfig.tiny().beta:g}"
+    assert [c[:5] for c in cells] == [["no Glimpser", "-", "no", beta, "0"], ["Glimpser", "0.3", "yes", beta, "0"]]
+    ratios = [float(c[7]) for c in cells]
+    assert all(0 < r <= 1 for r in ratios) and ratios[1] < ratios[0]  # the Glimpser saves compute
+    no_motion = torch.load(next(tmp_path.glob("00_*")) / "last.pt", weights_only=False)
+    assert no_motion["config"]["motion_head"] is False and no_motion["config"]["glimpser_depth"] == 0
+
+
+def test_ablation_stale_demo_folder_is_rebuilt(demo, monkeypatch):
+    assert data.demo_dataset_ready(demo, num_train=2, num_val=1)
+    assert f"version={data.DEMO_VERSION} " in (demo / "DONE").read_text()
+    monkeypatch.setattr(data, "DEMO_VERSION", data.DEMO_VERSION + 1)  # the generator changed
+    assert not data.demo_dataset_ready(demo, num_train=2, num_val=1)
