@@ -975,6 +975,12 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3  # 12 videos / (2 ranks x 2)
 
 
+def test_train_halting_ramp_is_off_then_linear_then_on():
+    args = train.parse_args(["--halting-warmup", "10"])
+    assert [train.halting_ramp(args, e) for e in (0, 4.9, 5, 7.5, 10, 30)] == [0, 0, 0, 0.5, 1, 1]
+    assert train.halting_ramp(train.parse_args(["--halting-warmup", "0"]), 0) == 1
+
+
 def test_train_class_folders_and_multi_label(demo, tmp_path):
     folders = ["--train", str(demo / "videos/train"), "--val", str(demo / "videos/val"), "--preset", "demo"]
     metrics = train.main(folders + small_run(demo, tmp_path / "folders", "--epochs", "1"))
