@@ -150,9 +150,9 @@ def time_train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.
     return median_seconds(step, device, warmup, repeats)
 
 
-def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, batch: int = 48):
-    """Yields ms per training step in mask and in drop mode: the tiny setting at `batch` clips (48 = the demo run's
-    24 Motion-Loss pairs) and, unless quick, DeiT-S at batch 2 with a beta that halts (random weights)."""
+def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, batch: int = 64):
+    """Yields ms per training step in mask and in drop mode: the tiny setting at `batch` clips (64 = the demo run's
+    32 Motion-Loss pairs) and, unless quick, DeiT-S at batch 2 with a beta that halts (random weights)."""
     settings = [("tiny", HaltingVTConfig.tiny(), batch)]
     if not quick:
         settings.append(("deit_small beta=3", HaltingVTConfig.deit_small(beta=3.0), 2))
