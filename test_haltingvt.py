@@ -981,6 +981,18 @@ def test_train_halting_ramp_is_off_then_linear_then_on():
     assert train.halting_ramp(train.parse_args(["--halting-warmup", "0"]), 0) == 1
 
 
+def test_train_best_checkpoint_waits_for_the_halting_warmup(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(train, "checkpoint", lambda loop, run_state, path: saved.append(run_state["best"]))
+    monkeypatch.setattr(train, "summary", lambda metrics: "")
+    args = train.parse_args(["--halting-warmup", "4", "--epochs", "6"])
+    loop, run_state = {"args": args, "rank": 0}, {"best": None}
+    for epoch, top1 in [(1, 0.9), (3, 0.8), (4, 0.5), (5, 0.7), (6, 0.6)]:
+        train.record({"epoch": epoch, "val_top1": top1}, run_state, loop, tmp_path)
+    assert saved == [0.5, 0.7]  # nothing while halting ramps up (epochs 1-3), then the best so far
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+
+
 def test_train_class_folders_and_multi_label(demo, tmp_path):
     folders = ["--train", str(demo / "videos/train"), "--val", str(demo / "videos/val"), "--preset", "demo"]
     metrics = train.main(folders + small_run(demo, tmp_path / "folders", "--epochs", "1"))

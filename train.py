@@ -690,13 +690,16 @@ def train_epochs(loop, run_state, train_set, val_loader, last_epoch, stop) -> di
 
 
 def record(metrics, run_state, loop, out):
-    """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0)."""
+    """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0; after the halting warm-up)."""
     key = "val_map" if "val_map" in metrics else "val_top1"
     log.info("epoch %d eval: %s", metrics["epoch"], summary(metrics))
     if loop["rank"] != 0:
         return
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    args = loop["args"]
+    if halting_ramp(args, metrics["epoch"]) < 1 and metrics["epoch"] < args.epochs:
+        return  # best.pt holds a model that halts as configured, not one from the halting warm-up
     if run_state["best"] is None or metrics[key] > run_state["best"]:
         run_state["best"] = metrics[key]
         checkpoint(loop, run_state, out / "best.pt")
