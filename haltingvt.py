@@ -168,6 +168,11 @@ class DropPath(nn.Module):
         return x * keep.view(-1, *[1] * (x.dim() - 1))
 
 
+def cat(tensors: list, dim: int = 0) -> torch.Tensor:
+    """torch.cat that returns a single tensor as it is instead of copying it (one sample, one group)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
 def row_groups(lengths: list, rows: int) -> list:
     """Split consecutive samples' lengths into groups of about `rows` token rows (a longer sample alone)."""
     groups, size = [[]], 0
@@ -245,8 +250,8 @@ class Attention(nn.Module):
         for group, part in zip(groups, x.split([sum(g) for g in groups])):
             q, k, v = self.heads(part.unsqueeze(0))  # each (1, h, n, d), n = sum(group)
             o = [F.scaled_dot_product_attention(*t) for t in zip(*(a.split(group, dim=2) for a in (q, k, v)))]
-            out.append(self.merge(torch.cat(o, dim=2)).squeeze(0))  # (n, D)
-        return torch.cat(out)  # (N, D)
+            out.append(self.merge(cat(o, dim=2)).squeeze(0))  # (n, D)
+        return cat(out)  # (N, D)
 
     def forward_with_cls_row(self, x):
         """Attention as in forward, plus the class token's attention row averaged over heads (Eq. 7's w).
