@@ -80,39 +80,59 @@ def timer(device: torch.device):
     return run
 
 
-def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall-clock seconds of fn() over `repeats` runs after `warmup` untimed ones."""
-    run = timer(device)
-    for _ in range(warmup):
-        run(fn)
-    return statistics.median(run(fn) for _ in range(repeats))
+def measure(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median seconds of each function, timed round-robin: every round runs each one once.
+
+    A change of the machine's speed during the run (another process, the clock) then touches every row alike,
+    instead of whichever rows were running at the time; on a shared machine this keeps the ratios between rows
+    steady even when the absolute times drift."""
+    run, times = timer(device), {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            seconds = run(fn)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_gflops_per_s(device: torch.device, n: int, warmup: int, repeats: int) -> float:
-    """GFLOP/s of a float32 (n x n) @ (n x n) product, 2 FLOPs per multiply-add as usual for a matmul.
-    On CUDA, TF32 is switched off for this product so it stays float32 like the model."""
+def matmul(device: torch.device, n: int):
+    """A float32 (n x n) @ (n x n) product to time, and its FLOPs (2 per multiply-add, as usual for a matmul).
+    On CUDA, TF32 is switched off for it so it stays float32 like the model."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        seconds = median_seconds(lambda: a @ b, device, warmup, repeats)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return 2 * n ** 3 / seconds / 1e9
+
+    def fn():
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            a @ b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return fn, 2 * n ** 3
 
 
-def time_inference(row: Row, base: HaltingVTConfig, batch: int, device: torch.device, warmup: int,
-                   repeats: int) -> dict:
-    """ms and spent GFLOPs per video of one row at one batch size (fixed random weights and input)."""
-    torch.manual_seed(0)
-    model = HaltingVT(row.config(base)).to(device).eval()
-    video = torch.randn(batch, base.in_chans, base.num_frames, base.img_size, base.img_size, device=device)
+def inference(row: Row, base: HaltingVTConfig, video: torch.Tensor):
+    """The function that runs one row's model on `video` (eval, no grad), and its spent GFLOPs per video."""
+    torch.manual_seed(0)  # the same random weights for every row
+    model = HaltingVT(row.config(base)).to(video.device).eval()
     drop = row.mode != "mask"
-    with torch.no_grad():
-        gflops = model(video, drop_halted=drop).gflops.mean().item()
-        seconds = median_seconds(lambda: model(video, drop_halted=drop), device, warmup, repeats)
-    return dict(name=row.name, mode=row.mode, batch=batch, gflops_per_video=gflops,
-                ms_per_video=seconds * 1e3 / batch)
+
+    @torch.no_grad()
+    def fn():
+        return model(video, drop_halted=drop)
+    return fn, fn().gflops.mean().item()
+
+
+def inference_rows_at(batch: int, base: HaltingVTConfig, quick: bool, device: torch.device, mm, warmup: int,
+                      repeats: int) -> tuple:
+    """All rows at one batch size, timed round-robin with the matmul: (row dicts, matmul seconds)."""
+    shape = (batch, base.in_chans, base.num_frames, base.img_size, base.img_size)
+    video = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    rows = inference_rows(quick)
+    fns, gflops = zip(*(inference(row, base, video) for row in rows))
+    seconds = measure({"matmul": mm, **dict(enumerate(fns))}, device, warmup, repeats)
+    out = [dict(name=row.name, mode=row.mode, batch=batch, gflops_per_video=g, ms_per_video=seconds[i] * 1e3 / batch)
+           for i, (row, g) in enumerate(zip(rows, gflops))]
+    return [add_ratios(r, out[0]) for r in out], seconds["matmul"]  # out[0] is `dense`
 
 
 def add_ratios(row: dict, dense: dict) -> dict:
@@ -129,9 +149,8 @@ def add_ratios(row: dict, dense: dict) -> dict:
 # Training steps
 # ----------------------------------------------------------------------------------------------------------
 
-def time_train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.device, warmup: int,
-                    repeats: int) -> float:
-    """Seconds per training step: forward (task + ponder + motion terms, Eq. 9), backward, Adam."""
+def train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.device):
+    """One training step to time: forward (task + ponder + motion terms, Eq. 9), backward, Adam."""
     torch.manual_seed(0)
     model = HaltingVT(cfg).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -146,19 +165,19 @@ def time_train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    return median_seconds(step, device, warmup, repeats)
+    return step
 
 
 def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, batch: int = 64):
-    """Yields ms per training step in mask and in drop mode: the tiny setting at `batch` clips (64 = the demo run's
-    32 Motion-Loss pairs) and, unless quick, DeiT-S at batch 2 with a beta that halts (random weights)."""
+    """Yields ms per training step in mask and in drop mode (timed round-robin): the tiny setting at `batch` clips
+    (64 = the demo run's 32 Motion-Loss pairs) and, unless quick, DeiT-S at batch 2 with a beta that halts."""
     settings = [("tiny", HaltingVTConfig.tiny(), batch)]
     if not quick:
         settings.append(("deit_small beta=3", HaltingVTConfig.deit_small(beta=3.0), 2))
     for name, cfg, size in settings:
-        for mode in ("mask", "drop"):
-            s = time_train_step(cfg, size, mode == "drop", device, warmup, repeats)
+        seconds = measure({mode: train_step(cfg, size, mode == "drop", device) for mode in ("mask", "drop")},
+                          device, warmup, repeats)
+        for mode, s in seconds.items():
             yield dict(name=name, mode=mode, batch=size, ms_per_step=s * 1e3)
 
 
@@ -209,30 +228,27 @@ def main(argv=None):
     device = torch.device(args.device)
     repeats = args.repeats or (1 if args.quick else 5)
     warmup = 1
-    mm = matmul_gflops_per_s(device, args.matmul_size, 2, max(repeats, 3))
-    result = dict(device=device_name(device), matmul_size=args.matmul_size, matmul_gflops_per_s=mm, rows=[])
-    print(f"device: {result['device']}\nfloat32 matmul {args.matmul_size}^2: {mm:.1f} GFLOP/s "
-          "(2 FLOPs per multiply-add)", flush=True)
-    if args.train:  # rows appear as they are measured
-        result["train"] = []
-        for r in train_rows(args.quick, device, warmup, repeats):
-            result["train"].append(r)
-            print(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms",
-                  flush=True)
+    mm, mm_flops = matmul(device, args.matmul_size)
+    result = dict(device=device_name(device), matmul_size=args.matmul_size, rows=[])
+    print(f"device: {result['device']}", flush=True)
+    mm_seconds = []
+    if args.train:
+        result["train"] = list(train_rows(args.quick, device, warmup, repeats))
+        for r in result["train"]:
+            print(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms")
+        mm_seconds.append(measure({"matmul": mm}, device, 2, max(repeats, 3))["matmul"])
     else:
         base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
         print(HEADER, flush=True)
-        for batch in args.batch or ([1, 2] if args.quick else [1, 8]):
-            dense = None
-            for row in inference_rows(args.quick):  # `dense` comes first
-                r = time_inference(row, base, batch, device, warmup, repeats)
-                dense = dense or r
-                result["rows"].append(add_ratios(r, dense))
-                print(format_row(r, mm), flush=True)
+        for batch in args.batch or ([1, 2] if args.quick else [1, 8]):  # rows appear batch by batch
+            rows, seconds = inference_rows_at(batch, base, args.quick, device, mm, warmup, repeats)
+            result["rows"] += rows
+            mm_seconds.append(seconds)
+            print("\n".join(format_row(r, mm_flops / seconds / 1e9) for r in rows), flush=True)
         print(LEGEND)
-    result["matmul_gflops_per_s_at_end"] = matmul_gflops_per_s(device, args.matmul_size, 1, max(repeats, 3))
-    print(f"float32 matmul at the end: {result['matmul_gflops_per_s_at_end']:.1f} GFLOP/s (a change from the start "
-          "means the machine's load changed during the run)")
+    result["matmul_gflops_per_s"] = mm_flops / statistics.median(mm_seconds) / 1e9
+    print(f"float32 matmul {args.matmul_size}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s (2 FLOPs per "
+          "multiply-add), timed in every round with the rows; `of mm` uses its median at the row's batch size")
     if args.json:
         print(json.dumps(result))
     return result
