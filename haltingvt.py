@@ -185,6 +185,12 @@ def row_groups(lengths: list, rows: int) -> list:
     return groups if groups[0] else []
 
 
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    """GELU; without autograd, in place: no fresh (rows, hidden) buffer, about 5% of a DeiT-S forward on the CPU.
+    (With autograd the in-place op would save a copy of its input for the backward, so nothing is gained.)"""
+    return F.gelu(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h)
+
+
 class Mlp(nn.Module):
     """The token-wise MLP. It runs over at most `rows` tokens at a time: the (rows, hidden) intermediate then
     stays small enough to be reused from the allocator and the cache; one (B*K, hidden) tensor at batch 8 is
@@ -200,8 +206,8 @@ class Mlp(nn.Module):
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])  # (..., D) -> (rows, D)
         if flat.shape[0] <= self.rows:
-            return self.fc2(F.gelu(self.fc1(x)))
-        return torch.cat([self.fc2(F.gelu(self.fc1(part))) for part in flat.split(self.rows)]).view(x.shape)
+            return self.fc2(gelu(self.fc1(x)))
+        return torch.cat([self.fc2(gelu(self.fc1(part))) for part in flat.split(self.rows)]).view(x.shape)
 
 
 class Attention(nn.Module):

@@ -26,7 +26,7 @@ import bench
 import data
 import losses
 import train
-from haltingvt import (HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, halting_weights,
+from haltingvt import (HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu, halting_weights,
                        load_deit, row_groups, top_k_per_frame)
 
 
@@ -1037,6 +1037,16 @@ def test_bench_row_groups_keep_order_and_bound_the_rows():
     assert [n for g in groups for n in g] == lengths  # consecutive samples, none lost or moved
     assert all(sum(g) <= 8 or len(g) == 1 for g in groups)  # a longer sample stands alone
     assert row_groups([], rows=8) == []
+
+
+def test_gelu_matches_exact_gelu_and_is_in_place_only_without_autograd():
+    h = torch.randn(7, 11, requires_grad=True)
+    out = gelu(h)
+    assert torch.equal(out, F.gelu(h)) and out.data_ptr() != h.data_ptr()  # autograd: h is left as it was
+    with torch.no_grad():
+        expected, g = F.gelu(h), h.detach().clone()
+        out = gelu(g)
+    assert torch.equal(out, expected) and out.data_ptr() == g.data_ptr()
 
 
 def test_bench_row_chunks_do_not_change_outputs():
