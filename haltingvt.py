@@ -105,7 +105,7 @@ class HaltingVTConfig:
 class HaltingVTOutput:
     logits: torch.Tensor  # (B, num_classes): classifier on the halting-weighted class token, Eq. (6)
     motion_logits: Optional[torch.Tensor]  # (B, 2) real/fake logits (Sec. 3.4), or None without the head
-    halt_scores: torch.Tensor  # (L, B, K) h_k^l per joint layer for the K tokens entering the joint stage; 0 once halted
+    halt_scores: torch.Tensor  # (L, B, K) h_k^l of the K tokens entering the joint stage; 0 once halted
     halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3)
     remainder: torch.Tensor  # (B, K) r_k, Eq. (4)
     ponder: torch.Tensor  # (B,) mean over tokens of N_k + r_k, Eq. (5)
