@@ -10,6 +10,9 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py --quick    # fewer rows and repeats: under a minute on 2 CPU cores
     python bench.py --train    # training steps, mask vs drop
 
+Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
+machine's speed during the run touches every row and the matmul alike; each figure is the median over the rounds.
+
 Random weights halt little at the paper's beta (20): their halting channel x[..., 0] stays near 0, so
 h = sigmoid(gamma * x0 - beta) ~ sigmoid(-beta). The halting rows therefore use smaller betas, chosen so the
 rows spread over about 0.2x-0.8x of the dense GFLOPs; each row's name carries its R and beta.
@@ -201,13 +204,13 @@ HEADER = (f"{'row':<22}{'mode':<6}{'batch':>6}{'GFLOPs':>9}{'ratio':>7}{'ms/vide
           f"{'effic.':>8}{'GFLOP/s':>9}{'of mm':>7}")
 LEGEND = ("GFLOPs: multiply-adds per video, as spent (the model's own count); ratio and speed-up against `dense` "
           "at the same batch; effic. = speed-up x ratio (1 = time fell as the GFLOPs did); GFLOP/s at 2 FLOPs per "
-          "multiply-add; of mm = share of the matmul's GFLOP/s.")
+          "multiply-add; of mm = share of the GFLOP/s of the matmul timed in the same rounds.")
 
 
-def format_row(r: dict, matmul_gflops_per_s: float) -> str:
+def format_row(r: dict) -> str:
     return (f"{r['name']:<22}{r['mode']:<6}{r['batch']:>6}{r['gflops_per_video']:>9.2f}{r['gflops_ratio']:>7.2f}"
             f"{r['ms_per_video']:>10.1f}{r['speedup']:>9.2f}{r['efficiency']:>8.2f}{r['gflops_per_s']:>9.1f}"
-            f"{r['gflops_per_s'] / matmul_gflops_per_s:>7.0%}")
+            f"{r['of_matmul']:>7.0%}")
 
 
 def main(argv=None):
@@ -242,9 +245,11 @@ def main(argv=None):
         print(HEADER, flush=True)
         for batch in args.batch or ([1, 2] if args.quick else [1, 8]):  # rows appear batch by batch
             rows, seconds = inference_rows_at(batch, base, args.quick, device, mm, warmup, repeats)
+            for r in rows:  # share of the matmul's GFLOP/s timed in the same rounds
+                r["of_matmul"] = r["gflops_per_s"] / (mm_flops / seconds / 1e9)
             result["rows"] += rows
             mm_seconds.append(seconds)
-            print("\n".join(format_row(r, mm_flops / seconds / 1e9) for r in rows), flush=True)
+            print("\n".join(format_row(r) for r in rows), flush=True)
         print(LEGEND)
     result["matmul_gflops_per_s"] = mm_flops / statistics.median(mm_seconds) / 1e9
     print(f"float32 matmul {args.matmul_size}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s (2 FLOPs per "

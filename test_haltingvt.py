@@ -1083,7 +1083,8 @@ def test_bench_json_last_line_has_the_required_keys(capsys):
     assert "dense" in names and len(names) >= 4
     assert {r["mode"] for r in result["rows"]} == {"dense", "drop", "mask"}
     for r in result["rows"]:
-        assert {"name", "mode", "batch", "gflops_per_video", "ms_per_video", "speedup", "gflops_ratio"} <= set(r)
+        assert {"name", "mode", "batch", "gflops_per_video", "ms_per_video", "speedup", "gflops_ratio",
+                "of_matmul"} <= set(r)
         assert r["gflops_per_video"] > 0 and r["ms_per_video"] > 0
     dense = next(r for r in result["rows"] if r["name"] == "dense")
     assert dense["mode"] == "dense" and dense["speedup"] == 1.0
