@@ -253,7 +253,8 @@ def main(argv=None):
         print(LEGEND)
     result["matmul_gflops_per_s"] = mm_flops / statistics.median(mm_seconds) / 1e9
     print(f"float32 matmul {args.matmul_size}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s (2 FLOPs per "
-          "multiply-add), timed in every round with the rows; `of mm` uses its median at the row's batch size")
+          "multiply-add)" + ("" if args.train else ", timed in every round with the rows; `of mm` uses its median "
+                             "at the row's batch size"))
     if args.json:
         print(json.dumps(result))
     return result
