@@ -1091,6 +1091,15 @@ def test_bench_json_last_line_has_the_required_keys(capsys):
     assert all(r["gflops_ratio"] < 1 for r in result["rows"] if r["mode"] != "dense")
 
 
+def test_bench_measure_times_the_rows_round_robin():
+    """Every round runs each row once (so drift touches all rows alike); warm-up rounds are run, not counted."""
+    calls = []
+    seconds = bench.measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"),
+                            warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+
+
 def test_bench_train_step_rows():
     rows = list(bench.train_rows(quick=True, device=torch.device("cpu"), warmup=0, repeats=1, batch=2))
     assert [(r["name"], r["mode"]) for r in rows] == [("tiny", "mask"), ("tiny", "drop")]
