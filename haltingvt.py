@@ -311,8 +311,9 @@ class DividedBlock(Block):
         self.temporal_attn = Attention(dim, num_heads)
         self.temporal_fc = nn.Linear(dim, dim)
 
-    def forward(self, x, num_frames: int):
-        """x (B, 1+T*S, D) -> x (B, 1+T*S, D) and the class token's spatial attention (B, T, S)."""
+    def forward(self, x, num_frames: int, cls_row: bool = True):
+        """x (B, 1+T*S, D) -> x (B, 1+T*S, D) and the class token's spatial attention (B, T, S), or None when
+        `cls_row` is False (the Glimpser needs it from its last layer only)."""
         B, K, D = x.shape
         T, S = num_frames, (K - 1) // num_frames
         cls, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, T*S, D)
@@ -323,13 +324,14 @@ class DividedBlock(Block):
         patches = patches + self.drop_path(self.temporal_fc(xt))
         # 2) spatial attention within each frame, each frame with a copy of the class token
         xs = torch.cat([cls.expand(B, T, D).unsqueeze(2), patches.view(B, T, S, D)], 2)  # (B, T, 1+S, D)
-        xs, cls_row = self.attn.forward_with_cls_row(self.norm1(xs.view(B * T, 1 + S, D)))
+        xs = self.norm1(xs.view(B * T, 1 + S, D))
+        xs, row = self.attn.forward_with_cls_row(xs) if cls_row else (self.attn(xs), None)
         xs = xs.view(B, T, 1 + S, D)
         res = torch.cat([xs[:, :, 0].mean(1, keepdim=True), xs[:, :, 1:].reshape(B, T * S, D)], 1)
         x = torch.cat([cls, patches], 1) + self.drop_path(res)  # (B, 1+T*S, D)
         # 3) MLP
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, cls_row[:, 1:].reshape(B, T, S)
+        return x, None if row is None else row[:, 1:].reshape(B, T, S)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,8 +366,8 @@ class Glimpser(nn.Module):
 
     def forward(self, x, num_frames: int):
         """x (B, 1+T*S, D) -> x (B, 1+T*k, D), keep_index (B, T, k) with k = ceil(R * S)."""
-        for blk in self.blocks:
-            x, cls_attn = blk(x, num_frames)  # cls_attn (B, T, S): the last layer's is used
+        for i, blk in enumerate(self.blocks):
+            x, cls_attn = blk(x, num_frames, cls_row=i == len(self.blocks) - 1)  # cls_attn (B, T, S): last layer
         S = cls_attn.shape[-1]
         index = top_k_per_frame(cls_attn, math.ceil(self.keep_ratio * S))
         return gather_patches(x, index), index
@@ -471,11 +473,11 @@ def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
     return n * (4 * dim * dim + 2 * dim * hidden) + 2 * n * n * dim
 
 
-def divided_layer_macs(T: int, S: int, dim: int, hidden: int) -> int:
+def divided_layer_macs(T: int, S: int, dim: int, hidden: int, cls_row: bool = False) -> int:
     """A divided layer: temporal attention (+ temporal_fc) over T*S patches, spatial attention over T frames of
-    1+S tokens (+ the class token's attention row), the MLP over 1+T*S tokens."""
+    1+S tokens (+ the class token's attention row in the Glimpser's last layer), the MLP over 1+T*S tokens."""
     temporal = T * S * 5 * dim * dim + S * 2 * T * T * dim
-    spatial = T * (1 + S) * 4 * dim * dim + T * 2 * (1 + S) ** 2 * dim + T * (1 + S) * dim
+    spatial = T * (1 + S) * 4 * dim * dim + T * 2 * (1 + S) ** 2 * dim + (T * (1 + S) * dim if cls_row else 0)
     return temporal + spatial + (1 + T * S) * 2 * dim * hidden
 
 
@@ -483,7 +485,7 @@ def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S
     """GFLOPs each sample spends, from the tokens entering each layer: (B, depth) -> (B,)."""
     D, hidden, g = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.glimpser_depth
     macs = T * S * cfg.in_chans * cfg.patch_size ** 2 * D  # patch embedding
-    macs += g * divided_layer_macs(T, S, D, hidden)
+    macs += sum(divided_layer_macs(T, S, D, hidden, cls_row=i == g - 1) for i in range(g))
     macs = macs + joint_layer_macs(tokens_per_layer[:, g:].double(), D, hidden).sum(1)
     macs = macs + D * (cfg.num_classes + (2 if cfg.motion_head else 0))  # the heads
     return (macs / 1e9).float()
