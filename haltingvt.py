@@ -429,39 +429,47 @@ class HaltingStage(nn.Module):
     def forward_dropped(self, x):
         """Halted tokens leave the sequence. The samples' live tokens are packed back to back in one (N, D)
         tensor (each sample's class token first), so no FLOP goes to padding; a sample whose class token has
-        halted leaves the batch, its other tokens stopping with it."""
+        halted leaves the batch, its other tokens stopping with it.
+
+        The bookkeeping stays on the device and reads nothing back but the per-sample token counts, once per
+        layer (the attention needs them as Python ints): on a GPU each read-back stalls the queue, and a boolean
+        index (x[mask]) is one too."""
         B, K, D = x.shape
-        L = len(self.blocks)
-        sample = torch.arange(B, device=x.device).repeat_interleave(K)  # (N,) sample of each packed row
-        token = torch.arange(K, device=x.device).repeat(B)  # (N,) its index among the sample's K tokens
-        x, total, lengths = x.reshape(B * K, D), x.new_zeros(B * K), [K] * B
-        depth = torch.full((B, K), L, dtype=torch.long, device=x.device)
+        L, dev = len(self.blocks), x.device
+        sample = torch.arange(B, device=dev).repeat_interleave(K)  # (N,) sample of each packed row
+        token = torch.arange(K, device=dev).repeat(B)  # (N,) its index among the sample's K tokens
+        x, total = x.reshape(B * K, D), x.new_zeros(B * K)
+        counts, lengths = torch.full((B,), K, device=dev), [K] * B  # rows per sample: (B,) and the non-zero ones
+        depth = torch.full((B, K), L, dtype=torch.long, device=dev)
         remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
-        scores, tokens = x.new_zeros(L, B, K), x.new_zeros(B, L, dtype=torch.long)
+        scores, tokens = x.new_zeros(L, B, K), []
         for l, blk in enumerate(self.blocks):
-            tokens[sample[token == 0], l] = torch.tensor(lengths, device=x.device)
+            tokens.append(counts)
             x = blk.forward_packed(x, lengths)  # (N, D)
             # 1) halting score; 2) accumulate; 3) halt where the sum reaches 1 - eps (Eq. 3), with remainder
             h = self.scores(x, l)
             stop = total + h >= 1 - self.eps
-            stop = stop | stop[token == 0].repeat_interleave(torch.tensor(lengths, device=x.device))
+            first = (counts.cumsum(0) - counts).clamp(max=len(x) - 1)  # (B,) row of each class token
+            running = counts > 0  # (B,) samples still in the batch (for the others `first` is any row)
+            stop = stop | (running & stop[first])[sample]  # a sample's tokens stop with its class token
             r = 1 - total  # Eq. (4); for tokens stopped by their class token: what is left of their budget
-            scores = scores.index_put((torch.full_like(token, l), sample, token), h)
-            depth = depth.index_put((sample[stop], token[stop]), torch.tensor(l + 1, device=x.device))
-            remainder = remainder.index_put((sample[stop], token[stop]), r[stop])
-            cls = token == 0
-            w = torch.where(stop[cls], r[cls], h[cls])
-            x_o = x_o.index_put((sample[cls],), w.unsqueeze(-1) * x[cls], accumulate=True)  # Eq. (6)
+            at = (sample, token)
+            scores = scores.index_put((torch.full_like(token, l), *at), h)
+            depth = depth.index_put(at, torch.where(stop, l + 1, depth[at]))
+            remainder = remainder.index_put(at, torch.where(stop, r, remainder[at]))
+            w = torch.where(running, torch.where(stop, r, h)[first], 0)  # (B,) class token weights
+            x_o = x_o + w.unsqueeze(-1) * x[first]  # Eq. (6)
             # 4) drop the halted tokens (and every token of a sample that is done)
-            keep = ~stop
-            if not keep.all():
-                x, total, sample, token = x[keep], (total + h)[keep], sample[keep], token[keep]
-                lengths = torch.unique_consecutive(sample, return_counts=True)[1].tolist() if len(sample) else []
-            else:
-                total = total + h
+            keep, total = ~stop, total + h
+            counts = torch.zeros_like(counts).index_add_(0, sample, keep.long())  # (B,)
+            lengths = [n for n in counts.tolist() if n]  # the one read-back of the layer
             if not lengths:
                 break
-        return dict(x_o=x_o, halt_scores=scores, depth=depth, remainder=remainder, tokens=tokens)
+            if sum(lengths) < len(keep):
+                kept = torch.nonzero_static(keep, size=sum(lengths)).squeeze(1)  # known size: no read-back
+                x, total, sample, token = x[kept], total[kept], sample[kept], token[kept]
+        tokens += [torch.zeros_like(counts)] * (L - len(tokens))  # layers after every sample stopped
+        return dict(x_o=x_o, halt_scores=scores, depth=depth, remainder=remainder, tokens=torch.stack(tokens, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------

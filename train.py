@@ -190,6 +190,9 @@ def setup_distributed(args):
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
+                             "torchrun with --nproc-per-node at most that, or pass --device cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if world > 1:
