@@ -152,8 +152,9 @@ def add_ratios(row: dict, dense: dict) -> dict:
 # Training steps
 # ----------------------------------------------------------------------------------------------------------
 
-def train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.device):
-    """One training step to time: forward (task + ponder + motion terms, Eq. 9), backward, Adam."""
+def train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.device, amp: bool = False):
+    """One training step to time: forward (task + ponder + motion terms, Eq. 9), backward, Adam; with `amp`, the
+    forward in bf16 autocast (CUDA), as `train.py --amp` runs it."""
     torch.manual_seed(0)
     model = HaltingVT(cfg).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -162,26 +163,28 @@ def train_step(cfg: HaltingVTConfig, batch: int, drop: bool, device: torch.devic
     real = torch.ones(batch, dtype=torch.long, device=device)
 
     def step():
-        out = model(video, drop_halted=drop)
-        loss = F.cross_entropy(out.logits, label) + 5e-4 * out.ponder.mean() + 0.01 * F.cross_entropy(
-            out.motion_logits, real)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(video, drop_halted=drop)
+            loss = F.cross_entropy(out.logits, label) + 5e-4 * out.ponder.mean() + 0.01 * F.cross_entropy(
+                out.motion_logits, real)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
 
 
-def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, batch: int = 64):
+def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, batch: int = 64,
+               deit_batch: int = 2, amp: bool = False):
     """Yields ms per training step in mask and in drop mode (timed round-robin): the tiny setting at `batch` clips
-    (64 = the demo run's 32 Motion-Loss pairs) and, unless quick, DeiT-S at batch 2 with a beta that halts."""
+    (64 = the demo run's 32 Motion-Loss pairs) and, unless quick, DeiT-S at `deit_batch` with a beta that halts."""
     settings = [("tiny", HaltingVTConfig.tiny(), batch)]
     if not quick:
-        settings.append(("deit_small beta=3", HaltingVTConfig.deit_small(beta=3.0), 2))
+        settings.append(("deit_small beta=3", HaltingVTConfig.deit_small(beta=3.0), deit_batch))
     for name, cfg, size in settings:
-        seconds = measure({mode: train_step(cfg, size, mode == "drop", device) for mode in ("mask", "drop")},
+        seconds = measure({mode: train_step(cfg, size, mode == "drop", device, amp) for mode in ("mask", "drop")},
                           device, warmup, repeats)
         for mode, s in seconds.items():
-            yield dict(name=name, mode=mode, batch=size, ms_per_step=s * 1e3)
+            yield dict(name=name, mode=mode, batch=size, amp=amp, ms_per_step=s * 1e3)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,6 +222,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer rows and repeats (under a minute on 2 cores)")
     p.add_argument("--train", action="store_true", help="time training steps, mask vs drop, instead")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 2)")
+    p.add_argument("--train-batch", type=int, default=2, help="DeiT-S clips per timed training step (default 2)")
+    p.add_argument("--amp", action="store_true", help="training steps in bf16 autocast, as train.py --amp (CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 5; quick: 1)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -236,7 +241,8 @@ def main(argv=None):
     print(f"device: {result['device']}", flush=True)
     mm_seconds = []
     if args.train:
-        result["train"] = list(train_rows(args.quick, device, warmup, repeats))
+        result["train"] = list(train_rows(args.quick, device, warmup, repeats, deit_batch=args.train_batch,
+                                         amp=args.amp))
         for r in result["train"]:
             print(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms")
         mm_seconds.append(measure({"matmul": mm}, device, 2, max(repeats, 3))["matmul"])

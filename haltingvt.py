@@ -214,6 +214,7 @@ class Attention(nn.Module):
     """Multi-head self-attention, Eq. (1), through F.scaled_dot_product_attention."""
 
     rows = 2048  # tokens per chunk, see Mlp
+    pad_on_cuda = True  # forward_packed: one padded attention call on a GPU instead of one per sample
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -224,8 +225,12 @@ class Attention(nn.Module):
     def heads(self, x):
         """(B, K, D) -> q, k, v, each a (B, h, K, d) view of the qkv output (no copy: the CPU attention kernel
         takes strided heads, and copying them cost more than it saved at the Glimpser's shapes)."""
-        B, K, D = x.shape
-        qkv = self.qkv(x).view(B, K, 3, self.num_heads, D // self.num_heads)
+        return self.split_heads(self.qkv(x))
+
+    def split_heads(self, qkv):
+        """(B, K, 3D) -> q, k, v, each (B, h, K, d)."""
+        B, K, D3 = qkv.shape
+        qkv = qkv.view(B, K, 3, self.num_heads, D3 // (3 * self.num_heads))
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (3, B, h, K, d)
 
     def merge(self, o):
@@ -252,12 +257,30 @@ class Attention(nn.Module):
         rows per group, see Mlp); attention runs per sample, so no token ever sees another sample's tokens and
         no FLOP is spent on padding.
         """
+        if x.is_cuda and len(lengths) > 1 and self.pad_on_cuda:
+            return self.forward_padded(x, lengths)
         groups, out = row_groups(lengths, self.rows), []
         for group, part in zip(groups, x.split([sum(g) for g in groups])):
             q, k, v = self.heads(part.unsqueeze(0))  # each (1, h, n, d), n = sum(group)
             o = [F.scaled_dot_product_attention(*t) for t in zip(*(a.split(group, dim=2) for a in (q, k, v)))]
             out.append(self.merge(cat(o, dim=2)).squeeze(0))  # (n, D)
         return cat(out)  # (N, D)
+
+    def forward_padded(self, x, lengths: list):
+        """forward_packed for a GPU, where one attention call per sample costs more in launches than padding does:
+        the qkv rows are gathered into a (G, n) grid, n the longest sample, and a key mask hides the padding.
+        Padded queries are computed and dropped; the projections still run over the N real rows only."""
+        N, G, n = x.shape[0], len(lengths), max(lengths)
+        count = torch.tensor(lengths)
+        if x.is_cuda:  # from pinned memory the copy does not wait for the GPU
+            count = count.pin_memory().to(x.device, non_blocking=True)
+        pos = torch.arange(n, device=x.device)
+        valid = pos < count[:, None]  # (G, n)
+        rows = ((count.cumsum(0) - count)[:, None] + pos).clamp(max=N - 1)  # (G, n) row of x; any row for padding
+        q, k, v = self.split_heads(self.qkv(x)[rows])  # each (G, h, n, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (G, h, n, d)
+        o = o.transpose(1, 2).reshape(G * n, -1)  # (G*n, D)
+        return self.proj(o[torch.nonzero_static(valid.flatten(), size=N).squeeze(1)])  # (N, D)
 
     def forward_with_cls_row(self, x):
         """Attention as in forward, plus the class token's attention row averaged over heads (Eq. 7's w).

@@ -26,8 +26,8 @@ import bench
 import data
 import losses
 import train
-from haltingvt import (HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu, halting_weights,
-                       load_deit, row_groups, top_k_per_frame)
+from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu,
+                       halting_weights, load_deit, row_groups, top_k_per_frame)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -891,6 +891,14 @@ def test_train_demo_preset_is_the_only_difference():
     assert train.parse_args(["--lr", "0.5"]).lr == 0.5  # a flag beats the preset
 
 
+def test_train_mode_default_follows_amp_and_a_flag_beats_it():
+    real = ["--train", "t.txt", "--val", "v.txt"]
+    assert train.parse_args(real).train_mode == train.TRAIN_MODE == "drop"
+    assert train.parse_args(real + ["--amp"]).train_mode == train.AMP_TRAIN_MODE == "mask"
+    assert train.parse_args(real + ["--amp", "--train-mode", "drop"]).train_mode == "drop"
+    assert train.parse_args(["--train-mode", "mask"]).train_mode == "mask"
+
+
 def test_train_optimizer_groups_and_schedule():
     args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
     model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
@@ -1239,3 +1247,23 @@ def test_ablation_stale_demo_folder_is_rebuilt(demo, monkeypatch):
     assert f"version={data.DEMO_VERSION} " in (demo / "DONE").read_text()
     monkeypatch.setattr(data, "DEMO_VERSION", data.DEMO_VERSION + 1)  # the generator changed
     assert not data.demo_dataset_ready(demo, num_train=2, num_val=1)
+
+
+def test_attention_padded_matches_per_sample_attention():
+    """forward_padded (the GPU's packed attention: one call over a padded grid) gives forward_packed's per-sample
+    result, values and gradients, for samples of different lengths."""
+    torch.manual_seed(0)
+    attn = Attention(16, 4)
+    lengths = [5, 1, 9, 3]
+    x = torch.randn(sum(lengths), 16, requires_grad=True)
+    grad = torch.randn(sum(lengths), 16)
+    out = []
+    for fn in (attn.forward_packed, attn.forward_padded):
+        y = fn(x, lengths)
+        (g,) = torch.autograd.grad(y, x, grad)
+        out.append((y, g))
+    (y_ref, g_ref), (y_pad, g_pad) = out
+    assert torch.allclose(y_pad, y_ref, atol=1e-6) and torch.allclose(g_pad, g_ref, atol=1e-6)
+    # and per sample, against plain attention over that sample alone
+    for part, n in zip(y_pad.split(lengths), x.split(lengths)):
+        assert torch.allclose(part, attn(n.unsqueeze(0)).squeeze(0), atol=1e-6)
