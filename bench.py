@@ -8,7 +8,7 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py            # a table
     python bench.py --json     # the same, then one JSON object on the last line
     python bench.py --quick    # fewer rows and repeats: under a minute on 2 CPU cores
-    python bench.py --train    # training steps, mask vs drop
+    python bench.py --train    # training steps, mask vs drop (--train-batch N for DeiT-S, --amp for bf16)
 
 Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
 machine's speed during the run touches every row and the matmul alike; each figure is the median over the rounds.
