@@ -334,7 +334,7 @@ class DividedBlock(Block):
         self.temporal_attn = Attention(dim, num_heads)
         self.temporal_fc = nn.Linear(dim, dim)
 
-    def forward(self, x, num_frames: int, cls_row: bool = True):
+    def forward(self, x, num_frames: int, *, cls_row: bool):
         """x (B, 1+T*S, D) -> x (B, 1+T*S, D) and the class token's spatial attention (B, T, S), or None when
         `cls_row` is False (the Glimpser needs it from its last layer only)."""
         B, K, D = x.shape
@@ -504,7 +504,7 @@ def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
     return n * (4 * dim * dim + 2 * dim * hidden) + 2 * n * n * dim
 
 
-def divided_layer_macs(T: int, S: int, dim: int, hidden: int, cls_row: bool = False) -> int:
+def divided_layer_macs(T: int, S: int, dim: int, hidden: int, *, cls_row: bool) -> int:
     """A divided layer: temporal attention (+ temporal_fc) over T*S patches, spatial attention over T frames of
     1+S tokens (+ the class token's attention row in the Glimpser's last layer), the MLP over 1+T*S tokens."""
     temporal = T * S * 5 * dim * dim + S * 2 * T * T * dim
