@@ -9,6 +9,7 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py --json     # the same, then one JSON object on the last line
     python bench.py --quick    # fewer rows and repeats: under a minute on 2 CPU cores
     python bench.py --train    # training steps, mask vs drop (--train-batch N for DeiT-S, --amp for bf16)
+    python bench.py --profile  # where a forward's time goes, by kind of op: dense and one drop row
 
 Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
 machine's speed during the run touches every row and the matmul alike; each figure is the median over the rounds.
@@ -58,6 +59,8 @@ def inference_rows(quick: bool) -> list:
         rows += [Row(f"halt R={r} beta={b:g}", mode, keep_ratio=r, halting=True, beta=b) for r, b in halting]
     return rows
 
+
+PROFILED = Row("halt R=0.5 beta=4", "drop", keep_ratio=0.5, halting=True, beta=4.0)  # the row --profile adds
 
 # ----------------------------------------------------------------------------------------------------------
 # Timing
@@ -188,6 +191,63 @@ def train_rows(quick: bool, device: torch.device, warmup: int, repeats: int, bat
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Where the time goes (--profile)
+# ----------------------------------------------------------------------------------------------------------
+
+# Ops by kind, matched on the aten name without leading underscores. Self time is counted, so an op that only
+# calls others (aten::linear -> aten::addmm) adds nothing of its own.
+KINDS = {"matmul (Linear, conv)": {"addmm", "mm", "bmm", "matmul", "convolution", "mkldnn_convolution",
+                                   "cudnn_convolution", "baddbmm"},
+         "attention kernel": {"scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_flash_attention",
+                              "scaled_dot_product_efficient_attention", "scaled_dot_product_cudnn_attention",
+                              "efficient_attention_forward", "flash_attention_forward", "softmax"},
+         "elementwise (GELU, LayerNorm, adds)": {"gelu", "gelu_", "native_layer_norm", "add", "add_", "mul",
+                                                 "sub", "rsub", "div", "sigmoid", "where", "mean"},
+         "copies and bookkeeping": {"cat", "copy_", "clone", "to_copy", "index", "index_put", "index_add_",
+                                    "gather", "nonzero_static", "topk", "sort", "cumsum", "stack", "unsafe_view",
+                                    "bitwise_and", "bitwise_or", "bitwise_not", "ge", "gt", "clamp", "full",
+                                    "zeros_like", "full_like", "new_zeros", "new_ones", "arange", "repeat",
+                                    "fill_", "zero_", "empty", "empty_strided", "split_with_sizes", "sum"}}
+
+
+OTHER = "other (views, dispatch overhead)"
+
+
+def kind_of(op: str) -> str:
+    name = op.split("::")[-1].lstrip("_")
+    return next((kind for kind, names in KINDS.items() if name in names), OTHER)
+
+
+def profile_row(row: Row, base: HaltingVTConfig, video: torch.Tensor, repeats: int) -> dict:
+    """ms per forward by kind of op (self time, torch.profiler), and the top ops, for one row."""
+    from torch.profiler import ProfilerActivity, profile
+    fn, gflops = inference(row, base, video)
+    cuda = video.is_cuda
+    fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    self_us = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / repeats for e in events}
+    kinds = {kind: 0.0 for kind in [*KINDS, OTHER]}
+    for op, us in self_us.items():
+        kinds[kind_of(op)] += us / 1e3
+    top = sorted(self_us.items(), key=lambda kv: -kv[1])[:8]
+    return dict(name=row.name, mode=row.mode, batch=video.shape[0], gflops_per_video=gflops,
+                ms_by_kind=kinds, top_ops_ms={op: us / 1e3 for op, us in top})
+
+
+def print_profile(p: dict):
+    total = sum(p["ms_by_kind"].values())
+    print(f"\n{p['name']} ({p['mode']}), batch {p['batch']}: {total:.1f} ms of op self time per forward")
+    for kind, ms in p["ms_by_kind"].items():
+        print(f"  {kind:<38}{ms:>9.1f} ms {ms / total:>5.0%}")
+    print("  top ops: " + ", ".join(f"{op.split('::')[-1]} {ms:.1f}" for op, ms in p["top_ops_ms"].items()))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------
 
@@ -224,6 +284,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 2)")
     p.add_argument("--train-batch", type=int, default=2, help="DeiT-S clips per timed training step (default 2)")
     p.add_argument("--amp", action="store_true", help="training steps in bf16 autocast, as train.py --amp (CUDA)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where a forward's time goes, by kind of op (torch.profiler), dense and one drop row")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 5; quick: 1)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -240,7 +302,17 @@ def main(argv=None):
     result = dict(device=device_name(device), matmul_size=args.matmul_size, rows=[])
     print(f"device: {result['device']}", flush=True)
     mm_seconds = []
-    if args.train:
+    if args.profile:
+        base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
+        result["profile"] = []
+        for batch in args.batch or [1]:
+            shape = (batch, base.in_chans, base.num_frames, base.img_size, base.img_size)
+            video = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+            for row in (Row("dense", "dense", glimpser=False), PROFILED):
+                result["profile"].append(profile_row(row, base, video, repeats))
+                print_profile(result["profile"][-1])
+        mm_seconds.append(measure({"matmul": mm}, device, 2, max(repeats, 3))["matmul"])
+    elif args.train:
         result["train"] = list(train_rows(args.quick, device, warmup, repeats, deit_batch=args.train_batch,
                                          amp=args.amp))
         for r in result["train"]:
@@ -259,7 +331,7 @@ def main(argv=None):
         print(LEGEND)
     result["matmul_gflops_per_s"] = mm_flops / statistics.median(mm_seconds) / 1e9
     print(f"float32 matmul {args.matmul_size}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s (2 FLOPs per "
-          "multiply-add)" + ("" if args.train else ", timed in every round with the rows; `of mm` uses its median "
+          "multiply-add)" + ("" if args.train or args.profile else ", timed in every round with the rows; `of mm` uses its median "
                              "at the row's batch size"))
     if args.json:
         print(json.dumps(result))

@@ -1300,3 +1300,16 @@ def test_drop_mode_reads_nothing_back_but_the_token_counts():
         out = model(video, drop_halted=True)
     assert (out.tokens_per_layer[:, -1] < out.tokens_per_layer[:, 2]).all()  # tokens did halt and leave
     assert ops.seen == []
+
+
+def test_bench_profile_sorts_ops_by_kind(capsys):
+    assert bench.kind_of("aten::addmm") == bench.kind_of("aten::mm") == "matmul (Linear, conv)"
+    assert bench.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention kernel"
+    assert bench.kind_of("aten::add") == bench.kind_of("aten::gelu_") == "elementwise (GELU, LayerNorm, adds)"
+    assert bench.kind_of("aten::index_put") == "copies and bookkeeping" and bench.kind_of("aten::view") == bench.OTHER
+    result = bench.main(["--profile", "--tiny", "--repeats", "1", "--matmul-size", "128"])
+    assert [(p["name"], p["mode"]) for p in result["profile"]] == [("dense", "dense"), ("halt R=0.5 beta=4", "drop")]
+    for p in result["profile"]:
+        assert p["ms_by_kind"]["matmul (Linear, conv)"] > 0 and p["ms_by_kind"]["attention kernel"] > 0
+        assert sum(p["top_ops_ms"].values()) <= sum(p["ms_by_kind"].values()) + 1e-9
+    assert "of op self time per forward" in capsys.readouterr().out
