@@ -286,8 +286,10 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="training steps in bf16 autocast, as train.py --amp (CUDA)")
     p.add_argument("--profile", action="store_true",
                    help="instead: where a forward's time goes, by kind of op (torch.profiler), dense and one drop row")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 5; quick: 1)")
-    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run takes milliseconds; quick: 1)")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="n of the n x n matmul (default: 2048 on a CPU; 8192 on a GPU, where 2048 is too short)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny model instead of DeiT-S (for tests)")
     p.add_argument("--threads", type=int, default=None,
@@ -296,7 +298,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    repeats = args.repeats or (1 if args.quick else 5)
+    gpu = device.type == "cuda"
+    repeats = args.repeats or (1 if args.quick else 20 if gpu else 5)
+    args.matmul_size = args.matmul_size or (8192 if gpu else 2048)
     warmup = 1
     mm, mm_flops = matmul(device, args.matmul_size)
     result = dict(device=device_name(device), matmul_size=args.matmul_size, rows=[])
