@@ -163,9 +163,16 @@ class DropPath(nn.Module):
             return x
         samples = x.shape[0] if lengths is None else len(lengths)
         keep = x.new_empty(samples).bernoulli_(1 - self.p) / (1 - self.p)  # (B,)
-        if lengths is not None:
-            keep = keep.repeat_interleave(torch.tensor(lengths, device=x.device))  # (N,)
+        if lengths is not None:  # the output size given, the GPU is not asked for it
+            keep = keep.repeat_interleave(to_device(lengths, x.device), output_size=x.shape[0])  # (N,)
         return x * keep.view(-1, *[1] * (x.dim() - 1))
+
+
+def to_device(ints: list, device: torch.device) -> torch.Tensor:
+    """A list of Python ints as a tensor on `device`. To a GPU it goes from pinned memory without waiting: a
+    plain torch.tensor(ints, device=...) would first wait for every kernel queued before it."""
+    t = torch.tensor(ints)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def cat(tensors: list, dim: int = 0) -> torch.Tensor:
@@ -271,9 +278,7 @@ class Attention(nn.Module):
         the qkv rows are gathered into a (G, n) grid, n the longest sample, and a key mask hides the padding.
         Padded queries are computed and dropped; the projections still run over the N real rows only."""
         N, G, n = x.shape[0], len(lengths), max(lengths)
-        count = torch.tensor(lengths)
-        if x.is_cuda:  # from pinned memory the copy does not wait for the GPU
-            count = count.pin_memory().to(x.device, non_blocking=True)
+        count = to_device(lengths, x.device)  # (G,)
         pos = torch.arange(n, device=x.device)
         valid = pos < count[:, None]  # (G, n)
         rows = ((count.cumsum(0) - count)[:, None] + pos).clamp(max=N - 1)  # (G, n) row of x; any row for padding

@@ -25,10 +25,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import data
+import haltingvt
 import losses
 import train
 from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu,
-                       halting_weights, load_deit, row_groups, top_k_per_frame)
+                       halting_weights, load_deit, row_groups, to_device, top_k_per_frame)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1272,33 +1273,56 @@ def test_attention_padded_matches_per_sample_attention():
 
 class DataDependentOps(TorchDispatchMode):
     """Records the ops whose result a GPU would have to send back to the host before the next launch: shapes
-    that depend on values (nonzero, boolean indexing, unique), Python scalars (item, bool(tensor)) and tensors
-    built from host data (torch.tensor(list) on the device). `.tolist()` does not pass through this mode."""
+    that depend on values (nonzero, boolean indexing, unique, repeat_interleave without its output size),
+    Python scalars (item, bool(tensor)) and tensors built from host data (torch.tensor(list), which then goes
+    to the device; haltingvt.to_device, which sends it from pinned memory without waiting, is let through).
+    `.tolist()` does not pass through this mode."""
 
     SYNCING = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
                "aten.masked_select.default", "aten.unique_consecutive.default", "aten._unique2.default",
-               "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.lift_fresh.default"}
+               "aten.unique_dim.default", "aten.lift_fresh.default"}
 
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.trusted = [], False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         bool_index = func is torch.ops.aten.index.Tensor and any(
             i is not None and i.dtype == torch.bool for i in args[1])
-        if str(func) in self.SYNCING or bool_index:
+        unsized = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        if (str(func) in self.SYNCING or bool_index or unsized) and not self.trusted:
             self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
-def test_drop_mode_reads_nothing_back_but_the_token_counts():
+def test_drop_mode_reads_nothing_back_but_the_token_counts(monkeypatch):
     """Drop mode's bookkeeping stays on the device: no value-dependent shape, no Python scalar, no host-built
-    tensor in a whole forward (its one read-back per layer, the token counts, goes through .tolist()). On a GPU
-    each of these drains the launch queue: eight of them per layer halved the speed on an H200 (README)."""
+    tensor in a whole forward, nor in training with stochastic depth and the backward (its one read-back per
+    layer, the token counts, goes through .tolist()). On a GPU each of these drains the launch queue: eight of
+    them per layer halved the speed on an H200 (README)."""
     model, video = diverse_model()
-    with torch.no_grad(), DataDependentOps() as ops:
+    ops = DataDependentOps()
+
+    def trusted(ints, device):
+        ops.trusted = True
+        try:
+            return to_device(ints, device)
+        finally:
+            ops.trusted = False
+    monkeypatch.setattr(haltingvt, "to_device", trusted)
+    with torch.no_grad(), ops:
         out = model(video, drop_halted=True)
     assert (out.tokens_per_layer[:, -1] < out.tokens_per_layer[:, 2]).all()  # tokens did halt and leave
+    assert ops.seen == []
+    # training: stochastic depth on packed rows, and the backward
+    model.train()
+    for blk in model.joint.blocks:
+        blk.drop_path.p = 0.1
+    ops.seen = []
+    with ops:
+        out = model(video, drop_halted=True)
+        (out.logits.sum() + out.ponder.sum()).backward()
     assert ops.seen == []
 
 
