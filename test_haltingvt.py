@@ -1244,6 +1244,30 @@ def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
     assert no_motion["config"]["motion_head"] is False and no_motion["config"]["glimpser_depth"] == 0
 
 
+def test_ablation_summary_averages_each_row_over_its_seeds():
+    rows = train.ablation_rows(train.parse_args(["--ablation"]))[:2]
+
+    def metrics(top1, gflops, depth):
+        return dict(val_top1=top1, val_gflops=gflops, dense_gflops=0.1, halt_depth_mean=depth)
+    results = [(rows[0], 0, metrics(0.5, 0.02, 1.0)), (rows[0], 1, metrics(0.8, 0.04, 2.0)),
+               (rows[0], 2, metrics(0.2, 0.03, 3.0)), (rows[1], 0, metrics(0.9, 0.05, 4.0))]
+    first, second = (line.strip("| ").split(" | ") for line in train.ablation_summary(results))
+    beta = f"{HaltingVTConfig.tiny().beta:g}"
+    assert first == ["no Glimpser", "-", "yes", beta, "3", "0.500 (0.200-0.800)", "0.30", "2.00"]
+    assert second == ["no Glimpser", "-", "no", beta, "1", "0.900 (0.900-0.900)", "0.50", "4.00"]
+
+
+def test_ablation_with_seeds_writes_their_summary(demo, tmp_path, monkeypatch):
+    rows = train.ablation_rows
+    monkeypatch.setattr(train, "ablation_rows", lambda args: rows(args)[2:3])  # R = 0.3 with the Motion Loss
+    lines = train.main(small_run(demo, tmp_path, "--ablation", "--epochs", "1", "--ablation-seeds", "0", "1"))
+    table = (tmp_path / "ablation.md").read_text().splitlines()
+    assert [line.strip("| ").split(" | ")[4] for line in lines] == ["0", "1"]  # one line per seed
+    assert table[table.index("Over the seeds:") + 2] == "| " + " | ".join(train.SUMMARY_COLUMNS) + " |"
+    top1 = [float(line.strip("| ").split(" | ")[5]) for line in lines]
+    assert table[-1].split(" | ")[4:6] == ["2", f"{sum(top1) / 2:.3f} ({min(top1):.3f}-{max(top1):.3f})"]
+
+
 def test_ablation_stale_demo_folder_is_rebuilt(demo, monkeypatch):
     assert data.demo_dataset_ready(demo, num_train=2, num_val=1)
     assert f"version={data.DEMO_VERSION} " in (demo / "DONE").read_text()

@@ -25,6 +25,7 @@ import os
 import random
 import shlex
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -799,14 +800,40 @@ def ablation_rows(args) -> list:
     return rows
 
 
+def row_cells(row) -> list:
+    """An ablation row's setting, R, motion loss and beta, as table cells."""
+    R = "-" if row["glimpser_depth"] == 0 else f"{row['keep_ratio']:g}"
+    return [row["setting"], R, "yes" if row["alpha_m"] else "no", f"{row['beta']:g}"]
+
+
 def ablation_line(row, seed, metrics, wall_s) -> str:
     """One markdown table line, in ABLATION_COLUMNS order."""
-    R = "-" if row["glimpser_depth"] == 0 else f"{row['keep_ratio']:g}"
-    cells = [row["setting"], R, "yes" if row["alpha_m"] else "no", f"{row['beta']:g}", str(seed),
+    cells = [*row_cells(row), str(seed),
              f"{metrics['val_top1']:.3f}", f"{metrics['val_gflops']:.4f}",
              f"{metrics['val_gflops'] / metrics['dense_gflops']:.2f}", f"{metrics['halt_depth_mean']:.2f}",
              f"{wall_s:.0f}"]
     return "| " + " | ".join(cells) + " |"
+
+
+SUMMARY_COLUMNS = ("setting", "R", "motion loss", "beta", "seeds", "val top-1: mean (min-max)",
+                   "GFLOPs ratio vs dense", "mean halting depth")
+
+
+def ablation_summary(results: list) -> list:
+    """One line per row over its seeds, in SUMMARY_COLUMNS order: results are (row, seed, metrics) in row order.
+    One seed of these short runs moves top-1 by tens of points (README): compare rows by their means."""
+    by_row = {}
+    for row, seed, metrics in results:
+        by_row.setdefault(id(row), (row, []))[1].append(metrics)
+    lines = []
+    for row, runs in by_row.values():
+        top1 = [m["val_top1"] for m in runs]
+        ratio = statistics.mean(m["val_gflops"] / m["dense_gflops"] for m in runs)
+        depth = statistics.mean(m["halt_depth_mean"] for m in runs)
+        cells = [*row_cells(row), str(len(runs)), f"{statistics.mean(top1):.3f} ({min(top1):.3f}-{max(top1):.3f})",
+                 f"{ratio:.2f}", f"{depth:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def ablation(args, argv, rank, world, device) -> list:
@@ -816,7 +843,7 @@ def ablation(args, argv, rank, world, device) -> list:
     out = Path(args.out)
     head = [f"Made by `python train.py {shlex.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
             "| " + " | ".join(ABLATION_COLUMNS) + " |", "|" + "---|" * len(ABLATION_COLUMNS)]
-    lines = []
+    lines, results = [], []
     for i, row in enumerate(ablation_rows(args)):
         for seed in args.ablation_seeds:
             name = f"{i:02d}_R{row['keep_ratio'] if row['glimpser_depth'] != 0 else 'none'}_" \
@@ -831,8 +858,12 @@ def ablation(args, argv, rank, world, device) -> list:
                 log.warning("ablation stopped in %s; %s has the rows before it", name, out / "ablation.md")
                 return lines
             lines.append(ablation_line(row, seed, metrics, time.time() - t0))
+            results.append((row, seed, metrics))
+            summary = ["", "Over the seeds:", "", "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+                       "|" + "---|" * len(SUMMARY_COLUMNS), *ablation_summary(results)]
             if rank == 0:
-                (out / "ablation.md").write_text("\n".join(head + lines) + "\n")
+                (out / "ablation.md").write_text("\n".join(head + lines + (summary if len(args.ablation_seeds) > 1
+                                                                          else [])) + "\n")
     log.info("wrote %s", out / "ablation.md")
     return lines
 
