@@ -281,8 +281,8 @@ class Attention(nn.Module):
         count = to_device(lengths, x.device)  # (G,)
         pos = torch.arange(n, device=x.device)
         valid = pos < count[:, None]  # (G, n)
-        rows = ((count.cumsum(0) - count)[:, None] + pos).clamp(max=N - 1)  # (G, n) row of x; any row for padding
-        q, k, v = self.split_heads(self.qkv(x)[rows])  # each (G, h, n, d)
+        index = ((count.cumsum(0) - count)[:, None] + pos).clamp(max=N - 1)  # (G, n) row of x; any for padding
+        q, k, v = self.split_heads(self.qkv(x)[index])  # each (G, h, n, d)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (G, h, n, d)
         o = o.transpose(1, 2).reshape(G * n, -1)  # (G*n, D)
         return self.proj(o[torch.nonzero_static(valid.flatten(), size=N).squeeze(1)])  # (N, D)
