@@ -128,11 +128,16 @@ def inference(row: Row, base: HaltingVTConfig, video: torch.Tensor):
     return fn, fn().gflops.mean().item()
 
 
+def bench_video(base: HaltingVTConfig, batch: int, device: torch.device) -> torch.Tensor:
+    """The random input every row sees: (batch, C, T, H, W), the same draw on every device."""
+    shape = (batch, base.in_chans, base.num_frames, base.img_size, base.img_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def inference_rows_at(batch: int, base: HaltingVTConfig, quick: bool, device: torch.device, mm, warmup: int,
                       repeats: int) -> tuple:
     """All rows at one batch size, timed round-robin with the matmul: (row dicts, matmul seconds)."""
-    shape = (batch, base.in_chans, base.num_frames, base.img_size, base.img_size)
-    video = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    video = bench_video(base, batch, device)
     rows = inference_rows(quick)
     fns, gflops = zip(*(inference(row, base, video) for row in rows))
     seconds = measure({"matmul": mm, **dict(enumerate(fns))}, device, warmup, repeats)
@@ -306,12 +311,11 @@ def main(argv=None):
     result = dict(device=device_name(device), matmul_size=args.matmul_size, rows=[])
     print(f"device: {result['device']}", flush=True)
     mm_seconds = []
+    base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
     if args.profile:
-        base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
         result["profile"] = []
         for batch in args.batch or [1]:
-            shape = (batch, base.in_chans, base.num_frames, base.img_size, base.img_size)
-            video = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+            video = bench_video(base, batch, device)
             for row in (Row("dense", "dense", glimpser=False), PROFILED):
                 result["profile"].append(profile_row(row, base, video, repeats))
                 print_profile(result["profile"][-1])
@@ -323,7 +327,6 @@ def main(argv=None):
             print(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms")
         mm_seconds.append(measure({"matmul": mm}, device, 2, max(repeats, 3))["matmul"])
     else:
-        base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
         print(HEADER, flush=True)
         for batch in args.batch or ([1, 2] if args.quick else [1, 8]):  # rows appear batch by batch
             rows, seconds = inference_rows_at(batch, base, args.quick, device, mm, warmup, repeats)

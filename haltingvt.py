@@ -493,8 +493,9 @@ class HaltingStage(nn.Module):
             lengths = [n for n in counts.tolist() if n]  # the one read-back of the layer
             if not lengths:
                 break
-            if sum(lengths) < len(keep):
-                kept = torch.nonzero_static(keep, size=sum(lengths)).squeeze(1)  # known size: no read-back
+            left = sum(lengths)
+            if left < len(keep):
+                kept = torch.nonzero_static(keep, size=left).squeeze(1)  # known size: no read-back
                 x, total, sample, token = x[kept], total[kept], sample[kept], token[kept]
         tokens += [torch.zeros_like(counts)] * (L - len(tokens))  # layers after every sample stopped
         return dict(x_o=x_o, halt_scores=scores, depth=depth, remainder=remainder, tokens=torch.stack(tokens, 1))

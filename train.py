@@ -800,6 +800,11 @@ def ablation_rows(args) -> list:
     return rows
 
 
+def table_head(columns) -> list:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def row_cells(row) -> list:
     """An ablation row's setting, R, motion loss and beta, as table cells."""
     R = "-" if row["glimpser_depth"] == 0 else f"{row['keep_ratio']:g}"
@@ -842,7 +847,7 @@ def ablation(args, argv, rank, world, device) -> list:
     every row so that an interrupted ablation keeps the rows it finished. Returns the table's lines."""
     out = Path(args.out)
     head = [f"Made by `python train.py {shlex.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
-            "| " + " | ".join(ABLATION_COLUMNS) + " |", "|" + "---|" * len(ABLATION_COLUMNS)]
+            *table_head(ABLATION_COLUMNS)]
     lines, results = [], []
     for i, row in enumerate(ablation_rows(args)):
         for seed in args.ablation_seeds:
@@ -859,11 +864,11 @@ def ablation(args, argv, rank, world, device) -> list:
                 return lines
             lines.append(ablation_line(row, seed, metrics, time.time() - t0))
             results.append((row, seed, metrics))
-            summary = ["", "Over the seeds:", "", "| " + " | ".join(SUMMARY_COLUMNS) + " |",
-                       "|" + "---|" * len(SUMMARY_COLUMNS), *ablation_summary(results)]
+            summary = []
+            if len(args.ablation_seeds) > 1:
+                summary = ["", "Over the seeds:", "", *table_head(SUMMARY_COLUMNS), *ablation_summary(results)]
             if rank == 0:
-                (out / "ablation.md").write_text("\n".join(head + lines + (summary if len(args.ablation_seeds) > 1
-                                                                          else [])) + "\n")
+                (out / "ablation.md").write_text("\n".join(head + lines + summary) + "\n")
     log.info("wrote %s", out / "ablation.md")
     return lines
 
