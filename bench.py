@@ -229,10 +229,6 @@ def profile_row(row: Row, base: HaltingVTConfig, video: torch.Tensor, repeats: i
     fn, gflops = inference(row, base, video)
     cuda = video.is_cuda
     fn()  # warm-up
-    faults = page_faults()
-    for _ in range(repeats):
-        fn()
-    faults = (page_faults() - faults) / repeats
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(repeats):
             fn()
@@ -245,17 +241,7 @@ def profile_row(row: Row, base: HaltingVTConfig, video: torch.Tensor, repeats: i
         kinds[kind_of(op)] += us / 1e3
     top = sorted(self_us.items(), key=lambda kv: -kv[1])[:8]
     return dict(name=row.name, mode=row.mode, batch=video.shape[0], gflops_per_video=gflops,
-                ms_by_kind=kinds, top_ops_ms={op: us / 1e3 for op, us in top}, page_faults_per_forward=faults)
-
-
-def page_faults() -> int:
-    """Minor page faults of this process so far: pages of fresh memory touched for the first time (see
-    haltingvt.keep_freed_memory); 0 where the OS does not say (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                ms_by_kind=kinds, top_ops_ms={op: us / 1e3 for op, us in top})
 
 
 def print_profile(p: dict):
@@ -264,7 +250,6 @@ def print_profile(p: dict):
     for kind, ms in p["ms_by_kind"].items():
         print(f"  {kind:<38}{ms:>9.1f} ms {ms / total:>5.0%}")
     print("  top ops: " + ", ".join(f"{op.split('::')[-1]} {ms:.1f}" for op, ms in p["top_ops_ms"].items()))
-    print(f"  page faults per forward (host memory, not timed with the profiler): {p['page_faults_per_forward']:.0f}")
 
 
 # ----------------------------------------------------------------------------------------------------------

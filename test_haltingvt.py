@@ -1387,5 +1387,4 @@ def test_bench_profile_sorts_ops_by_kind(capsys):
     for p in result["profile"]:
         assert p["ms_by_kind"]["matmul (Linear, conv)"] > 0 and p["ms_by_kind"]["attention kernel"] > 0
         assert sum(p["top_ops_ms"].values()) <= sum(p["ms_by_kind"].values()) + 1e-9
-        assert p["page_faults_per_forward"] >= 0
     assert "of op self time per forward" in capsys.readouterr().out
