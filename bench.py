@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from haltingvt import HaltingVT, HaltingVTConfig, keep_freed_memory
+from haltingvt import HaltingVT, HaltingVTConfig
 
 
 @dataclass
@@ -299,11 +299,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the tiny model instead of DeiT-S (for tests)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: PyTorch's, one per core; 1 is steadier on a busy machine)")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's malloc thresholds as they are (to see what keep_freed_memory buys)")
     args = p.parse_args(argv)
-    if not args.default_malloc:
-        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -21,7 +21,6 @@ Axis letters used in shape comments:
     N packed tokens of several samples, L layers, D width, h heads, d = D / h.
 Token order: index 0 is the class token, then frame-major patches: token 1 + t * S + s.
 """
-import ctypes
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -179,27 +178,6 @@ def to_device(ints: list, device: torch.device) -> torch.Tensor:
 def cat(tensors: list, dim: int = 0) -> torch.Tensor:
     """torch.cat that returns a single tensor as it is instead of copying it (one sample, one group)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory of freed CPU tensors for reuse instead of handing it back to the OS.
-
-    By default glibc returns a freed block to the OS once a few such blocks pile up at the top of its heap, so
-    the next layer's activations of several MB are fresh pages again, each 4 KiB page faulted in and zeroed on
-    first touch: a dense DeiT-S forward (1569 tokens) took about 25,000 page faults every time, and a drop-mode
-    forward at batch 8 about 30,000. With both thresholds raised, freed blocks stay in the heap (up to 1 GiB of
-    them) and are reused: no faults after the first forwards. (PyTorch's CPU tuning guide swaps in jemalloc or
-    tcmalloc for the same reason; this needs no extra library.) Process-wide; `bench.py` and `train.py` call it
-    at start-up. Returns False, changing nothing, where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    # setting either switches off glibc's own adjustment of both, so both are set: blocks of up to 32 MiB (glibc's
-    # largest allowed threshold) come from the heap, and the heap only shrinks when 1 GiB at its top is free
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def row_groups(lengths: list, rows: int) -> list:

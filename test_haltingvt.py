@@ -1082,33 +1082,6 @@ def test_gelu_matches_exact_gelu_and_is_in_place_only_without_autograd():
     assert torch.equal(out, expected) and out.data_ptr() == g.data_ptr()
 
 
-FAULTS_SCRIPT = """
-import resource, sys, torch, haltingvt
-kept = sys.argv[1] == "keep" and haltingvt.keep_freed_memory()
-def layer():  # three 8 MiB activations alive at once, then freed, as in a layer of a forward
-    tensors = [torch.ones(2 << 20) for _ in range(3)]
-for _ in range(8):  # settle: the heap grows to its high-water mark
-    layer()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    layer()
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and ru_minflt: Linux only")
-def test_keep_freed_memory_stops_the_page_faults_of_fresh_activations():
-    """Counted, not timed: each fresh 4 KiB page is a minor page fault. By default glibc hands freed blocks back
-    to the OS and the next layer faults them in again; after keep_freed_memory() it reuses them."""
-    def faults(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=120, check=True).stdout.split()
-        return out[0] == "True", int(out[1])
-    default, kept = faults("default"), faults("keep")
-    assert default[1] > 5 * 2048  # at least one 8 MiB tensor's pages a layer: the test can fail
-    assert kept[0] and kept[1] < default[1] / 20
-
-
 def test_bench_row_chunks_do_not_change_outputs():
     """Running Attention and Mlp over small chunks of rows gives what one pass over all rows gives."""
     model, video = diverse_model(batch=4)  # samples keep different token counts

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 import data
 import losses
-from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, keep_freed_memory, load_deit
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_deit
 from losses import haltingvt_loss
 
 log = logging.getLogger("train")
@@ -591,7 +591,6 @@ def summary(m: dict) -> str:
 def main(argv=None) -> dict:
     """Train (or evaluate) as the flags say; returns the last evaluation's metrics."""
     args = parse_args(argv)
-    keep_freed_memory()  # reuse freed CPU memory instead of page-faulting fresh memory every layer
     rank, world, device = setup_distributed(args)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
