@@ -244,6 +244,38 @@ def profile_row(row: Row, base: HaltingVTConfig, video: torch.Tensor, repeats: i
                 ms_by_kind=kinds, top_ops_ms={op: us / 1e3 for op, us in top})
 
 
+def attention_parts(base: HaltingVTConfig, device: torch.device, repeats: int, mm) -> dict:
+    """The dense model's joint attention over all K = 1 + T*S tokens of one video, taken apart: ms of the fused
+    kernel (per layer), and of its three steps unfused, QK^T, softmax and AV, each timed on one block of 256
+    queries (the CPU kernel's own block) and scaled to all K. The softmax's max, exp and sum are work that the
+    FLOP count (QK^T and AV only, NOTES.md) does not see. Each is timed back to back with itself, so its data is
+    as warm in the caches as the fused kernel keeps its tiles."""
+    h, K = base.num_heads, 1 + base.num_frames * (base.img_size // base.patch_size) ** 2
+    d, rows = base.embed_dim // h, min(256, K)
+    qkv = torch.randn(1, K, 3, h, d, device=device)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, h, K, d): strided views, as in the model
+    # the unfused steps on contiguous heads, into preallocated outputs: their best case
+    block, keys_t, values = q[0, :, :rows].contiguous(), k[0].transpose(-2, -1).contiguous(), v[0].contiguous()
+    scores, probs, out = block @ keys_t, torch.empty(h, rows, K, device=device), torch.empty(h, rows, d, device=device)
+    fns = {"kernel": lambda: F.scaled_dot_product_attention(q, k, v),
+           "QK^T": lambda: torch.bmm(block, keys_t, out=scores),  # (h, rows, d) @ (h, d, K)
+           "softmax": lambda: torch.softmax(scores, -1, out=probs),
+           "AV": lambda: torch.bmm(probs, values, out=out),  # (h, rows, K) @ (h, K, d)
+           "matmul": mm}
+    seconds = {name: measure({name: fn}, device, 2, max(repeats, 5))[name] for name, fn in fns.items()}
+    ms = {name: t * 1e3 * (1 if name in ("kernel", "matmul") else K / rows) for name, t in seconds.items()}
+    return dict(tokens=K, gflops=2 * h * K * K * d / 1e9, ms=ms)  # gflops: multiply-adds of QK^T and AV
+
+
+def print_attention_parts(a: dict, matmul_gflops_per_s: float):
+    ms = a["ms"]
+    rate = 2 * a["gflops"] / ms["kernel"] * 1e3
+    print(f"\ndense attention over {a['tokens']} tokens, per layer: kernel {ms['kernel']:.1f} ms ({rate:.0f} GFLOP/s, "
+          f"{rate / matmul_gflops_per_s:.0%} of the matmul); unfused: QK^T {ms['QK^T']:.1f} + softmax "
+          f"{ms['softmax']:.1f} + AV {ms['AV']:.1f} = {ms['QK^T'] + ms['softmax'] + ms['AV']:.1f} ms; at the "
+          f"matmul's rate its FLOPs would take {2 * a['gflops'] / matmul_gflops_per_s * 1e3:.1f} ms")
+
+
 def print_profile(p: dict):
     total = sum(p["ms_by_kind"].values())
     print(f"\n{p['name']} ({p['mode']}), batch {p['batch']}: {total:.1f} ms of op self time per forward")
@@ -319,7 +351,9 @@ def main(argv=None):
             for row in (Row("dense", "dense", glimpser=False), PROFILED):
                 result["profile"].append(profile_row(row, base, video, repeats))
                 print_profile(result["profile"][-1])
-        mm_seconds.append(measure({"matmul": mm}, device, 2, max(repeats, 3))["matmul"])
+        result["attention"] = attention_parts(base, device, repeats, mm)
+        mm_seconds.append(result["attention"]["ms"]["matmul"] / 1e3)
+        print_attention_parts(result["attention"], mm_flops / mm_seconds[-1] / 1e9)
     elif args.train:
         result["train"] = list(train_rows(args.quick, device, warmup, repeats, deit_batch=args.train_batch,
                                          amp=args.amp))

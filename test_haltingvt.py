@@ -1360,4 +1360,8 @@ def test_bench_profile_sorts_ops_by_kind(capsys):
     for p in result["profile"]:
         assert p["ms_by_kind"]["matmul (Linear, conv)"] > 0 and p["ms_by_kind"]["attention kernel"] > 0
         assert sum(p["top_ops_ms"].values()) <= sum(p["ms_by_kind"].values()) + 1e-9
-    assert "of op self time per forward" in capsys.readouterr().out
+    parts = result["attention"]  # the dense model's attention taken apart: tiny has 1 + 8 frames x 16 patches
+    assert parts["tokens"] == 129 and parts["gflops"] == pytest.approx(2 * 129 ** 2 * 64 / 1e9)  # QK^T + AV
+    assert set(parts["ms"]) == {"kernel", "QK^T", "softmax", "AV", "matmul"} and min(parts["ms"].values()) > 0
+    out = capsys.readouterr().out
+    assert "of op self time per forward" in out and "dense attention over 129 tokens" in out
