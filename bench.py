@@ -256,7 +256,8 @@ def attention_parts(base: HaltingVTConfig, device: torch.device, repeats: int, m
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, h, K, d): strided views, as in the model
     # the unfused steps on contiguous heads, into preallocated outputs: their best case
     block, keys_t, values = q[0, :, :rows].contiguous(), k[0].transpose(-2, -1).contiguous(), v[0].contiguous()
-    scores, probs, out = block @ keys_t, torch.empty(h, rows, K, device=device), torch.empty(h, rows, d, device=device)
+    scores = block @ keys_t  # (h, rows, K)
+    probs, out = torch.empty_like(scores), torch.empty(h, rows, d, device=device)
     fns = {"kernel": lambda: F.scaled_dot_product_attention(q, k, v),
            "QK^T": lambda: torch.bmm(block, keys_t, out=scores),  # (h, rows, d) @ (h, d, K)
            "softmax": lambda: torch.softmax(scores, -1, out=probs),
@@ -270,8 +271,8 @@ def attention_parts(base: HaltingVTConfig, device: torch.device, repeats: int, m
 def print_attention_parts(a: dict, matmul_gflops_per_s: float):
     ms = a["ms"]
     rate = 2 * a["gflops"] / ms["kernel"] * 1e3
-    print(f"\ndense attention over {a['tokens']} tokens, per layer: kernel {ms['kernel']:.1f} ms ({rate:.0f} GFLOP/s, "
-          f"{rate / matmul_gflops_per_s:.0%} of the matmul); unfused: QK^T {ms['QK^T']:.1f} + softmax "
+    print(f"\ndense attention over {a['tokens']} tokens, per layer: kernel {ms['kernel']:.1f} ms "
+          f"({rate:.0f} GFLOP/s, {rate / matmul_gflops_per_s:.0%} of the matmul); unfused: QK^T {ms['QK^T']:.1f} + softmax "
           f"{ms['softmax']:.1f} + AV {ms['AV']:.1f} = {ms['QK^T'] + ms['softmax'] + ms['AV']:.1f} ms; at the "
           f"matmul's rate its FLOPs would take {2 * a['gflops'] / matmul_gflops_per_s * 1e3:.1f} ms")
 
@@ -372,8 +373,8 @@ def main(argv=None):
         print(LEGEND)
     result["matmul_gflops_per_s"] = mm_flops / statistics.median(mm_seconds) / 1e9
     print(f"float32 matmul {args.matmul_size}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s (2 FLOPs per "
-          "multiply-add)" + ("" if args.train or args.profile else ", timed in every round with the rows; `of mm` uses its median "
-                             "at the row's batch size"))
+          "multiply-add)" + ("" if args.train or args.profile else
+                             ", timed in every round with the rows; `of mm` uses its median at the row's batch size"))
     if args.json:
         print(json.dumps(result))
     return result
