@@ -272,9 +272,9 @@ def print_attention_parts(a: dict, matmul_gflops_per_s: float):
     ms = a["ms"]
     rate = 2 * a["gflops"] / ms["kernel"] * 1e3
     print(f"\ndense attention over {a['tokens']} tokens, per layer: kernel {ms['kernel']:.1f} ms "
-          f"({rate:.0f} GFLOP/s, {rate / matmul_gflops_per_s:.0%} of the matmul); unfused: QK^T {ms['QK^T']:.1f} + softmax "
-          f"{ms['softmax']:.1f} + AV {ms['AV']:.1f} = {ms['QK^T'] + ms['softmax'] + ms['AV']:.1f} ms; at the "
-          f"matmul's rate its FLOPs would take {2 * a['gflops'] / matmul_gflops_per_s * 1e3:.1f} ms")
+          f"({rate:.0f} GFLOP/s, {rate / matmul_gflops_per_s:.0%} of the matmul); unfused: QK^T {ms['QK^T']:.1f} "
+          f"+ softmax {ms['softmax']:.1f} + AV {ms['AV']:.1f} = {ms['QK^T'] + ms['softmax'] + ms['AV']:.1f} ms; "
+          f"at the matmul's rate its FLOPs would take {2 * a['gflops'] / matmul_gflops_per_s * 1e3:.1f} ms")
 
 
 def print_profile(p: dict):
