@@ -800,9 +800,14 @@ def ablation_rows(args) -> list:
     return rows
 
 
+def table_line(cells) -> str:
+    """One markdown table line."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def table_head(columns) -> list:
     """A markdown table's header and rule lines."""
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return [table_line(columns), "|" + "---|" * len(columns)]
 
 
 def row_cells(row) -> list:
@@ -817,7 +822,7 @@ def ablation_line(row, seed, metrics, wall_s) -> str:
              f"{metrics['val_top1']:.3f}", f"{metrics['val_gflops']:.4f}",
              f"{metrics['val_gflops'] / metrics['dense_gflops']:.2f}", f"{metrics['halt_depth_mean']:.2f}",
              f"{wall_s:.0f}"]
-    return "| " + " | ".join(cells) + " |"
+    return table_line(cells)
 
 
 SUMMARY_COLUMNS = ("setting", "R", "motion loss", "beta", "seeds", "val top-1: mean (min-max)",
@@ -837,7 +842,7 @@ def ablation_summary(results: list) -> list:
         depth = statistics.mean(m["halt_depth_mean"] for m in runs)
         cells = [*row_cells(row), str(len(runs)), f"{statistics.mean(top1):.3f} ({min(top1):.3f}-{max(top1):.3f})",
                  f"{ratio:.2f}", f"{depth:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_line(cells))
     return lines
 
 
