@@ -289,10 +289,11 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     """(samples, class names in label order or None, num_classes) from a list file or a class-folder root.
 
     `classes`: the training set's class names. Class folders are then labelled by name (read_class_folders);
-    a list file's labels stay indices, into `classes`. Without it, class folders are numbered in sorted order,
-    which must then give exactly `num_classes` classes when that is given (a missing folder would shift every
-    later label onto another class). num_classes, when not given, is the number of classes, or the largest
-    label in the list file + 1.
+    a list file's labels stay indices, into `classes`. Without it, class folders are numbered in sorted order.
+    num_classes, when not given, is the number of classes, or the largest label in the list file + 1.
+    Raises ValueError for no videos, multi-label class folders, more classes than num_classes, and class folders
+    without `classes` whose count is not num_classes (a missing folder would shift every later label onto
+    another class).
     """
     source = Path(source)
     if source.is_dir():
