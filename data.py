@@ -244,7 +244,9 @@ def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
     list_file = Path(list_file)
     root = list_file.parent if root is None else Path(root)
     samples = []
-    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+    # utf-8-sig drops the byte-order mark that Windows editors put first (else it joins the first path); text
+    # mode reads "\r\n" line ends as "\n"
+    for lineno, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         try:
             parsed = parse_list_line(line, multi_label)
         except ValueError as err:
@@ -259,34 +261,61 @@ def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
     return samples
 
 
-def read_class_folders(root):
-    """[(path, [label])] and the class names from a `root/<class name>/<video>` layout (names sorted)."""
+def read_class_folders(root, classes=None):
+    """[(path, [label])] and the class names in label order, from a `root/<class name>/<video>` layout.
+
+    Without `classes` the names are the sorted folder names. With `classes` (the training set's names in label
+    order) each folder takes the label of its name: a folder whose name is not in `classes` raises a ValueError
+    naming it; classes without a folder or without videos are fine and are named in a warning.
+    """
     root = Path(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    samples = [(f, [label]) for label, name in enumerate(classes) for f in sorted((root / name).iterdir())
-               if f.suffix.lower() in VIDEO_EXTENSIONS]
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = folders if classes is None else list(classes)
+    label_of = {name: label for label, name in enumerate(classes)}
+    unknown = [name for name in folders if name not in label_of]
+    if unknown:
+        raise ValueError(f"{root}: class folders {unknown} are not among the {len(classes)} training classes "
+                         f"(first ones: {classes[:5]})")
+    samples = [(f, [label]) for label, name in enumerate(classes) if name in folders
+               for f in sorted((root / name).iterdir()) if f.suffix.lower() in VIDEO_EXTENSIONS]
+    seen = {labels[0] for _, labels in samples}
+    empty = [name for label, name in enumerate(classes) if label not in seen]
+    if empty and seen:  # (no video at all is an error of load_samples)
+        logging.warning("%s: no videos of %d of the %d classes: %s", root, len(empty), len(classes), empty[:10])
     return samples, classes
 
 
-def load_samples(source, root=None, multi_label=False, num_classes=None):
-    """(samples, class names or None, num_classes) from a list file or a class-folder root.
+def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None):
+    """(samples, class names in label order or None, num_classes) from a list file or a class-folder root.
 
-    num_classes, when not given, is the number of class folders, or the largest label in the list file + 1.
+    `classes`: the training set's class names. Class folders are then labelled by name (read_class_folders);
+    a list file's labels stay indices, into `classes`. Without it, class folders are numbered in sorted order.
+    num_classes, when not given, is the number of classes, or the largest label in the list file + 1.
+    Raises ValueError for no videos, multi-label class folders, more classes than num_classes, and class folders
+    without `classes` whose count is not num_classes (a missing folder would shift every later label onto
+    another class).
     """
     source = Path(source)
     if source.is_dir():
         if multi_label:
             raise ValueError("class folders give one label per video; use a list file for multi-label")
-        samples, classes = read_class_folders(source)
-        if num_classes is not None and len(classes) > num_classes:
-            raise ValueError(f"{source}: {len(classes)} class folders but num_classes is {num_classes}")
-        num_classes = len(classes) if num_classes is None else num_classes
+        samples, found = read_class_folders(source, classes)
+        if classes is None and num_classes is not None and len(found) != num_classes:
+            raise ValueError(f"{source}: {len(found)} class folders but num_classes is {num_classes}; pass the "
+                             f"training set's class names (classes=...) to label the folders by name")
+        classes = found
     else:
-        samples, classes = read_list_file(source, root, multi_label, num_classes), None
-        if num_classes is None and samples:
-            num_classes = 1 + max(label for _, labels in samples for label in labels)
+        if classes is not None and num_classes is None:
+            num_classes = len(classes)  # every label must name a class
+        samples = read_list_file(source, root, multi_label, num_classes)
+    if classes is not None:
+        num_classes = len(classes) if num_classes is None else num_classes
+        if len(classes) > num_classes:
+            raise ValueError(f"{source}: {len(classes)} classes but num_classes is {num_classes}")
     if not samples:
         raise ValueError(f"no videos found in {source}")
+    if num_classes is None:
+        num_classes = 1 + max(label for _, labels in samples for label in labels)
     return samples, classes, num_classes
 
 
@@ -296,11 +325,15 @@ class VideoDataset(torch.utils.data.Dataset):
     A sample is a dict: "video" float (C, T, H, W), "label" (an int, or a 0/1 float (num_classes,) tensor when
     multi_label), "skipped" (paths of bad videos passed over to build this sample) and, for Motion Loss pairs
     (training by default), "fake" (C, T, H, W). `collate` turns a list of them into a batch.
+    `classes` in label order: from the class folders, or given (the training set's names, so that validation
+    folders are labelled by name: see load_samples); None for a list file alone.
 
-    Bad videos: with on_error="raise" the VideoDecodeError propagates. With "skip" it is logged, the path goes
-    into `self.bad_files` and the next video (index + 1, + 2, ...) is used; if none decodes, RuntimeError.
-    With DataLoader workers each worker holds its own copy of the dataset, so `bad_files` in the main process
-    stays empty: count bad files from the batches' "skipped" lists instead (`collate` concatenates them).
+    Bad videos: with on_error="raise" the VideoDecodeError propagates. With "skip" it is logged once and the
+    path goes into `self.bad_files` (not decoded again). Training then uses the next video (index + 1, + 2, ...;
+    RuntimeError if none decodes). Evaluation leaves the video out, so that no video is counted twice: the
+    sample is {"skipped": [path]} alone. With DataLoader workers each worker holds its own copy of the dataset,
+    so `bad_files` in the main process stays empty: count bad files from the batches' "skipped" lists instead
+    (`collate` concatenates them; every bad video passed over is listed, each time).
 
     Randomness comes from a `random.Random` seeded by (seed, epoch, index), so a sample is the same whatever the
     number of workers; call `set_epoch(epoch)` every epoch (before creating the DataLoader iterator) to get new
@@ -312,10 +345,10 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __init__(self, source, root=None, *, num_frames, img_size, train, short_side=None, scale=None,
                  multi_label=False, num_classes=None, on_error="skip", randaugment=False, seed=0, cache=False,
-                 motion_pairs=None):
+                 motion_pairs=None, classes=None):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        self.samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes)
+        self.samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes, classes)
         if randaugment:
             _rand_augment_class()  # fail now, not in a worker an epoch later
         self.num_frames, self.img_size, self.train = num_frames, img_size, train
@@ -358,20 +391,27 @@ class VideoDataset(torch.utils.data.Dataset):
         target[labels] = 1.0
         return target
 
+    def _decoded(self, path, rng):
+        """uint8 (T, H, W, 3), or None for a bad video (logged the first time, then remembered in bad_files)."""
+        if path in self.bad_files:
+            return None
+        try:
+            return self._clip(path, rng)
+        except VideoDecodeError as err:
+            if self.on_error == "raise":
+                raise
+            logging.warning("skipping a bad video: %s", err)
+            self.bad_files.add(path)
+            return None
+
     def __getitem__(self, index):
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds hash the same in every process
         skipped = []
-        for step in range(len(self.samples)):
+        # training moves on to the next video; evaluation tries this one only, so that none is counted twice
+        for step in range(len(self.samples) if self.train else 1):
             path, labels = self.samples[(index + step) % len(self.samples)]
-            if path in self.bad_files:
-                continue
-            try:
-                clip = self._clip(path, rng)  # (T, H, W, 3)
-            except VideoDecodeError as err:
-                if self.on_error == "raise":
-                    raise
-                logging.warning("skipping a bad video: %s", err)
-                self.bad_files.add(path)
+            clip = self._decoded(path, rng)  # (T, H, W, 3)
+            if clip is None:
                 skipped.append(str(path))
                 continue
             sample = {"label": self._label(labels), "skipped": skipped}
@@ -380,6 +420,8 @@ class VideoDataset(torch.utils.data.Dataset):
             else:
                 sample["video"] = self._transform(clip, rng)  # (C, T, H, W)
             return sample
+        if not self.train:
+            return {"skipped": skipped}  # left out of the evaluation
         raise RuntimeError(f"none of the {len(self.samples)} videos could be decoded; bad files: "
                            f"{sorted(map(str, self.bad_files))[:5]} ...")
 
@@ -390,8 +432,14 @@ def collate(batch):
     Motion Loss pairs (samples with "fake"): "video" (2B, C, T, H, W), the B real clips then their B fakes;
     "label" the action label for both halves, (2B,) or (2B, num_classes) for multi-label; "motion" (2B,) =
     [1]*B + [0]*B. Single clips: "video" (B, C, T, H, W), "label" (B,) or (B, num_classes), "motion" ones (B,).
-    "skipped": the paths of bad videos passed over while building this batch.
+    "skipped": the paths of bad videos passed over while building this batch. Samples left out of an evaluation
+    (no "video") add only their paths to it, so B counts the others; when every sample of the batch was left
+    out, the batch is {"skipped": [...]} alone.
     """
+    skipped = [p for s in batch for p in s["skipped"]]
+    batch = [s for s in batch if "video" in s]
+    if not batch:
+        return {"skipped": skipped}
     videos = [s["video"] for s in batch]
     labels = [s["label"] for s in batch]
     motion = [1] * len(batch)
@@ -401,7 +449,7 @@ def collate(batch):
         motion += [0] * len(batch)
     label = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels)
     return {"video": torch.stack(videos),  # (B or 2B, C, T, H, W)
-            "label": label, "motion": torch.tensor(motion), "skipped": [p for s in batch for p in s["skipped"]]}
+            "label": label, "motion": torch.tensor(motion), "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------------

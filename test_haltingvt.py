@@ -5,6 +5,7 @@ losses and video data, training, the benchmark helpers, pictures and ablations. 
 timings are benchmark figures (bench.py, the sanity run), not tests.
 """
 import json
+import logging
 import math
 import os
 import random
@@ -727,18 +728,72 @@ def test_data_class_folders_sorted_with_spaces(tmp_path, videos):
     assert ds[1]["label"] == 1 and ds[1]["video"].shape == (3, 4, 32, 32)
 
 
-def test_data_on_error_skip_counts_and_raise_raises(tmp_path, videos):
+def test_data_list_file_with_a_bom_and_windows_line_ends(tmp_path, videos):
+    (tmp_path / "clip0.mp4").write_bytes(videos["v5"].read_bytes())
+    text = "clip0.mp4 0\r\nmy clips/b.mp4 2\r\n\r\n"  # as Notepad saves "UTF-8 with BOM"
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    ds = data.VideoDataset(tmp_path / "bom.txt", num_frames=4, img_size=32, train=False, short_side=32)
+    assert ds.samples == [(tmp_path / "clip0.mp4", [0]), (tmp_path / "my clips/b.mp4", [2])]
+    sample = ds[0]
+    assert sample["label"] == 0 and sample["skipped"] == [] and sample["video"].shape == (3, 4, 32, 32)
+    (tmp_path / "multi.txt").write_bytes(b"\xef\xbb\xbfclip 1.mp4 0 3\r\ny.mp4 2\r\n")
+    assert data.read_list_file(tmp_path / "multi.txt", multi_label=True) == [(tmp_path / "clip 1.mp4", [0, 3]),
+                                                                              (tmp_path / "y.mp4", [2])]
+
+
+def _class_folders(root, names, video):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "0.mp4").write_bytes(video.read_bytes())
+    return root
+
+
+def test_data_validation_folders_take_the_training_labels_by_name(tmp_path, videos, caplog):
+    names = ["abseiling", "bowling", "walk the dog"]
+    train_set = data.VideoDataset(_class_folders(tmp_path / "train", names, videos["v5"]), num_frames=4,
+                                  img_size=32, train=True)
+    val_root = _class_folders(tmp_path / "val", ["abseiling", "walk the dog"], videos["v5"])  # no bowling
+    val = data.VideoDataset(val_root, num_frames=4, img_size=32, train=False, short_side=32,
+                            classes=train_set.classes)
+    assert val.classes == names and val.num_classes == 3
+    assert [(p.parent.name, l) for p, l in val.samples] == [("abseiling", [0]), ("walk the dog", [2])]
+    assert val[1]["label"] == 2
+    assert "no videos of 1 of the 3 classes: ['bowling']" in caplog.text
+    # numbered on their own, the folders would shift "walk the dog" onto "bowling": refused
+    with pytest.raises(ValueError, match="2 class folders but num_classes is 3"):
+        data.VideoDataset(val_root, num_frames=4, img_size=32, train=False, num_classes=3)
+    _class_folders(tmp_path / "val", ["curling"], videos["v5"])
+    with pytest.raises(ValueError, match=r"class folders \['curling'\] are not among the 3 training classes"):
+        data.VideoDataset(val_root, num_frames=4, img_size=32, train=False, classes=names)
+    # a list file beside class folders: its labels are indices into the training classes, and must name one
+    listed = data.VideoDataset(_write(tmp_path / "val.txt", "a.mp4 2\n"), num_frames=4, img_size=32,
+                               train=False, classes=names)
+    assert listed.classes == names and listed.samples == [(tmp_path / "a.mp4", [2])]
+    with pytest.raises(ValueError, match="line 1: label 3 is outside"):
+        data.VideoDataset(_write(tmp_path / "bad.txt", "a.mp4 3\n"), num_frames=4, img_size=32, train=False,
+                          classes=names)
+
+
+def test_data_bad_video_skipped_in_training_left_out_in_evaluation(tmp_path, videos, caplog):
     (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
+    bad = str(tmp_path / "bad.mp4")
     lst = _write(tmp_path / "l.txt", f"{videos['v20']} 0\nbad.mp4 1\n{videos['v5']} 2\n")
-    ds = data.VideoDataset(lst, num_frames=4, img_size=32, train=False, short_side=32)
-    sample = ds[1]  # bad.mp4 -> falls back to the next video, deterministically
-    assert sample["label"] == 2 and sample["skipped"] == [str(tmp_path / "bad.mp4")]
-    assert ds.bad_files == {tmp_path / "bad.mp4"}
-    assert ds[1]["skipped"] == []  # a known bad file is not decoded (nor reported) again
-    strict = data.VideoDataset(lst, num_frames=4, img_size=32, train=False, on_error="raise")
+    common = dict(num_frames=4, img_size=32, short_side=32, scale=(32, 32), motion_pairs=False)
+    training = data.VideoDataset(lst, train=True, **common)
+    sample = training[1]  # bad.mp4 -> the next video, deterministically
+    assert sample["label"] == 2 and sample["skipped"] == [bad] and training.bad_files == {tmp_path / "bad.mp4"}
+    assert training[1]["skipped"] == [bad]  # listed again (the epoch's count), not decoded again:
+    assert caplog.text.count("skipping a bad video") == 1
+    evaluation = data.VideoDataset(lst, train=False, **common)
+    assert evaluation[1] == {"skipped": [bad]}  # left out, not replaced by video 2 (which would count twice)
+    assert evaluation[1] == {"skipped": [bad]}
+    batch = data.collate([evaluation[i] for i in range(3)])
+    assert batch["label"].tolist() == [0, 2] and batch["video"].shape[0] == 2 and batch["skipped"] == [bad]
+    assert data.collate([evaluation[1]]) == {"skipped": [bad]}  # a batch of unreadable videos only
+    strict = data.VideoDataset(lst, train=False, on_error="raise", **common)
     with pytest.raises(data.VideoDecodeError, match="bad.mp4"):
         strict[1]
-    all_bad = data.VideoDataset(_write(tmp_path / "b.txt", "bad.mp4 0\n"), num_frames=4, img_size=32, train=False)
+    all_bad = data.VideoDataset(_write(tmp_path / "b.txt", "bad.mp4 0\n"), train=True, **common)
     with pytest.raises(RuntimeError, match="none of the 1 videos"):
         all_bad[0]
 
@@ -1040,6 +1095,118 @@ def test_train_class_folders_and_multi_label(demo, tmp_path):
              "--preset", "demo"]
     metrics = train.main(multi + small_run(demo, tmp_path / "multi", "--epochs", "1"))
     assert 0 < metrics["val_map"] <= 1 and "val_top1" not in metrics and metrics["val_videos"] == 12
+
+
+def test_train_build_data_labels_validation_by_the_training_classes(tmp_path, videos, caplog):
+    caplog.set_level(logging.INFO)
+    _class_folders(tmp_path / "train", ["abseiling", "bowling", "cartwheeling"], videos["v5"])
+    _class_folders(tmp_path / "val", ["abseiling", "cartwheeling"], videos["v5"])
+    args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val")])
+    train_set, val, num_classes = train.build_data(args, rank=0)
+    assert num_classes == 3 and val.classes == train_set.classes
+    assert [(p.parent.name, l) for p, l in val.samples] == [("abseiling", [0]), ("cartwheeling", [2])]
+    assert "['bowling']" in caplog.text
+    # a validation list file beside training folders, or the other way round: by index, and the log says so
+    args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(_write(tmp_path / "v.txt", "a 2\n"))])
+    assert train.build_data(args, rank=0)[1].samples == [(tmp_path / "a", [2])]
+    listed = _write(tmp_path / "t.txt", "train/abseiling/0.mp4 0\ntrain/bowling/0.mp4 1\n")
+    args = train.parse_args(["--train", str(listed), "--val", str(tmp_path / "val")])
+    assert train.build_data(args, rank=0)[1].samples[1][1] == [1]
+    assert caplog.text.count("labels by index") == 2
+
+
+EVAL_CFG = dict(embed_dim=32, depth=4, num_heads=2, num_frames=4, img_size=32)
+
+
+def _eval_set(list_file, multi_label):
+    """A seeded tiny model, and a list file's validation set as train.py builds it: (model, cfg, args, set)."""
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(**EVAL_CFG)
+    args = train.parse_args(["--train", "t.txt", "--val", str(list_file), "--batch-size", "2"] +
+                            (["--multi-label"] if multi_label else []))
+    val = data.VideoDataset(list_file, num_frames=4, img_size=32, train=False, short_side=32, motion_pairs=True,
+                            multi_label=multi_label, num_classes=cfg.num_classes)
+    return HaltingVT(cfg).eval(), cfg, args, val
+
+
+def _evaluate(list_file, multi_label, rank=0, world=1):
+    model, cfg, args, val = _eval_set(list_file, multi_label)
+    loader = train.epoch_loader(val, args, 0, rank, world, train=False)
+    return train.evaluate(model, loader, args, torch.device("cpu"), cfg)
+
+
+@torch.no_grad()
+def _by_hand(list_file, multi_label):
+    """Each readable video through the model on its own: (its logits, label, gflops, N_k, motion correct)."""
+    model, cfg, args, val = _eval_set(list_file, multi_label)
+    rows = []
+    for i in range(len(val)):
+        batch = data.collate([val[i]])
+        if "video" not in batch:
+            continue
+        out = model(batch["video"], drop_halted=True)  # (real, fake)
+        motion = (out.motion_logits.argmax(1) == batch["motion"]).tolist()
+        rows.append((out.logits[0], batch["label"][0], out.gflops[0].item(), out.halt_depth[0], motion))
+    return rows
+
+
+def test_train_evaluate_counts_each_readable_video_once(tmp_path, videos, caplog):
+    for name in ("bad0.mp4", "bad1.mp4"):
+        (tmp_path / name).write_bytes(b"not a video")
+    # batches of 2: both videos of the first batch are unreadable
+    lst = _write(tmp_path / "val.txt", f"bad0.mp4 0\nbad1.mp4 3\n{videos['v20']} 1\n{videos['v5']} 4\n"
+                                       f"{videos['fast20']} 5\n")
+    metrics = _evaluate(lst, multi_label=False)
+    rows = _by_hand(lst, multi_label=False)
+    assert metrics["val_videos"] == len(rows) == 3 and metrics["val_skipped"] == 2
+    assert "2 unreadable videos left out" in caplog.text and "bad1.mp4" in caplog.text
+    top1 = sum(logits.argmax().item() == label for logits, label, *_ in rows) / 3
+    top5 = sum(label in logits.topk(5).indices for logits, label, *_ in rows) / 3
+    depth = torch.cat([d for *_, d, _ in rows]).double()
+    assert metrics["val_top1"] == pytest.approx(top1) and metrics["val_top5"] == pytest.approx(top5)
+    assert metrics["val_gflops"] == pytest.approx(sum(r[2] for r in rows) / 3)
+    assert metrics["halt_depth_mean"] == pytest.approx(depth.mean().item())
+    assert metrics["val_motion_acc"] == pytest.approx(sum(sum(r[4]) for r in rows) / 6)
+    assert 0 < top5  # the figures compared are not all zero
+    nothing = _evaluate(_write(tmp_path / "bad.txt", "bad0.mp4 0\n"), multi_label=False)
+    assert (nothing["val_videos"], nothing["val_skipped"]) == (0, 1) and math.isnan(nothing["val_top1"])
+
+
+def _assert_same_metrics(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        flat_a, flat_b = np.atleast_1d(np.asarray(a[key], float)), np.atleast_1d(np.asarray(b[key], float))
+        np.testing.assert_allclose(flat_a, flat_b, rtol=1e-5, atol=1e-9, err_msg=key)  # nan == nan
+
+
+def _evaluate_in_process(rank, world, init_file, lists, out_dir):
+    """One of `world` processes (torch.multiprocessing.spawn): evaluate each (list file, multi_label)."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = [_evaluate(lst, multi, rank, world) for lst, multi in lists]
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(results))
+
+
+def test_train_evaluate_with_more_processes_than_videos(tmp_path, videos):
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    v20, v5 = videos["v20"], videos["v5"]
+    lists = [(_write(tmp_path / "single.txt", f"{v20} 1\n{v5} 4\n"), False),  # 2 videos: process 2 has none
+             (_write(tmp_path / "multi.txt", f"{v20} 1 3\n{v5} 4 3\n"), True),
+             (_write(tmp_path / "with_bad.txt", f"{v20} 1\nbad.mp4 0\n{v5} 4\n"), False)]  # 1: only bad.mp4
+    alone = [_evaluate(lst, multi) for lst, multi in lists]
+    assert [m["val_videos"] for m in alone] == [2, 2, 2] and [m["val_skipped"] for m in alone] == [0, 0, 1]
+    rows = _by_hand(lists[1][0], multi_label=True)
+    logits, targets = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    assert alone[1]["val_map"] == pytest.approx(train.average_precision(logits, targets))
+    lists = [(str(lst), multi) for lst, multi in lists]
+    torch.multiprocessing.spawn(_evaluate_in_process, args=(3, str(tmp_path / "init"), lists, str(tmp_path)),
+                                nprocs=3)
+    for rank in range(3):
+        for one, three in zip(alone, json.loads((tmp_path / f"{rank}.json").read_text())):
+            _assert_same_metrics(one, three)
 
 
 def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):

@@ -242,10 +242,22 @@ def build_data(args, rank):
                   num_classes=args.num_classes, on_error=args.on_error, seed=args.seed, cache=args.cache,
                   short_side=args.eval_short_side, scale=args.train_scale)
     train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment, **common)
-    # validation: each video's real clip and its static fake, for the motion accuracy
+    # validation: each video's real clip and its static fake, for the motion accuracy; labelled with the
+    # training set's classes (class folders by name)
     common["num_classes"] = train.num_classes
-    val = data.VideoDataset(args.val, train=False, motion_pairs=True, **common)
+    val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train.classes, **common)
+    log_labels_by_index(args, train, val)
     return train, val, train.num_classes
+
+
+def log_labels_by_index(args, train, val):
+    """Say so when one set is a list file and the other class folders: labels then match by index, not name."""
+    if train.classes is None and val.classes is not None:
+        log.warning("labels by index: the training list file %s names no classes, so the class folders of %s "
+                    "are numbered in sorted order (%r is 0)", args.train, args.val, val.classes[0])
+    elif train.classes is not None and not Path(args.val).is_dir():
+        log.info("labels by index: label i of the validation list file %s means the i-th class folder of %s in "
+                 "sorted order (0 is %r)", args.val, args.train, train.classes[0])
 
 
 def model_config(args, num_classes) -> HaltingVTConfig:
@@ -519,55 +531,94 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return torch.stack(aps).mean().item() if aps else float("nan")
 
 
-@torch.no_grad()
-def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
-    """Drop mode (halted tokens leave the computation) on each video's real clip; motion accuracy on the
-    real clips and their static fakes. Sums are reduced across processes; every process gets the result."""
-    model = unwrap(model).eval()
+def eval_counters(cfg: HaltingVTConfig) -> dict:
+    """evaluate's sums, by name: float64 tensors, scalars but for the per-layer ones."""
     L = cfg.depth - cfg.glimpser_depth
-    # sums: videos, top1, top5, motion correct, motion clips, gflops, depth sum, joint tokens, hist (L),
-    # tokens per layer (depth)
-    sums = torch.zeros(8 + L + cfg.depth, dtype=torch.float64)
-    scores, targets = [], []
-    for batch in single_threaded(loader):
-        video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
-        with autocast(args, device):
-            out = model(video, drop_halted=True)
-        B = len(video) // 2  # real clips first, then their fakes (data.collate)
-        logits, label = out.logits[:B].float(), label[:B]
-        if args.multi_label:
-            scores.append(logits.sigmoid().cpu()), targets.append(label.cpu())
-        else:
-            top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
-            sums[1] += (top5[:, 0] == label).sum().item()
-            sums[2] += (top5 == label[:, None]).any(1).sum().item()
-        depth = out.halt_depth[:B]  # (B, K) joint layer 1..L where each token halted
-        sums[0] += B
-        if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
-            sums[3] += (out.motion_logits.argmax(1) == motion).sum().item()
-            sums[4] += len(video)
-        sums[5] += out.gflops[:B].sum().item()
-        sums[6] += depth.sum().item()
-        sums[7] += depth.numel()
-        sums[8:8 + L] += torch.bincount(depth.flatten().cpu() - 1, minlength=L).double()
-        sums[8 + L:] += out.tokens_per_layer[:B].sum(0).cpu().double()
-    sums = all_reduce(sums.to(device)).cpu()
-    n = max(sums[0].item(), 1)
-    motion_acc = sums[3].item() / sums[4].item() if sums[4] else float("nan")  # nan: no motion head
-    metrics = {"val_motion_acc": motion_acc, "val_gflops": sums[5].item() / n,
-               "dense_gflops": dense_gflops(cfg), "halt_depth_mean": sums[6].item() / max(sums[7].item(), 1),
-               "halt_depth_hist": (sums[8:8 + L] / max(sums[7].item(), 1)).tolist(),
-               "tokens_per_layer": (sums[8 + L:] / n).tolist(), "val_videos": int(sums[0].item())}
+    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "depth_sum",
+             "tokens")
+    return {**{name: torch.zeros((), dtype=torch.float64) for name in names},
+            "depth_hist": torch.zeros(L, dtype=torch.float64),  # tokens halted at joint layer 1..L
+            "tokens_per_layer": torch.zeros(cfg.depth, dtype=torch.float64)}
+
+
+def reduce_counters(counters: dict, device) -> dict:
+    """Sum each named counter over the processes, all in one all_reduce; each keeps its shape."""
+    flat = all_reduce(torch.cat([c.reshape(-1) for c in counters.values()]).to(device)).cpu()
+    parts = flat.split([c.numel() for c in counters.values()])
+    return {name: part.view_as(c) for (name, c), part in zip(counters.items(), parts)}
+
+
+def eval_batch(model, batch, args, device, count: dict, scores: list, targets: list):
+    """Add one batch (B real clips, then their B fakes: data.collate) to the counters; for multi-label, its
+    (B, Y) scores and targets to the lists."""
+    video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
+    with autocast(args, device):
+        out = model(video, drop_halted=True)
+    B = len(video) // 2
+    logits, label = out.logits[:B].float(), label[:B]
     if args.multi_label:
-        metrics["val_map"] = average_precision(*gather_scores(scores, targets))
+        # AP depends on the ranking alone: logits rank as the probabilities do, without the ties that sigmoid
+        # makes by rounding confident scores to exactly 1
+        scores.append(logits.cpu()), targets.append(label.float().cpu())
     else:
-        metrics.update(val_top1=sums[1].item() / n, val_top5=sums[2].item() / n)
+        top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
+        count["top1"] += (top5[:, 0] == label).sum().item()
+        count["top5"] += (top5 == label[:, None]).any(1).sum().item()
+    depth = out.halt_depth[:B]  # (B, K) joint layer 1..L where each token halted
+    count["videos"] += B
+    if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
+        count["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
+        count["motion_clips"] += len(video)
+    count["gflops"] += out.gflops[:B].sum().item()
+    count["depth_sum"] += depth.sum().item()
+    count["tokens"] += depth.numel()
+    L = len(count["depth_hist"])
+    count["depth_hist"] += torch.bincount(depth.flatten().cpu() - 1, minlength=L).double()
+    count["tokens_per_layer"] += out.tokens_per_layer[:B].sum(0).cpu().double()
+
+
+def eval_metrics(c: dict, cfg: HaltingVTConfig, multi_label: bool) -> dict:
+    """The metrics from the summed counters: means per readable video (nan when there was none)."""
+    n, tokens = c["videos"].item() or math.nan, c["tokens"].item() or math.nan
+    clips = c["motion_clips"].item() or math.nan  # nan: no motion head
+    metrics = {"val_motion_acc": c["motion_correct"].item() / clips, "val_gflops": c["gflops"].item() / n,
+               "dense_gflops": dense_gflops(cfg), "halt_depth_mean": c["depth_sum"].item() / tokens,
+               "halt_depth_hist": (c["depth_hist"] / tokens).tolist(),
+               "tokens_per_layer": (c["tokens_per_layer"] / n).tolist(),
+               "val_videos": int(c["videos"].item()), "val_skipped": int(c["skipped"].item())}
+    if not multi_label:
+        metrics.update(val_top1=c["top1"].item() / n, val_top5=c["top5"].item() / n)
     return metrics
 
 
-def gather_scores(scores, targets):
-    """All processes' (scores, targets) for mAP, concatenated."""
-    scores, targets = torch.cat(scores), torch.cat(targets)
+@torch.no_grad()
+def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
+    """Drop mode (halted tokens leave the computation) on each video's real clip; motion accuracy on the
+    real clips and their static fakes. Each readable video counts once; an unreadable one is left out, named in
+    a warning and counted in val_skipped. The counters are summed across processes (a process may have no
+    video at all); every process gets the result."""
+    model = unwrap(model).eval()
+    count, scores, targets, skipped = eval_counters(cfg), [], [], []
+    for batch in single_threaded(loader):
+        skipped += batch["skipped"]
+        if "video" in batch:  # else every video of the batch was unreadable
+            eval_batch(model, batch, args, device, count, scores, targets)
+    if skipped:
+        log.warning("evaluation: %d unreadable videos left out: %s", len(skipped), skipped[:5])
+    count["skipped"] += len(skipped)
+    count = reduce_counters(count, device)
+    if count["videos"] == 0:
+        log.warning("evaluation: no readable validation video; the metrics are nan")
+    metrics = eval_metrics(count, cfg, args.multi_label)
+    if args.multi_label:
+        metrics["val_map"] = average_precision(*gather_scores(scores, targets, cfg.num_classes))
+    return metrics
+
+
+def gather_scores(scores: list, targets: list, num_classes: int):
+    """All processes' (scores, targets) for mAP, concatenated: (N, num_classes) each; a process may have none."""
+    empty = torch.zeros(0, num_classes)
+    scores, targets = torch.cat([empty, *scores]), torch.cat([empty, *targets])
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (scores, targets))
@@ -578,8 +629,10 @@ def gather_scores(scores, targets):
 def summary(m: dict) -> str:
     acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else \
         f"val top-1 {m['val_top1']:.3f} (top-5 {m['val_top5']:.3f})"
-    return (f"{acc}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video {m['val_gflops']:.4f} spent vs "
-            f"{m['dense_gflops']:.4f} dense ({m['val_gflops'] / m['dense_gflops']:.2f}x), mean halting depth "
+    skipped = f" ({m['val_skipped']} unreadable, left out)" if m.get("val_skipped") else ""
+    ratio = m["val_gflops"] / m["dense_gflops"]
+    return (f"{acc} on {m['val_videos']} videos{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
+            f"{m['val_gflops']:.4f} spent vs {m['dense_gflops']:.4f} dense ({ratio:.2f}x), mean halting depth "
             f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
             ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
 
