@@ -873,16 +873,22 @@ def test_data_dataset_reproducible_and_cache_identical(videos, tmp_path):
     assert not torch.equal(ds[0]["video"], a["video"])
 
 
-def test_data_randaugment_without_torchvision_says_what_to_install(videos, monkeypatch):
+def hide_torchvision(monkeypatch):
+    """As if torchvision were not installed: importing it raises ImportError."""
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed: import raises
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+
+
+def test_data_randaugment_without_torchvision_says_what_to_install(videos, monkeypatch):
+    hide_torchvision(monkeypatch)
     clip = data.read_clip(videos["v5"], 4)
-    with pytest.raises(ImportError, match="pip install torchvision"):
+    says = r"pip install torchvision.*or pass --no-randaugment"
+    with pytest.raises(ImportError, match=says):
         data.train_transform(clip, 24, (28, 32), random.Random(0), randaugment=True)
     lst = videos["dir"] / "one.txt"
     lst.write_text(f"{videos['v5']} 0\n")
-    with pytest.raises(ImportError, match="pip install torchvision"):
+    with pytest.raises(ImportError, match=says):
         data.VideoDataset(lst, num_frames=4, img_size=24, train=True, randaugment=True)
 
 
@@ -973,6 +979,18 @@ def test_train_demo_preset_is_the_only_difference():
     assert real_args["optimizer"] == "adam" and real_args["lr"] == 1e-5 and real_args["weight_decay"] == 1e-5
     assert real_args["epochs"] == 20 and real_args["warmup_epochs"] == 5 and real_args["clip_grad"] == 40
     assert train.parse_args(["--lr", "0.5"]).lr == 0.5  # a flag beats the preset
+
+
+def test_train_randaugment_on_for_real_data_off_in_the_demo_and_the_flag_wins(demo, monkeypatch):
+    real = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt")]
+    assert train.parse_args(real).randaugment is True and train.parse_args([]).randaugment is False
+    assert train.parse_args(real + ["--no-randaugment"]).randaugment is False
+    assert train.parse_args(["--randaugment"]).randaugment is True
+    hide_torchvision(monkeypatch)
+    with pytest.raises(ImportError, match="--no-randaugment"):  # before any model is built
+        train.build_data(train.parse_args(real), rank=0)
+    train_set, _, _ = train.build_data(train.parse_args(real + ["--no-randaugment"]), rank=0)
+    assert train_set.randaugment is False
 
 
 def test_train_mode_default_follows_amp_and_a_flag_beats_it():
