@@ -13,8 +13,11 @@ Video Recognition"), written to sit beside it. The network, top to bottom:
 Halted tokens really leave the computation here (the authors' release only multiplies them by zero), so time
 falls with the FLOPs. The same math runs two ways (`drop_halted`):
   - drop: halted tokens are removed from the sequence; the samples of a batch are packed back to back with no
-    padding, so every matmul is spent on live tokens only; a sample whose class token halted stops.
+    padding, so every matmul is spent on live tokens only;
   - mask: fixed shapes (B, K, D) with a key mask; halted tokens are frozen and no one attends to them.
+What is computed depends only on the module's mode (HaltingStage): in training every token halts by its own
+scores (Eqs. 3-5; a sample's patch tokens run on after its class token halts, for the ponder loss); in
+evaluation a sample stops when its class token halts. The logits are the same either way.
 
 Axis letters used in shape comments:
     B batch, C channels, T frames, H/W pixels, S patches per frame, K tokens (class token first),
@@ -106,8 +109,8 @@ class HaltingVTOutput:
     logits: torch.Tensor  # (B, num_classes): classifier on the halting-weighted class token, Eq. (6)
     motion_logits: Optional[torch.Tensor]  # (B, 2) real/fake logits (Sec. 3.4), or None without the head
     halt_scores: torch.Tensor  # (L, B, K) h_k^l of the K tokens entering the joint stage; 0 once halted
-    halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3)
-    remainder: torch.Tensor  # (B, K) r_k, Eq. (4)
+    halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3); in evaluation at most the class token's
+    remainder: torch.Tensor  # (B, K) r_k, Eq. (4); for a token stopped with its class token: 1 - its sum
     ponder: torch.Tensor  # (B,) mean over tokens of N_k + r_k, Eq. (5)
     tokens_per_layer: torch.Tensor  # (B, depth) tokens entering each layer as drop mode runs it
     keep_index: Optional[torch.Tensor]  # (B, T, kept) patch indices kept by the Glimpser, or None
@@ -528,7 +531,7 @@ class HaltingStage(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GFLOPs: one multiply-add = one FLOP; patch-embedding conv, every Linear, QK^T and AV (NOTES.md)
+# GFLOPs: one multiply-add = one FLOP; patch-embedding conv, every Linear, QK^T and AV (README, "GFLOPs convention")
 # ----------------------------------------------------------------------------------------------------------
 
 def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ log = logging.getLogger("train")
 # training step measured 5.5x slower on an H200 (DeiT-S, 16 clips; the cause is not yet known).
 TRAIN_MODE, AMP_TRAIN_MODE = "drop", "mask"
 
-# Real-data defaults: the authors' release config (NOTES.md), per process: 16 videos (32 clips) per GPU.
+# Real-data defaults: the authors' release config, per process: 16 videos (32 clips) per GPU.
 REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20,
                      warmup_epochs=5, batch_size=16, clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01, alpha_d=0.0,
                      eval_every=1, log_every=20, cache=False, halting_warmup=0.0,
