@@ -164,8 +164,8 @@ def _rand_augment_class():
     try:
         from torchvision.transforms.v2 import RandAugment
     except ImportError as err:
-        raise ImportError("randaugment=True needs torchvision: pip install torchvision (the build that matches "
-                          "your torch), or train without RandAugment") from err
+        raise ImportError("RandAugment needs torchvision: install it (pip install torchvision, the build that "
+                          "matches your torch), or pass --no-randaugment to train.py") from err
     return RandAugment
 
 

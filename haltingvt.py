@@ -13,8 +13,11 @@ Video Recognition"), written to sit beside it. The network, top to bottom:
 Halted tokens really leave the computation here (the authors' release only multiplies them by zero), so time
 falls with the FLOPs. The same math runs two ways (`drop_halted`):
   - drop: halted tokens are removed from the sequence; the samples of a batch are packed back to back with no
-    padding, so every matmul is spent on live tokens only; a sample whose class token halted stops.
+    padding, so every matmul is spent on live tokens only;
   - mask: fixed shapes (B, K, D) with a key mask; halted tokens are frozen and no one attends to them.
+What is computed depends only on the module's mode (HaltingStage): in training every token halts by its own
+scores (Eqs. 3-5; a sample's patch tokens run on after its class token halts, for the ponder loss); in
+evaluation a sample stops when its class token halts. The logits are the same either way.
 
 Axis letters used in shape comments:
     B batch, C channels, T frames, H/W pixels, S patches per frame, K tokens (class token first),
@@ -106,8 +109,8 @@ class HaltingVTOutput:
     logits: torch.Tensor  # (B, num_classes): classifier on the halting-weighted class token, Eq. (6)
     motion_logits: Optional[torch.Tensor]  # (B, 2) real/fake logits (Sec. 3.4), or None without the head
     halt_scores: torch.Tensor  # (L, B, K) h_k^l of the K tokens entering the joint stage; 0 once halted
-    halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3)
-    remainder: torch.Tensor  # (B, K) r_k, Eq. (4)
+    halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3); in evaluation at most the class token's
+    remainder: torch.Tensor  # (B, K) r_k, Eq. (4); for a token stopped with its class token: 1 - its sum
     ponder: torch.Tensor  # (B,) mean over tokens of N_k + r_k, Eq. (5)
     tokens_per_layer: torch.Tensor  # (B, depth) tokens entering each layer as drop mode runs it
     keep_index: Optional[torch.Tensor]  # (B, T, kept) patch indices kept by the Glimpser, or None
@@ -339,9 +342,14 @@ class DividedBlock(Block):
         self.temporal_attn = Attention(dim, num_heads)
         self.temporal_fc = nn.Linear(dim, dim)
 
-    def forward(self, x, num_frames: int, *, cls_row: bool):
-        """x (B, 1+T*S, D) -> x (B, 1+T*S, D) and the class token's spatial attention (B, T, S), or None when
-        `cls_row` is False (the Glimpser needs it from its last layer only)."""
+    def forward(self, x, num_frames: int):
+        """x (B, 1+T*S, D) -> (B, 1+T*S, D): attention, then the MLP."""
+        return self.feed_forward(self.attend(x, num_frames, cls_row=False)[0])
+
+    def attend(self, x, num_frames: int, *, cls_row: bool):
+        """The two attentions with their residuals: x (B, 1+T*S, D) -> x (B, 1+T*S, D) and the class token's
+        spatial attention (B, T, S), or None when `cls_row` is False (the Glimpser prunes by it, in its last
+        layer only)."""
         B, K, D = x.shape
         T, S = num_frames, (K - 1) // num_frames
         cls, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, T*S, D)
@@ -357,9 +365,11 @@ class DividedBlock(Block):
         xs = xs.view(B, T, 1 + S, D)
         res = torch.cat([xs[:, :, 0].mean(1, keepdim=True), xs[:, :, 1:].reshape(B, T * S, D)], 1)
         x = torch.cat([cls, patches], 1) + self.drop_path(res)  # (B, 1+T*S, D)
-        # 3) MLP
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, None if row is None else row[:, 1:].reshape(B, T, S)
+
+    def feed_forward(self, x):
+        """The MLP with its residual, on whatever tokens are left: (B, K, D) -> (B, K, D)."""
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,7 +395,13 @@ def gather_patches(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class Glimpser(nn.Module):
-    """Divided space-time layers; after the last, each frame keeps its top ceil(R * S) patches (Eq. 7)."""
+    """Divided space-time layers; in the last, each frame keeps its top ceil(R * S) patches (Eq. 7).
+
+    As in the authors' release, the pruning sits inside the last layer: after its spatial attention (whose
+    class-token row scores the patches) and before its MLP, which then runs on the kept tokens only. The class
+    token keeps its residual there as in every layer (the release drops it in that one layer only, which reads
+    as a slip: the class token would restart from its attention output).
+    """
 
     def __init__(self, blocks: list, keep_ratio: float):
         super().__init__()
@@ -394,11 +410,12 @@ class Glimpser(nn.Module):
 
     def forward(self, x, num_frames: int):
         """x (B, 1+T*S, D) -> x (B, 1+T*k, D), keep_index (B, T, k) with k = ceil(R * S)."""
-        for i, blk in enumerate(self.blocks):
-            x, cls_attn = blk(x, num_frames, cls_row=i == len(self.blocks) - 1)  # cls_attn (B, T, S): last layer
-        S = cls_attn.shape[-1]
-        index = top_k_per_frame(cls_attn, math.ceil(self.keep_ratio * S))
-        return gather_patches(x, index), index
+        *layers, last = self.blocks
+        for blk in layers:
+            x = blk(x, num_frames)  # (B, 1+T*S, D)
+        x, cls_attn = last.attend(x, num_frames, cls_row=True)  # (B, 1+T*S, D), (B, T, S)
+        index = top_k_per_frame(cls_attn, math.ceil(self.keep_ratio * cls_attn.shape[-1]))  # (B, T, k)
+        return last.feed_forward(gather_patches(x, index)), index  # the MLP on 1 + T*k tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,6 +424,15 @@ class Glimpser(nn.Module):
 
 class HaltingStage(nn.Module):
     """Joint space-time layers where every token, the class token included, halts on its own (Eqs. 2-4).
+
+    What happens to a sample's other tokens once its class token halts depends on the module's mode, never on
+    how halted tokens are executed (mask or drop), so both execution modes give the same numbers:
+      - training: every token runs on until it halts by its own scores, so its N_k and r_k are exactly those of
+        Eqs. (3) and (4) and enter the ponder loss (Eq. 5), as in the authors' release; the logits no longer
+        change, since x_o (Eq. 6) takes the class token only up to its halting layer;
+      - evaluation: the sample stops when its class token halts (that is where inference saves time); a token
+        still running then gets the class token's depth and the remainder left of its budget, 1 - its sum so far.
+    The logits are the same either way; depths, remainders and token counts report what ran.
 
     Returns a dict: x_o (B, D) the halting-weighted class token (Eq. 6); halt_scores (L, B, K); depth (B, K);
     remainder (B, K); tokens (B, L) tokens entering each layer as drop mode runs it.
@@ -438,16 +464,18 @@ class HaltingStage(nn.Module):
         remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
         scores, tokens = [], []
         for l, blk in enumerate(self.blocks):
-            tokens.append(active.sum(1) * active[:, 0])  # drop mode stops a sample with its class token
+            tokens.append(active.sum(1))
             x = torch.where(active.unsqueeze(-1), blk(x, key_mask=active), x)  # halted tokens stay frozen
             # 1) halting score, 0 for tokens that already halted
             h = self.scores(x, l) * active
             # 2) accumulate; 3) the tokens whose sum reaches 1 - eps halt here, with their remainder
             stop = active & (total + h >= 1 - self.eps)  # Eq. (3)
+            if not self.training:  # evaluation: the sample is done when its class token halts
+                stop = stop | (active & stop[:, :1])
             r = 1 - total  # Eq. (4)
             depth = torch.where(stop, l + 1, depth)
             remainder = torch.where(stop, r, remainder)
-            x_o = x_o + torch.where(stop[:, :1], r[:, :1], h[:, :1]) * x[:, 0]  # Eq. (6)
+            x_o = x_o + torch.where(stop[:, :1], r[:, :1], h[:, :1]) * x[:, 0]  # Eq. (6); h is 0 once halted
             # 4) halted tokens take no part in later layers
             total, active = total + h, active & ~stop
             scores.append(h)
@@ -456,8 +484,8 @@ class HaltingStage(nn.Module):
 
     def forward_dropped(self, x):
         """Halted tokens leave the sequence. The samples' live tokens are packed back to back in one (N, D)
-        tensor (each sample's class token first), so no FLOP goes to padding; a sample whose class token has
-        halted leaves the batch, its other tokens stopping with it.
+        tensor (each sample's class token first while it runs), so no FLOP goes to padding; a sample leaves the
+        batch when its last token halts (in evaluation: when its class token does).
 
         The bookkeeping stays on the device and reads nothing back but the per-sample token counts, once per
         layer (the attention needs them as Python ints): on a GPU each read-back stalls the queue, and a boolean
@@ -477,17 +505,18 @@ class HaltingStage(nn.Module):
             # 1) halting score; 2) accumulate; 3) halt where the sum reaches 1 - eps (Eq. 3), with remainder
             h = self.scores(x, l)
             stop = total + h >= 1 - self.eps
-            first = (counts.cumsum(0) - counts).clamp(max=len(x) - 1)  # (B,) row of each class token
-            running = counts > 0  # (B,) samples still in the batch (for the others `first` is any row)
-            stop = stop | (running & stop[first])[sample]  # a sample's tokens stop with its class token
+            first = (counts.cumsum(0) - counts).clamp(max=len(x) - 1)  # (B,) first row of each sample
+            cls = (counts > 0) & (token[first] == 0)  # (B,) the class token still runs (then it is that row)
+            if not self.training:  # evaluation: a sample's tokens stop with its class token
+                stop = stop | (cls & stop[first])[sample]
             r = 1 - total  # Eq. (4); for tokens stopped by their class token: what is left of their budget
             at = (sample, token)
             scores = scores.index_put((torch.full_like(token, l), *at), h)
             depth = depth.index_put(at, torch.where(stop, l + 1, depth[at]))
             remainder = remainder.index_put(at, torch.where(stop, r, remainder[at]))
-            w = torch.where(running, torch.where(stop, r, h)[first], 0)  # (B,) class token weights
+            w = torch.where(cls, torch.where(stop, r, h)[first], 0)  # (B,) class token weights
             x_o = x_o + w.unsqueeze(-1) * x[first]  # Eq. (6)
-            # 4) drop the halted tokens (and every token of a sample that is done)
+            # 4) drop the halted tokens
             keep, total = ~stop, total + h
             counts = torch.zeros_like(counts).index_add_(0, sample, keep.long())  # (B,)
             lengths = [n for n in counts.tolist() if n]  # the one read-back of the layer
@@ -502,7 +531,7 @@ class HaltingStage(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GFLOPs: one multiply-add = one FLOP; patch-embedding conv, every Linear, QK^T and AV (NOTES.md)
+# GFLOPs: one multiply-add = one FLOP; patch-embedding conv, every Linear, QK^T and AV (README, "GFLOPs convention")
 # ----------------------------------------------------------------------------------------------------------
 
 def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
@@ -510,19 +539,21 @@ def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
     return n * (4 * dim * dim + 2 * dim * hidden) + 2 * n * n * dim
 
 
-def divided_layer_macs(T: int, S: int, dim: int, hidden: int, *, cls_row: bool) -> int:
+def divided_layer_macs(T: int, S: int, dim: int, hidden: int, keep: Optional[int] = None) -> int:
     """A divided layer: temporal attention (+ temporal_fc) over T*S patches, spatial attention over T frames of
-    1+S tokens (+ the class token's attention row in the Glimpser's last layer), the MLP over 1+T*S tokens."""
+    1+S tokens, the MLP over 1+T*S tokens. With `keep` (the Glimpser's last layer): plus the class token's
+    attention row, and the MLP over the 1+T*keep tokens kept."""
     temporal = T * S * 5 * dim * dim + S * 2 * T * T * dim
-    spatial = T * (1 + S) * 4 * dim * dim + T * 2 * (1 + S) ** 2 * dim + (T * (1 + S) * dim if cls_row else 0)
-    return temporal + spatial + (1 + T * S) * 2 * dim * hidden
+    spatial = T * (1 + S) * 4 * dim * dim + T * 2 * (1 + S) ** 2 * dim + (T * (1 + S) * dim if keep else 0)
+    return temporal + spatial + (1 + T * (keep or S)) * 2 * dim * hidden
 
 
 def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S: int) -> torch.Tensor:
     """GFLOPs each sample spends, from the tokens entering each layer: (B, depth) -> (B,)."""
     D, hidden, g = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.glimpser_depth
     macs = T * S * cfg.in_chans * cfg.patch_size ** 2 * D  # patch embedding
-    macs += sum(divided_layer_macs(T, S, D, hidden, cls_row=i == g - 1) for i in range(g))
+    keep = math.ceil(cfg.keep_ratio * S)  # patches per frame the Glimpser keeps (Eq. 7)
+    macs += sum(divided_layer_macs(T, S, D, hidden, keep if i == g - 1 else None) for i in range(g))
     macs = macs + joint_layer_macs(tokens_per_layer[:, g:].double(), D, hidden).sum(1)
     macs = macs + D * (cfg.num_classes + (2 if cfg.motion_head else 0))  # the heads
     return (macs / 1e9).float()

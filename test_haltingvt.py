@@ -67,13 +67,15 @@ def diverse_model(beta=0.0, batch=6, **overrides):
     Random weights barely move channel 0 (the halting channel); scaling the joint layers' output projections on
     that channel lets the halting score follow the input. Whether a given seed's draw is diverse enough depends on
     torch's random streams, which change between versions (seed 0 is on torch 2.13, not on 2.11), so this takes
-    the first seed whose draw is: class tokens halting at two or more layers, and patch tokens halting at three
-    or more, some before their class token.
+    the first seed whose draw is, with every token halting on its own scores (training mode): class tokens
+    halting at two or more layers, and patch tokens halting at three or more, some before their class token and
+    some after. The model is returned in evaluation mode; with drop_path 0 training mode differs only in the
+    halting (HaltingStage).
     """
     for seed in range(20):
         torch.manual_seed(seed)
         cfg = HaltingVTConfig.tiny(beta=beta, gamma=5.0, drop_path=0.0, **overrides)
-        model = HaltingVT(cfg).eval()
+        model = HaltingVT(cfg).train()
         with torch.no_grad():
             model.cls_token[0, 0, 0] = 0.0
             for blk in model.joint.blocks:
@@ -82,8 +84,9 @@ def diverse_model(beta=0.0, batch=6, **overrides):
             video = torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
             video = video * torch.linspace(0.2, 3.0, batch).view(batch, 1, 1, 1, 1)
             depth = model(video, drop_halted=False).halt_depth  # (batch, K)
-        if len(depth[:, 0].unique()) > 1 and len(depth.unique()) >= 3 and (depth[:, 1:] < depth[:, :1]).any():
-            return model, video
+        patch, cls = depth[:, 1:], depth[:, :1]
+        if len(cls.unique()) > 1 and len(depth.unique()) >= 3 and (patch < cls).any() and (patch > cls).any():
+            return model.eval(), video
     raise AssertionError("no seed in 0..19 gives a model whose halting depends on the input")
 
 
@@ -118,6 +121,7 @@ def test_halting_weights_edge_cases(scores, eps, depth):
 
 def test_model_halting_invariants_and_loop_agrees_with_halting_weights():
     model, video = diverse_model()
+    model.train()  # every token halts on its own scores (Eqs. 3, 4)
     with torch.no_grad():
         out = model(video, drop_halted=False)
     L = len(model.joint.blocks)
@@ -207,10 +211,14 @@ def test_glimpser_keeps_top_k_by_class_token_attention():
         return out, row
 
     attn.forward_with_cls_row = spy
+    mlp_tokens = []  # tokens each Glimpser layer's MLP runs on
+    for blk in model.glimpser.blocks:
+        blk.mlp.register_forward_hook(lambda module, args, out: mlp_tokens.append(args[0].shape[1]))
     video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
     with torch.no_grad():
         out = model(video)
     kept = math.ceil(0.3 * S)
+    assert mlp_tokens == [1 + cfg.num_frames * S, 1 + cfg.num_frames * kept]  # the last prunes before its MLP
     assert out.keep_index.shape == (2, cfg.num_frames, kept)
     row = seen["row"][:, 1:].view(2, cfg.num_frames, S)
     ref = row.argsort(-1, descending=True)[..., :kept].sort(-1).values
@@ -232,39 +240,110 @@ def test_keep_ratio_one_keeps_every_token():
 # Mask and drop modes
 # ----------------------------------------------------------------------------------------------------------
 
+def identity_stage(L, dim=8):
+    """A joint stage of L layers that leave x unchanged (zero output projections), with gamma 1 and beta 0, so a
+    token whose channel 0 holds logit(p) scores p in every layer (Eq. 2)."""
+    blocks = [haltingvt.Block(dim, 2, 2.0, 0.0) for _ in range(L)]
+    with torch.no_grad():
+        for blk in blocks:
+            for layer in (blk.attn.proj, blk.mlp.fc2):
+                layer.weight.zero_(), layer.bias.zero_()
+    return haltingvt.HaltingStage(blocks, gamma=1.0, beta=0.0, eps=0.01, halting=True)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_halting_by_hand_a_class_token_that_halts_first(drop):
+    """4 joint layers, one sample of 3 tokens: the class token scores 1.0 at joint layer 1, each patch 0.1 per
+    layer (the last layer forces 1). Training, Eqs. (3)-(5): N = [1, 4, 4], r = [1, 1 - 0.3, 1 - 0.3], ponder
+    (2 + 4.7 + 4.7) / 3 = 3.8. Evaluation stops the sample with its class token: N = [1, 1, 1], r = [1, 1, 1]."""
+    stage = identity_stage(4)
+    x = torch.zeros(1, 3, 8)
+    x[0, 0, 0] = 50.0  # sigmoid(50) is 1.0 in float32
+    x[0, 1:, 0] = math.log(0.1 / 0.9)  # sigmoid: 0.1
+    with torch.no_grad():
+        out = stage.train()(x, drop)
+    assert out["depth"].tolist() == [[1, 4, 4]]
+    assert out["remainder"][0].tolist() == pytest.approx([1.0, 0.7, 0.7], abs=1e-6)
+    assert (out["depth"] + out["remainder"]).mean().item() == pytest.approx(3.8, abs=1e-6)  # Eq. (5)
+    assert out["tokens"].tolist() == [[3, 2, 2, 2]]  # the patches ran on
+    assert torch.allclose(out["x_o"], x[:, 0])  # Eq. (6): all of x_o comes from joint layer 1
+    with torch.no_grad():
+        out = stage.eval()(x, drop)
+    assert out["depth"].tolist() == [[1, 1, 1]] and out["remainder"].tolist() == [[1.0, 1.0, 1.0]]
+    assert out["tokens"].tolist() == [[3, 0, 0, 0]] and torch.allclose(out["x_o"], x[:, 0])
+
+
 def test_mask_and_drop_modes_agree_and_batches_are_independent():
     model, video = diverse_model()
     with torch.no_grad():
         masked = model(video, drop_halted=False)
         dropped = model(video, drop_halted=True)
         alone = [model(video[i:i + 1], drop_halted=True) for i in range(len(video))]
-    for name in ("logits", "motion_logits", "gflops"):
+    for name in ("logits", "motion_logits", "gflops", "remainder", "ponder"):
         a, b = getattr(masked, name), getattr(dropped, name)
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
         c = torch.cat([getattr(o, name) for o in alone])
         assert torch.allclose(c, b, rtol=1e-5, atol=1e-6), name
     assert torch.equal(masked.tokens_per_layer, dropped.tokens_per_layer)
-    by_cls = masked.halt_depth <= masked.halt_depth[:, :1]  # halted no later than the class token
-    assert torch.equal(masked.halt_depth[by_cls], dropped.halt_depth[by_cls])
-    assert torch.allclose(masked.remainder[by_cls], dropped.remainder[by_cls], atol=1e-6)
-    # in drop mode the tokens still running when the class token halts stop with it
-    late = ~by_cls
-    assert late.any()
-    assert torch.equal(dropped.halt_depth[late], dropped.halt_depth[:, :1].expand_as(late)[late])
+    assert torch.equal(masked.halt_depth, dropped.halt_depth)
     assert (masked.gflops < dense_gflops(model.cfg)).all()
 
 
-def test_drop_mode_gradients_match_mask_mode():
+@pytest.mark.parametrize("drop", [False, True])
+def test_evaluation_stops_a_sample_with_its_class_token(drop):
+    """In evaluation a token still running when its class token halts stops there: its depth is the class
+    token's, its remainder what is left of its budget then; every other token is as in training. The logits
+    do not change."""
     model, video = diverse_model()
-    video = video[:3]
-    grads = []
+    with torch.no_grad():
+        ran = model(video, drop_halted=drop)
+        own = model.train()(video, drop_halted=drop)
+    cls = own.halt_depth[:, :1]  # (B, 1)
+    late = own.halt_depth > cls
+    assert late.any()
+    layer = torch.arange(1, own.halt_scores.shape[0] + 1).view(-1, 1, 1)
+    left = 1 - (own.halt_scores * (layer < cls)).sum(0)  # (B, K) 1 - sum of scores before the class token's layer
+    assert torch.equal(ran.halt_depth, torch.minimum(own.halt_depth, cls))
+    assert torch.allclose(ran.remainder, torch.where(late, left, own.remainder), atol=1e-6)
+    assert torch.allclose(ran.logits, own.logits, rtol=1e-5, atol=1e-6)
+    assert (ran.tokens_per_layer <= own.tokens_per_layer).all() and (ran.gflops < own.gflops).any()
+
+
+def both_modes(model, video):
+    """Mask then drop mode on the same model: their outputs and the gradients of logits + ponder + motion logits
+    with respect to every parameter, flattened."""
+    outs, grads = [], []
     for drop in (False, True):
         model.zero_grad()
         out = model(video, drop_halted=drop)
-        out.logits.square().sum().backward()
+        (out.logits.square().sum() + out.ponder.sum() + out.motion_logits.square().sum()).backward()
+        outs.append(out)
         grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                                 for p in model.parameters()]))
+    return outs, grads
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mask_and_drop_modes_agree_on_halting_and_gradients(training):
+    """With class tokens halting before some of their patch tokens, mask and drop mode give the same depths,
+    remainders, ponder and gradients of logits + ponder + motion logits. In training each mode's depths and
+    remainders are also the per-token loop's (Eqs. 3, 4) on that mode's own recorded scores."""
+    model, video = diverse_model()
+    model.train(training)
+    (masked, dropped), grads = both_modes(model, video[:3])
+    assert torch.equal(masked.halt_depth, dropped.halt_depth)
+    assert torch.equal(masked.tokens_per_layer, dropped.tokens_per_layer)
+    for name in ("remainder", "ponder", "logits", "gflops"):
+        assert torch.allclose(getattr(masked, name), getattr(dropped, name), rtol=1e-5, atol=1e-6), name
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    if not training:
+        return
+    assert (masked.halt_depth[:, 1:] > masked.halt_depth[:, :1]).any()  # the case this is about
+    for out in (masked, dropped):
+        h = out.halt_scores.detach()  # (L, B, K)
+        for b, k in np.ndindex(*out.halt_depth.shape):
+            _, n, r = slow_halting(h[:, b, k].tolist(), model.cfg.eps)
+            assert out.halt_depth[b, k].item() == n and out.remainder[b, k].item() == pytest.approx(r, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,12 +385,15 @@ def test_ponder_gradient_reaches_halting_scores_through_remainders():
 # GFLOPs
 # ----------------------------------------------------------------------------------------------------------
 
-def test_gflops_paper_scale_figures():
-    assert dense_gflops(HaltingVTConfig.deit_small()) == pytest.approx(56.5, abs=0.1)
-    cfg = HaltingVTConfig.deit_small(halting=False)
+@pytest.mark.parametrize("keep_ratio, gflops", [(0.3, 17.63), (0.5, 26.53), (0.7, 37.21)])
+def test_gflops_paper_scale_figures(keep_ratio, gflops):
+    """DeiT-S at 8x224^2 without halting: the Glimpser's last MLP and the 10 joint layers run on 1 + 8 ceil(R S)
+    tokens. The dense Joint VT spends 56.47."""
+    assert dense_gflops(HaltingVTConfig.deit_small()) == pytest.approx(56.47, rel=5e-3)
+    cfg = HaltingVTConfig.deit_small(halting=False, keep_ratio=keep_ratio)
     S, T = 196, 8
-    tokens = torch.tensor([[1 + T * S] * 2 + [1 + T * 98] * 10])
-    assert count_gflops(cfg, tokens, T, S).item() == pytest.approx(27.5, abs=0.1)
+    tokens = torch.tensor([[1 + T * S] * 2 + [1 + T * math.ceil(keep_ratio * S)] * 10])
+    assert count_gflops(cfg, tokens, T, S).item() == pytest.approx(gflops, rel=5e-3)
 
 
 def test_gflops_match_flop_counter_on_a_drop_mode_forward():
@@ -846,16 +928,22 @@ def test_data_dataset_reproducible_and_cache_identical(videos, tmp_path):
     assert not torch.equal(ds[0]["video"], a["video"])
 
 
-def test_data_randaugment_without_torchvision_says_what_to_install(videos, monkeypatch):
+def hide_torchvision(monkeypatch):
+    """As if torchvision were not installed: importing it raises ImportError."""
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed: import raises
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+
+
+def test_data_randaugment_without_torchvision_says_what_to_install(videos, monkeypatch):
+    hide_torchvision(monkeypatch)
     clip = data.read_clip(videos["v5"], 4)
-    with pytest.raises(ImportError, match="pip install torchvision"):
+    says = r"pip install torchvision.*or pass --no-randaugment"
+    with pytest.raises(ImportError, match=says):
         data.train_transform(clip, 24, (28, 32), random.Random(0), randaugment=True)
     lst = videos["dir"] / "one.txt"
     lst.write_text(f"{videos['v5']} 0\n")
-    with pytest.raises(ImportError, match="pip install torchvision"):
+    with pytest.raises(ImportError, match=says):
         data.VideoDataset(lst, num_frames=4, img_size=24, train=True, randaugment=True)
 
 
@@ -946,6 +1034,18 @@ def test_train_demo_preset_is_the_only_difference():
     assert real_args["optimizer"] == "adam" and real_args["lr"] == 1e-5 and real_args["weight_decay"] == 1e-5
     assert real_args["epochs"] == 20 and real_args["warmup_epochs"] == 5 and real_args["clip_grad"] == 40
     assert train.parse_args(["--lr", "0.5"]).lr == 0.5  # a flag beats the preset
+
+
+def test_train_randaugment_on_for_real_data_off_in_the_demo_and_the_flag_wins(demo, monkeypatch):
+    real = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt")]
+    assert train.parse_args(real).randaugment is True and train.parse_args([]).randaugment is False
+    assert train.parse_args(real + ["--no-randaugment"]).randaugment is False
+    assert train.parse_args(["--randaugment"]).randaugment is True
+    hide_torchvision(monkeypatch)
+    with pytest.raises(ImportError, match="--no-randaugment"):  # before any model is built
+        train.build_data(train.parse_args(real), rank=0)
+    train_set, _, _ = train.build_data(train.parse_args(real + ["--no-randaugment"]), rank=0)
+    assert train_set.randaugment is False
 
 
 def test_train_mode_default_follows_amp_and_a_flag_beats_it():
