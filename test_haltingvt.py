@@ -1201,16 +1201,17 @@ def test_train_build_data_labels_validation_by_the_training_classes(tmp_path, vi
     caplog.set_level(logging.INFO)
     _class_folders(tmp_path / "train", ["abseiling", "bowling", "cartwheeling"], videos["v5"])
     _class_folders(tmp_path / "val", ["abseiling", "cartwheeling"], videos["v5"])
-    args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val")])
+    args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--no-randaugment"])
     train_set, val, num_classes = train.build_data(args, rank=0)
     assert num_classes == 3 and val.classes == train_set.classes
     assert [(p.parent.name, l) for p, l in val.samples] == [("abseiling", [0]), ("cartwheeling", [2])]
     assert "['bowling']" in caplog.text
     # a validation list file beside training folders, or the other way round: by index, and the log says so
-    args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(_write(tmp_path / "v.txt", "a 2\n"))])
+    args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(_write(tmp_path / "v.txt", "a 2\n")),
+                              "--no-randaugment"])
     assert train.build_data(args, rank=0)[1].samples == [(tmp_path / "a", [2])]
     listed = _write(tmp_path / "t.txt", "train/abseiling/0.mp4 0\ntrain/bowling/0.mp4 1\n")
-    args = train.parse_args(["--train", str(listed), "--val", str(tmp_path / "val")])
+    args = train.parse_args(["--train", str(listed), "--val", str(tmp_path / "val"), "--no-randaugment"])
     assert train.build_data(args, rank=0)[1].samples[1][1] == [1]
     assert caplog.text.count("labels by index") == 2
 
