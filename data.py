@@ -26,7 +26,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from av.video.reformatter import VideoReformatter
+from av.video.reformatter import Interpolation, VideoReformatter
 
 # The release maps pixels to [-1, 1] with mean = std = 127.5 for every channel, although DeiT itself was trained
 # with ImageNet's per-channel mean/std. The one place these constants live.
@@ -155,20 +155,35 @@ class _SeekMissed(Exception):
     """A seek landed where the index does not say, or the stream ended before a wanted frame: read sequentially."""
 
 
-def _from_keyframe(container, stream, packets, keys, pos, landed):
-    """Seek to the keyframe at decode-order position `pos`; yield (position, packet) from there to the end, the
-    position None for the flush packets that drain the decoder. `keys` maps a keyframe's pts to its position;
-    `landed[pos]` records where the seek really landed."""
-    container.seek(packets[pos].pts, stream=stream, backward=True)  # mp4 and mkv land exactly on it by pts
-    at = None
-    for packet in container.demux(stream):
-        if packet.size > 0 and at is None:  # where did we land? an earlier keyframe is fine, just longer
-            at = keys.get(packet.pts) if packet.is_keyframe else None
-            if at is None or at > pos:
-                raise _SeekMissed(f"seek for packet {pos} landed on pts {packet.pts}")
-            landed[pos] = at
+def _seek(container, stream, packets, keys, pos, later):
+    """Seek to the keyframe at decode-order position `pos`: (the position it landed on, its first packet, the
+    demux iterator for the rest). `keys` maps a keyframe's pts to its position.
+
+    Asked for a keyframe's own timestamp, some files (with an edit list, as a cut made by stream copy has) land
+    one keyframe early, so the timestamps `later` (of the next packets shown) are tried too; when none lands on
+    it exactly, the first landing, on an earlier keyframe, is taken: the same frames come out, only later.
+    """
+    tries = [packets[pos].pts, *later]
+    for ts in tries + tries[:1]:
+        container.seek(ts, stream=stream, backward=True)
+        demuxed = container.demux(stream)
+        first = next(demuxed, None)
+        at = keys.get(first.pts) if first is not None and first.size > 0 and first.is_keyframe else None
+        if at == pos:
+            break
+    if at is None or at > pos:
+        raise _SeekMissed(f"a seek for packet {pos} landed elsewhere")
+    return at, first, demuxed
+
+
+def _from_keyframe(container, stream, packets, keys, pos, later):
+    """Seek to the keyframe at decode-order position `pos` (see `_seek`) and yield (position, packet) from there to
+    the end, the position None for the flush packets that drain the decoder."""
+    at, first, demuxed = _seek(container, stream, packets, keys, pos, later)
+    yield at, first
+    for packet in demuxed:
+        at += packet.size > 0
         yield (at if packet.size > 0 else None), packet
-        at = None if at is None else at + (packet.size > 0)
 
 
 def _decode_seeking(container, stream, packets, index, wanted, put):
@@ -177,16 +192,22 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
 
     For the next frame still missing: seek to its keyframe when that lies ahead of the decoder, otherwise read
     straight on (close frames share one pass); frames are matched by timestamp, so a seek that lands on an
-    earlier keyframe only costs time (and is not repeated).
+    earlier keyframe only costs time. On the way, frames that no other frame refers to are skipped unless
+    wanted: the decoder drops them unseen, and what it outputs stays bit-identical.
     """
-    pts, _, start = index
+    pts, pos, start = index
     todo = sorted(set(wanted))  # by index, i.e. by timestamp
-    want = {pts[k]: k for k in todo}
-    keys = {p.pts: pos for pos, p in enumerate(packets) if p.keyframe}
-    done, landed, decoded, i = set(), {}, 0, 0
+    want, needed = {pts[k]: k for k in todo}, {pos[k] for k in todo}
+    keys = {p.pts: j for j, p in enumerate(packets) if p.keyframe}
+    shown = sorted(p.pts for p in packets if p.pts is not None)  # presentation order, pre-roll included
+    done, landed, decoded, i = set(), {}, 0, 0  # landed: keyframe position -> where its seek landed
     while i < len(todo):
-        for at, packet in _from_keyframe(container, stream, packets, keys, start[todo[i]], landed):
+        key = start[todo[i]]
+        j = bisect.bisect_right(shown, packets[key].pts)
+        for at, packet in _from_keyframe(container, stream, packets, keys, key, shown[j:j + 2]):
+            landed.setdefault(key, at)
             decoded += packet.size > 0
+            stream.codec_context.skip_frame = "DEFAULT" if at is None or at in needed else "NONREF"
             for frame in packet.decode():
                 k = want.get(frame.pts)
                 if k is not None and k not in done:
@@ -195,7 +216,7 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
             while i < len(todo) and todo[i] in done:
                 i += 1
             if i == len(todo) or (at is not None and landed.get(start[todo[i]], start[todo[i]]) > at + 1):
-                break  # all found, or the next missing frame's keyframe lies ahead: seek there
+                break  # all found, or the next missing frame's keyframe lies ahead (a seek gets nearer): go there
         else:
             if i < len(todo):
                 raise _SeekMissed(f"the stream ended before frame {todo[i]}")
@@ -234,6 +255,11 @@ def _short_side_size(height, width, short_side):
     return max(short_side, round(height * scale)), max(short_side, round(width * scale))
 
 
+# Bilinear (antialiased when shrinking), with the colour planes interpolated at full resolution: without the
+# FULL_CHR flags FFmpeg's scaler takes shortcuts with 4:2:0 colour that cost about 4 levels on fine colour detail.
+_SCALING = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
+
+
 class _Clip:
     """Frames as a player shows them, gathered into uint8 (T, H, W, 3) for the frame indices `indices`.
 
@@ -257,7 +283,7 @@ class _Clip:
             self.size = (frame.height, frame.width) if small else _short_side_size(frame.height, frame.width,
                                                                                      self.short_side)
         h, w = self.size
-        image = self.scaler.reformat(frame, w, h, "rgb24", interpolation="BILINEAR", threads=1).to_ndarray()
+        image = self.scaler.reformat(frame, w, h, "rgb24", interpolation=_SCALING, threads=1).to_ndarray()
         return np.rot90(image, k=round(frame.rotation / 90) % 4)  # (h, w, 3) or (w, h, 3): counter-clockwise
 
     def put(self, k, frame):
