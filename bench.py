@@ -342,14 +342,18 @@ def data_video(folder: Path, name: str) -> Path:
 @contextlib.contextmanager
 def one_core():
     """Run the block on one CPU core (and one torch thread), as one DataLoader worker has; restore both after.
-    FFmpeg sizes its decoder threads by the CPUs the process may use, so it too gets one."""
-    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, {min(affinity)})
+    FFmpeg sizes its decoder threads by the CPUs the process may use, so it too gets one. Pinning to a core
+    needs Linux; elsewhere only torch is held to one thread."""
+    pin, threads = hasattr(os, "sched_setaffinity"), torch.get_num_threads()
+    affinity = os.sched_getaffinity(0) if pin else None
+    if pin:
+        os.sched_setaffinity(0, {min(affinity)})
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, affinity)
+        if pin:
+            os.sched_setaffinity(0, affinity)
         torch.set_num_threads(threads)
 
 

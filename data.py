@@ -5,9 +5,10 @@ A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per cli
 
 Pipeline of one training sample (paper Sec. 4.1 and 3.4):
  1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video;
- 2) `read_clip`: decode just those frames with PyAV;
- 3) `train_transform`: random short-side rescale, one random crop for all frames, optional RandAugment,
-    normalise to [-1, 1];
+ 2) `read_clip`: decode just those frames with PyAV (seeking to the keyframe before each), upright, in the
+    video's own colours, scaled down in FFmpeg's scaler to the largest short side step 3 needs;
+ 3) `train_transform`: random short-side rescale, one random crop for all frames (in uint8, frame by frame),
+    optional RandAugment, normalise to [-1, 1];
  4) `make_motion_pair`: the real clip (motion label 1) and a fake clip, one of its frames repeated T times and
     augmented on its own (motion label 0);
  5) `collate`: B pairs -> 2B clips, the action label for both, the motion labels.
@@ -78,7 +79,6 @@ def _errors_name(path):
 class _Packet(NamedTuple):
     """What the demux pass keeps of one non-empty packet (timestamps in stream.time_base units)."""
     pts: Optional[int]
-    dts: Optional[int]
     keyframe: bool
     discard: bool  # decoded for reference but never shown: the hidden pre-roll of a cut made by stream copy
 
@@ -96,7 +96,7 @@ def _demux(container, path):
     packets = {s.index: [] for s in candidates}
     for p in container.demux(candidates):
         if p.size > 0:
-            packets[p.stream_index].append(_Packet(p.pts, p.dts, p.is_keyframe, p.is_discard))
+            packets[p.stream_index].append(_Packet(p.pts, p.is_keyframe, p.is_discard))
     best = container.streams.best("video")
 
     def rank(s):
@@ -144,7 +144,7 @@ def _frame_index(packets):
     return [pts for pts, _ in shown], [pos for _, pos in shown], start
 
 
-def seek_minimum(index, wanted):
+def _seek_minimum(index, wanted):
     """Packets any keyframe-seeking reader must decode for the frames `wanted`: those from each frame's keyframe
     to its own packet, counted once (for `bench.py --data`)."""
     _, pos, start = index
@@ -328,7 +328,7 @@ def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats
         if decoded is None:
             clip, decoded = _read_from_start(path, stream_index, indices, num_frames, train, rng, short_side)
         if stats is not None:
-            stats.update(frames=n, decoded=decoded, minimum=None if index is None else seek_minimum(index, indices))
+            stats.update(frames=n, decoded=decoded, minimum=None if index is None else _seek_minimum(index, indices))
         return clip.tensor()
 
 

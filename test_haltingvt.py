@@ -1342,6 +1342,20 @@ def test_bench_json_last_line_has_the_required_keys(capsys):
     assert all(r["gflops_ratio"] < 1 for r in result["rows"] if r["mode"] != "dense")
 
 
+def test_bench_data_mode_prints_its_keys(tmp_path, videos, capsys):
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # Linux only
+    result = bench.main(["--data", "--data-video", str(videos["v20"]), "--data-dir", str(tmp_path), "--repeats", "2",
+                         "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == result and out[1].split()[:3] == ["video", "size", "frames"]
+    (row,) = result["data"]
+    assert {"name", "video", "frames", "clip_frames", "s_per_sample", "samples_per_s", "decoded_per_clip",
+            "minimum_per_clip"} <= set(row)
+    assert row["name"] == "v20.mp4" and row["video"] == "48x32" and row["frames"] == 20 and row["clip_frames"] == 8
+    assert 0 < row["minimum_per_clip"] <= row["decoded_per_clip"] <= 20 and row["samples_per_s"] > 0
+    assert cores is None or os.sched_getaffinity(0) == cores  # the timing ran on one core; the cores came back
+
+
 def test_bench_measure_times_the_rows_round_robin():
     """Every round runs each row once (so drift touches all rows alike); warm-up rounds are run, not counted."""
     calls = []
