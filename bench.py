@@ -407,6 +407,19 @@ def data_rows(folder: Path, videos: list, samples: int):
             yield data_row(Path(video).name, Path(video), 8, samples, folder)
 
 
+def data_main(args, result: dict) -> dict:
+    """--data: the table, row by row, then (--json) the result as one JSON object."""
+    print(DATA_HEADER, flush=True)
+    result["data"] = []
+    for r in data_rows(args.data_dir, args.data_video, args.repeats or 10):
+        result["data"].append(r)
+        print(format_data_row(r), flush=True)
+    print(DATA_LEGEND)
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------
@@ -475,15 +488,7 @@ def main(argv=None):
     mm_seconds = []
     base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
     if args.data:
-        print(DATA_HEADER, flush=True)
-        result["data"] = []
-        for r in data_rows(args.data_dir, args.data_video, args.repeats or 10):
-            result["data"].append(r)
-            print(format_data_row(r), flush=True)
-        print(DATA_LEGEND)
-        if args.json:
-            print(json.dumps(result))
-        return result
+        return data_main(args, result)
     if args.profile:
         result["profile"] = []
         for batch in args.batch or [1]:
