@@ -10,6 +10,7 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py --quick    # fewer rows and repeats: under a minute on 2 CPU cores
     python bench.py --train    # training steps, mask vs drop (--train-batch N for DeiT-S, --amp for bf16)
     python bench.py --profile  # where a forward's time goes, by kind of op: dense and one drop row
+    python bench.py --data     # training samples per second from a short and a long video, frames decoded per clip
 
 Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
 machine's speed during the run touches every row and the matmul alike; each figure is the median over the rounds.
@@ -19,15 +20,23 @@ h = sigmoid(gamma * x0 - beta) ~ sigmoid(-beta). The halting rows therefore use 
 rows spread over about 0.2x-0.8x of the dense GFLOPs; each row's name carries its R and beta.
 """
 import argparse
+import contextlib
 import json
+import os
 import platform
+import random
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import av
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
 from haltingvt import HaltingVT, HaltingVTConfig
 
 
@@ -286,6 +295,132 @@ def print_profile(p: dict):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Data loading (--data)
+# ----------------------------------------------------------------------------------------------------------
+
+# (seconds, width, height, frames per clip): a Kinetics clip (the paper's 8 frames) and an untrimmed
+# ActivityNet video (117 s on average; the paper's 10 frames), both 30 fps, a keyframe every 250 frames
+# (libx264's default), H.264 with B-frames.
+DATA_VIDEOS = {"kinetics-like": (10, 340, 256, 8), "activitynet-like": (120, 1280, 720, 10)}
+DATA_FPS = 30
+
+
+def scene_frames(n: int, height: int, width: int, seed: int = 0):
+    """n frames (height, width, 3) uint8 of a camera panning over a smooth textured scene with a square moving
+    across it: cheap to draw, and motion that an encoder predicts as it does in real footage."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(30, 225, size=(1, 3, height // 24 + 1, width // 24 + 1)))
+    scene = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[0]  # (3, H, W)
+    scene = (scene.permute(1, 2, 0).numpy() + rng.normal(0, 6, size=(height, width, 3))).clip(0, 255)
+    scene = scene.astype(np.uint8)
+    side = height // 6
+    for k in range(n):
+        frame = np.roll(scene, (k // 2, 3 * k), axis=(0, 1))  # the pan
+        y, x = (k * 5) % (height - side), (k * 7) % (width - side)
+        frame[y:y + side, x:x + side] = (240, 200, 40)
+        yield frame
+
+
+def data_video(folder: Path, name: str) -> Path:
+    """The benchmark video `name` of DATA_VIDEOS, written with PyAV into `folder` unless already there."""
+    seconds, width, height, _ = DATA_VIDEOS[name]
+    path = folder / f"{name}-{width}x{height}-{seconds}s.mp4"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.mp4")
+        with av.open(str(tmp), "w") as container:
+            stream = container.add_stream("libx264", rate=DATA_FPS)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"preset": "veryfast", "crf": "23", "g": "250"}
+            for image in scene_frames(seconds * DATA_FPS, height, width):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode())
+        tmp.replace(path)  # a half-written video is never taken for a finished one
+    return path
+
+
+@contextlib.contextmanager
+def one_core():
+    """Run the block on one CPU core (and one torch thread), as one DataLoader worker has; restore both after.
+    FFmpeg sizes its decoder threads by the CPUs the process may use, so it too gets one. Pinning to a core
+    needs Linux; elsewhere only torch is held to one thread."""
+    pin, threads = hasattr(os, "sched_setaffinity"), torch.get_num_threads()
+    affinity = os.sched_getaffinity(0) if pin else None
+    if pin:
+        os.sched_setaffinity(0, {min(affinity)})
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if pin:
+            os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+
+
+def data_row(name: str, path: Path, num_frames: int, samples: int, folder: Path) -> dict:
+    """Training samples (a real clip and its static fake, data.VideoDataset with train=True: DeiT-S sizes, short
+    side 256-320, 224 crops, no RandAugment) per second of one video, and the packets decoded per clip beside the
+    least that seeking to each sampled frame's keyframe allows, over `samples` draws. The list file goes to
+    `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = folder / f"{path.stem}.txt"
+    listed.write_text(f"{path.resolve()} 0\n" * (samples + 1))
+    ds = data.VideoDataset(listed, num_frames=num_frames, img_size=224, train=True)
+    with one_core():
+        ds[samples]  # warm-up: codec libraries, page cache
+        start = time.perf_counter()
+        for i in range(samples):
+            ds[i]
+        seconds = (time.perf_counter() - start) / samples
+    counts = []
+    for i in range(samples):
+        stats = {}
+        data.read_clip(path, num_frames, train=True, rng=random.Random(i), short_side=ds.scale[1], stats=stats)
+        counts.append(stats)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        size = f"{stream.width}x{stream.height}"
+    return dict(name=name, video=size, frames=counts[0]["frames"], clip_frames=num_frames, s_per_sample=seconds,
+                samples_per_s=1 / seconds, decoded_per_clip=statistics.mean(c["decoded"] for c in counts),
+                minimum_per_clip=statistics.mean(c["minimum"] for c in counts))
+
+
+def format_data_row(r: dict) -> str:
+    return (f"{r['name']:<18}{r['video']:>10}{r['frames']:>7}{r['clip_frames']:>5}{r['s_per_sample']:>10.3f}"
+            f"{r['samples_per_s']:>9.1f}{r['decoded_per_clip']:>9.0f}{r['minimum_per_clip']:>9.0f}"
+            f"{r['decoded_per_clip'] / r['minimum_per_clip']:>7.2f}")
+
+
+DATA_HEADER = (f"{'video':<18}{'size':>10}{'frames':>7}{'T':>5}{'s/sample':>10}{'per s':>9}{'decoded':>9}"
+               f"{'minimum':>9}{'ratio':>7}")
+DATA_LEGEND = ("one core; s/sample: one training sample (real clip + static fake, the training transforms without "
+               "RandAugment); decoded: packets decoded per clip; minimum: those from each sampled frame's keyframe "
+               "to it, the least seeking allows; ratio = decoded / minimum.")
+
+
+def data_rows(folder: Path, videos: list, samples: int):
+    """Yields a data_row for each of `videos`: DATA_VIDEOS names, or paths of videos to read 8 frames of."""
+    for video in videos:
+        if video in DATA_VIDEOS:
+            yield data_row(video, data_video(folder, video), DATA_VIDEOS[video][3], samples, folder)
+        else:
+            yield data_row(Path(video).name, Path(video), 8, samples, folder)
+
+
+def data_main(args, result: dict) -> dict:
+    """--data: the table, row by row, then (--json) the result as one JSON object."""
+    print(DATA_HEADER, flush=True)
+    result["data"] = []
+    for r in data_rows(args.data_dir, args.data_video, args.repeats or 10):
+        result["data"].append(r)
+        print(format_data_row(r), flush=True)
+    print(DATA_LEGEND)
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------
 
@@ -324,8 +459,15 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="training steps in bf16 autocast, as train.py --amp (CUDA)")
     p.add_argument("--profile", action="store_true",
                    help="instead: where a forward's time goes, by kind of op (torch.profiler), dense and one drop row")
+    p.add_argument("--data", action="store_true",
+                   help="instead: training samples per second and frames decoded per clip, on one core")
+    p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "haltingvt-bench",
+                   help="where --data writes (and then reuses) its videos")
+    p.add_argument("--data-video", nargs="+", default=list(DATA_VIDEOS),
+                   help=f"--data on these videos: paths, or the generated {' and '.join(DATA_VIDEOS)} (default)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run takes milliseconds; quick: 1)")
+                   help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run takes milliseconds; quick: 1;"
+                        " --data: samples per video, 10)")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the n x n matmul (default: 2048 on a CPU; 8192 on a GPU, where 2048 is too short)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -345,6 +487,8 @@ def main(argv=None):
     print(f"device: {result['device']}", flush=True)
     mm_seconds = []
     base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
+    if args.data:
+        return data_main(args, result)
     if args.profile:
         result["profile"] = []
         for batch in args.batch or [1]:

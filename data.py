@@ -5,25 +5,29 @@ A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per cli
 
 Pipeline of one training sample (paper Sec. 4.1 and 3.4):
  1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video;
- 2) `read_clip`: decode just those frames with PyAV;
- 3) `train_transform`: random short-side rescale, one random crop for all frames, optional RandAugment,
-    normalise to [-1, 1];
+ 2) `read_clip`: decode just those frames with PyAV (seeking to the keyframe before each), upright, in the
+    video's own colours, scaled down in FFmpeg's scaler to the largest short side step 3 needs;
+ 3) `train_transform`: random short-side rescale, one random crop for all frames (in uint8, frame by frame),
+    optional RandAugment, normalise to [-1, 1];
  4) `make_motion_pair`: the real clip (motion label 1) and a fake clip, one of its frames repeated T times and
     augmented on its own (motion label 0);
  5) `collate`: B pairs -> 2B clips, the action label for both, the motion labels.
 Evaluation: centre frame of each segment, short-side resize, centre crop, one clip per video.
 """
+import bisect
 import contextlib
 import logging
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import Interpolation, VideoReformatter
 
 # The release maps pixels to [-1, 1] with mean = std = 127.5 for every channel, although DeiT itself was trained
 # with ImageNet's per-channel mean/std. The one place these constants live.
@@ -59,47 +63,182 @@ def sample_indices(n_frames, num_frames, train, rng=None):
 
 @contextlib.contextmanager
 def _errors_name(path):
-    """Re-raise what PyAV or the OS says about `path` as a VideoDecodeError that names it."""
+    """Re-raise whatever goes wrong while reading `path` as a VideoDecodeError that names it.
+
+    Not only PyAV's and the OS's errors: a damaged file can also fail in numpy or in the frame conversion (odd
+    sizes, a resolution change), and a dataset must be able to skip the file whatever the cause.
+    """
     try:
         yield
-    except (av.error.FFmpegError, OSError) as err:  # av.error.FileNotFoundError is both
-        raise VideoDecodeError(f"cannot decode video {path}: {err}") from err
+    except VideoDecodeError:
+        raise
+    except Exception as err:  # every failure of a bad file, by design: see the docstring
+        raise VideoDecodeError(f"cannot decode video {path}: {type(err).__name__}: {err}") from err
 
 
-def _video_stream(container, path):
-    if not container.streams.video:
+class _Packet(NamedTuple):
+    """What the demux pass keeps of one non-empty packet (timestamps in stream.time_base units)."""
+    pts: Optional[int]
+    keyframe: bool
+    discard: bool  # decoded for reference but never shown: the hidden pre-roll of a cut made by stream copy
+
+
+def _demux(container, path):
+    """(stream, its non-empty packets in decode order) of the recording, from one demux pass: nothing decoded.
+
+    The recording is never an attached picture (cover art); among the other video streams it is the one with
+    the most frames, so that a one-frame thumbnail track listed first loses; among equals FFmpeg's "best"
+    stream, then the first. The pass is also the probe a threaded decoder needs: a truncated file can crash one.
+    """
+    candidates = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not candidates:
         raise VideoDecodeError(f"no video stream in {path}")
-    return container.streams.video[0]
+    packets = {s.index: [] for s in candidates}
+    for p in container.demux(candidates):
+        if p.size > 0:
+            packets[p.stream_index].append(_Packet(p.pts, p.is_keyframe, p.is_discard))
+    best = container.streams.best("video")
+
+    def rank(s):
+        return _count(packets[s.index]), best is not None and s.index == best.index, -s.index
+    stream = max(candidates, key=rank)
+    return stream, packets[stream.index]
+
+
+def _count(packets):
+    return sum(not p.discard for p in packets)
 
 
 def count_frames(path):
-    """Number of frames of the video at `path`, counted from its packets.
+    """Number of frames of the video at `path`, as a full decode shows them, counted from its packets.
 
-    The header's `stream.frames` can be 0 or wrong (a truncated file keeps the full count), so we demux the
-    file and count its non-empty video packets: this reads the file but decodes nothing. It is also the probe
-    NOTES.md asks for before a threaded decoder sees the file, which a truncated file can crash.
+    The header's `stream.frames` can be 0 or wrong (a truncated file keeps the full count; a cut made by stream
+    copy counts its hidden pre-roll), so we demux the file and count the recording's non-empty packets that are
+    not marked discard: this reads the file but decodes nothing.
     """
     with _errors_name(path), av.open(str(path)) as container:
-        stream = _video_stream(container, path)
-        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+        return _count(_demux(container, path)[1])
 
 
-def _decode(path, wanted=None):
-    """Decode frames of `path` in presentation order; keep those in `wanted` (all if None) as (H, W, 3) uint8.
+def _frame_index(packets):
+    """Where each frame is, from the packets of one stream: (pts, pos, start) lists, or None.
+
+    Frames are numbered in presentation order, as a sequential decode outputs them. Frame k has timestamp pts[k]
+    and its packet sits at decode-order position pos[k]; it is decoded from the keyframe at position start[k],
+    the last one before it whose own timestamp is not later (an open GOP's leading frames need the keyframe
+    before). None when timestamps cannot tell the frames apart (missing or repeated) or a frame has no keyframe
+    before it: then only a sequential decode can number them.
+    """
+    shown = sorted((p.pts, pos) for pos, p in enumerate(packets) if not p.discard and p.pts is not None)
+    if len(shown) < _count(packets) or len({pts for pts, _ in shown}) < len(shown):
+        return None
+    keys = [pos for pos, p in enumerate(packets) if p.keyframe and p.pts is not None]
+    start = []
+    for pts, pos in shown:
+        i = bisect.bisect_right(keys, pos) - 1
+        while i >= 0 and packets[keys[i]].pts > pts:
+            i -= 1
+        if i < 0:
+            return None
+        start.append(keys[i])
+    return [pts for pts, _ in shown], [pos for _, pos in shown], start
+
+
+def _seek_minimum(index, wanted):
+    """Packets any keyframe-seeking reader must decode for the frames `wanted`: those from each frame's keyframe
+    to its own packet, counted once (for `bench.py --data`)."""
+    _, pos, start = index
+    return len(set().union(*(range(start[k], pos[k] + 1) for k in set(wanted))))
+
+
+class _SeekMissed(Exception):
+    """A seek landed where the index does not say, or the stream ended before a wanted frame: read sequentially."""
+
+
+def _seek(container, stream, packets, keys, pos, later):
+    """Seek to the keyframe at decode-order position `pos`: (the position it landed on, its first packet, the
+    demux iterator for the rest). `keys` maps a keyframe's pts to its position.
+
+    Asked for a keyframe's own timestamp, some files (with an edit list, as a cut made by stream copy has) land
+    one keyframe early, so the timestamps `later` (of the next packets shown) are tried too; when none lands on
+    it exactly, the first landing, on an earlier keyframe, is taken: the same frames come out, only later.
+    """
+    tries = [packets[pos].pts, *later]
+    for ts in tries + tries[:1]:
+        container.seek(ts, stream=stream, backward=True)
+        demuxed = container.demux(stream)
+        first = next(demuxed, None)
+        at = keys.get(first.pts) if first is not None and first.size > 0 and first.is_keyframe else None
+        if at == pos:
+            break
+    if at is None or at > pos:
+        raise _SeekMissed(f"a seek for packet {pos} landed elsewhere")
+    return at, first, demuxed
+
+
+def _from_keyframe(container, stream, packets, keys, pos, later):
+    """Seek to the keyframe at decode-order position `pos` (see `_seek`) and yield (position, packet) from there to
+    the end, the position None for the flush packets that drain the decoder."""
+    at, first, demuxed = _seek(container, stream, packets, keys, pos, later)
+    yield at, first
+    for packet in demuxed:
+        at += packet.size > 0
+        yield (at if packet.size > 0 else None), packet
+
+
+def _decode_seeking(container, stream, packets, index, wanted, put):
+    """Decode the frames `wanted` (indices into `index`) and hand each to put(k, frame). Returns the number of
+    packets decoded.
+
+    For the next frame still missing: seek to its keyframe when that lies ahead of the decoder, otherwise read
+    straight on (close frames share one pass); frames are matched by timestamp, so a seek that lands on an
+    earlier keyframe only costs time. On the way, frames that no other frame refers to are skipped unless
+    wanted: the decoder drops them unseen, and what it outputs stays bit-identical.
+    """
+    pts, pos, start = index
+    todo = sorted(set(wanted))  # by index, i.e. by timestamp
+    want, needed = {pts[k]: k for k in todo}, {pos[k] for k in todo}
+    keys = {p.pts: j for j, p in enumerate(packets) if p.keyframe}
+    shown = sorted(p.pts for p in packets if p.pts is not None)  # presentation order, pre-roll included
+    done, landed, decoded, i = set(), {}, 0, 0  # landed: keyframe position -> where its seek landed
+    while i < len(todo):
+        key = start[todo[i]]
+        j = bisect.bisect_right(shown, packets[key].pts)
+        for at, packet in _from_keyframe(container, stream, packets, keys, key, shown[j:j + 2]):
+            landed.setdefault(key, at)
+            decoded += packet.size > 0
+            stream.codec_context.skip_frame = "DEFAULT" if at is None or at in needed else "NONREF"
+            for frame in packet.decode():
+                k = want.get(frame.pts)
+                if k is not None and k not in done:
+                    put(k, frame)
+                    done.add(k)
+            while i < len(todo) and todo[i] in done:
+                i += 1
+            if i == len(todo) or (at is not None and landed.get(start[todo[i]], start[todo[i]]) > at + 1):
+                break  # all found, or the next missing frame's keyframe lies ahead (a seek gets nearer): go there
+        else:
+            if i < len(todo):
+                raise _SeekMissed(f"the stream ended before frame {todo[i]}")
+    return decoded
+
+
+def _decode(path, stream_index, wanted, put):
+    """Decode the stream `stream_index` of `path` from its first frame, in presentation order, handing each frame
+    whose index is in `wanted` (all if None) to put(k, frame). Returns the number of frames decoded.
 
     Stops once the last wanted frame is read. A decoding error after at least one good frame (a truncated or
-    damaged tail, common in scraped datasets) ends the video there, with a warning. Returns ({index: frame},
-    number of frames decoded).
+    damaged tail, common in scraped datasets) ends the video there, with a warning.
     """
     last = None if wanted is None else max(wanted)
-    kept, n = {}, 0
-    with _errors_name(path), av.open(str(path)) as container:
-        stream = _video_stream(container, path)
+    n = 0
+    with av.open(str(path)) as container:
+        stream = container.streams[stream_index]
         stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
         try:
             for frame in container.decode(stream):
                 if wanted is None or n in wanted:
-                    kept[n] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                    put(n, frame)
                 n += 1
                 if n - 1 == last:
                     break
@@ -107,37 +246,116 @@ def _decode(path, wanted=None):
             if n == 0:
                 raise
             logging.warning("%s: decoding stopped after %d frames: %s", path, n, err)
-    return kept, n
+    return n
 
 
-def read_clip(path, num_frames, train=False, rng=None):
+def _short_side_size(height, width, short_side):
+    """(h, w) with min(h, w) == short_side and the aspect ratio kept."""
+    scale = short_side / min(height, width)
+    return max(short_side, round(height * scale)), max(short_side, round(width * scale))
+
+
+# Bilinear (antialiased when shrinking), with the colour planes interpolated at full resolution: without the
+# FULL_CHR flags FFmpeg's scaler takes shortcuts with 4:2:0 colour that cost about 4 levels on fine colour detail.
+_SCALING = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
+
+
+class _Clip:
+    """Frames as a player shows them, gathered into uint8 (T, H, W, 3) for the frame indices `indices`.
+
+    Each decoded frame goes through FFmpeg's scaler once: to RGB (by the frame's own colour matrix and range,
+    BT.601 or BT.709, limited or full) and, when `short_side` is given and the frame is larger, down to that
+    short side; then it is turned by its display matrix (phones store portrait video landscape, tagged 90 or 270
+    degrees) and copied into every clip slot that shows it. So no full-size RGB frame outlives its conversion.
+    """
+
+    def __init__(self, indices, short_side=None):
+        self.slots = {}  # frame index -> clip positions (a short video repeats frames)
+        for t, k in enumerate(indices):
+            self.slots.setdefault(k, []).append(t)
+        self.T, self.short_side, self.frames, self.size, self.done = len(indices), short_side, None, None, set()
+        self.scaler = VideoReformatter()  # one scaler for the clip rather than one per frame
+
+    def rgb(self, frame):
+        """One decoded frame as uint8 (h, w, 3), scaled and upright (a view: copy it to keep it)."""
+        if self.size is None:  # every frame gets the first one's size, so a resolution change cannot break a clip
+            small = self.short_side is None or min(frame.height, frame.width) <= self.short_side
+            self.size = (frame.height, frame.width) if small else _short_side_size(frame.height, frame.width,
+                                                                                     self.short_side)
+        h, w = self.size
+        image = self.scaler.reformat(frame, w, h, "rgb24", interpolation=_SCALING, threads=1).to_ndarray()
+        return np.rot90(image, k=round(frame.rotation / 90) % 4)  # (h, w, 3) or (w, h, 3): counter-clockwise
+
+    def put(self, k, frame):
+        image = self.rgb(frame)
+        if self.frames is None:
+            self.frames = np.empty((self.T, *image.shape), np.uint8)  # (T, H, W, 3)
+        self.frames[self.slots[k]] = image
+        self.done.add(k)
+
+    def tensor(self):
+        return torch.from_numpy(self.frames)  # (T, H, W, 3)
+
+
+def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats=None):
     """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices`: uint8 (T, H, W, 3).
 
+    The frames are those a player shows (see `_Clip`): display rotation applied, colours by the video's own
+    matrix and range, the real recording rather than a cover-art or thumbnail track. With `short_side`, frames
+    larger than that are scaled down while decoding so that min(H, W) == short_side. Only the frames needed are
+    decoded: a seek to the keyframe before each sampled frame, reading straight on where they are close; the
+    result is identical to a full sequential decode at the same indices. `stats`, a dict, receives the counts
+    "frames" (of the video), "decoded" (packets or frames decoded) and "minimum" (what seeking allows).
+
     Raises VideoDecodeError (naming the path) for a missing, empty or corrupt file, one without a video stream,
-    or one with no decodable frame. A truncated or damaged file whose first frames decode is treated as the
-    shorter video made of those frames.
+    one with no decodable frame, or whatever else fails while reading it. A truncated or damaged file whose
+    first frames decode is treated as the shorter video made of those frames.
     """
-    n = count_frames(path)
-    if n == 0:
-        raise VideoDecodeError(f"no video frames in {path}")
-    indices = sample_indices(n, num_frames, train, rng)
-    kept, n_decoded = _decode(path, set(indices))
-    if len(kept) < len(set(indices)):
-        # Fewer decodable frames than packets (a truncated or damaged tail): sample again from those that do.
+    with _errors_name(path):
+        with av.open(str(path)) as container:
+            stream, packets = _demux(container, path)
+            stream_index, n, index = stream.index, _count(packets), _frame_index(packets)
+            if n == 0:
+                raise VideoDecodeError(f"no video frames in {path}")
+            indices = sample_indices(n, num_frames, train, rng)
+            clip, decoded = _Clip(indices, short_side), None
+            if index is not None:
+                stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
+                try:
+                    decoded = _decode_seeking(container, stream, packets, index, clip.slots, clip.put)
+                except (_SeekMissed, av.error.FFmpegError) as err:  # a damaged file: the sequential rules apply
+                    logging.info("%s: reading from the start after: %s", path, err)
+        if decoded is None:
+            clip, decoded = _read_from_start(path, stream_index, indices, num_frames, train, rng, short_side)
+        if stats is not None:
+            stats.update(frames=n, decoded=decoded, minimum=None if index is None else _seek_minimum(index, indices))
+        return clip.tensor()
+
+
+def _read_from_start(path, stream_index, indices, num_frames, train, rng, short_side):
+    """(clip, frames decoded) by a sequential decode. Fewer decodable frames than packets (a truncated or damaged
+    tail): sample again from the frames that do decode."""
+    clip = _Clip(indices, short_side)
+    n_decoded = _decode(path, stream_index, clip.slots, clip.put)
+    if len(clip.done) < len(clip.slots):
         if n_decoded == 0:
             raise VideoDecodeError(f"no decodable frame in {path}")
-        indices = sample_indices(n_decoded, num_frames, train, rng)
-        kept, _ = _decode(path, set(indices))
-    return torch.from_numpy(np.stack([kept[i] for i in indices]))  # (T, H, W, 3)
+        clip = _Clip(sample_indices(n_decoded, num_frames, train, rng), short_side)
+        n_decoded += _decode(path, stream_index, clip.slots, clip.put)
+    return clip, n_decoded
 
 
-def read_all_frames(path):
-    """Every frame of a (short) video, uint8 (n, H, W, 3): what `VideoDataset(cache=True)` keeps in memory."""
-    count_frames(path)  # probe before the threaded decoder sees the file
-    kept, n = _decode(path)
-    if n == 0:
-        raise VideoDecodeError(f"no decodable frame in {path}")
-    return torch.from_numpy(np.stack([kept[i] for i in range(n)]))  # (n, H, W, 3)
+def read_all_frames(path, *, short_side=None):
+    """Every frame of a (short) video, uint8 (n, H, W, 3), as `read_clip` shows them (`short_side` likewise):
+    what `VideoDataset(cache=True)` keeps in memory."""
+    with _errors_name(path):
+        with av.open(str(path)) as container:
+            stream_index = _demux(container, path)[0].index  # the probe, before a threaded decoder sees the file
+        clip, frames = _Clip([], short_side), []
+        n = _decode(path, stream_index, None, lambda k, frame: frames.append(np.array(clip.rgb(frame))))
+        if n == 0:
+            raise VideoDecodeError(f"no decodable frame in {path}")
+        return torch.from_numpy(np.stack(frames))  # (n, H, W, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,17 +364,30 @@ def read_all_frames(path):
 
 
 def resize_short_side(x, short_side):
-    """Bilinear resize of float frames (T, C, H, W) so that min(H, W) == short_side, keeping the aspect ratio."""
-    h, w = x.shape[-2:]
-    scale = short_side / min(h, w)
-    size = (max(short_side, round(h * scale)), max(short_side, round(w * scale)))
+    """Bilinear resize of frames (T, C, H, W), uint8 or float, so that min(H, W) == short_side, keeping the aspect
+    ratio; `x` itself when it already has that size."""
+    size = _short_side_size(*x.shape[-2:], short_side)
+    if size == tuple(x.shape[-2:]):
+        return x
     # antialias only acts when shrinking, where plain bilinear would alias fine texture (and F.interpolate's
     # default differs from PIL's, which torchvision and mmaction resize with)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (T, C, H', W')
 
 
+def _resized_crop(clip, short_side, top, left, size):
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, size, size): each frame's short side resized to `short_side`, then the
+    size x size window at (top, left). One frame at a time, in uint8: no resized or float copy of the whole
+    clip is ever held, which for a large source would be many times the clip."""
+    out = torch.empty(clip.shape[0], 3, size, size, dtype=torch.uint8)
+    for t, frame in enumerate(clip.permute(0, 3, 1, 2)):  # (3, H, W) views, channels last in memory
+        out[t] = resize_short_side(frame[None], short_side)[0, :, top:top + size, left:left + size]
+    return out
+
+
 def _normalise(x):
-    return ((x - MEAN) / STD).permute(1, 0, 2, 3).contiguous()  # (T, C, H, W) -> (C, T, H, W)
+    """uint8 (T, C, H, W) -> float (C, T, H, W) in [-1, 1], converted straight into its final layout."""
+    out = torch.empty(x.shape[1], x.shape[0], *x.shape[2:])  # (C, T, H, W)
+    return out.copy_(x.transpose(0, 1)).sub_(MEAN).div_(STD)
 
 
 def _rand_augment_class():
@@ -176,17 +407,17 @@ def train_transform(clip, size, scale, rng=None, randaugment=False):
     uint8 (T, H, W, 3) -> float (C, T, size, size).
     """
     rng = random.Random() if rng is None else rng
-    x = clip.permute(0, 3, 1, 2).float()  # (T, H, W, 3) -> (T, C, H, W)
-    x = resize_short_side(x, rng.randint(scale[0], scale[1]))  # (T, C, H', W')
-    top, left = rng.randint(0, x.shape[-2] - size), rng.randint(0, x.shape[-1] - size)
-    x = x[..., top:top + size, left:left + size]  # (T, C, size, size)
+    short_side = rng.randint(scale[0], scale[1])
+    h, w = _short_side_size(*clip.shape[1:3], short_side)  # the size after the rescale
+    top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    x = _resized_crop(clip, short_side, top, left, size)  # (T, C, size, size) uint8
     if randaugment:
         # RandAugment on the (T, C, H, W) uint8 stack applies one draw of ops and magnitudes to every frame;
         # it draws from torch's generator, which we seed from `rng` so that samples stay reproducible.
         ra = _rand_augment_class()()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
-            x = ra(x.round().clamp(0, 255).to(torch.uint8)).float()
+            x = ra(x)
     return _normalise(x)
 
 
@@ -195,9 +426,8 @@ def eval_transform(clip, size, short_side):
 
     uint8 (T, H, W, 3) -> float (C, T, size, size).
     """
-    x = resize_short_side(clip.permute(0, 3, 1, 2).float(), short_side)  # (T, C, H', W')
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return _normalise(x[..., top:top + size, left:left + size])  # (C, T, size, size)
+    h, w = _short_side_size(*clip.shape[1:3], short_side)  # the size after the resize
+    return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))  # (C, T, size, size)
 
 
 def make_motion_pair(clip, transform, rng):
@@ -205,12 +435,16 @@ def make_motion_pair(clip, transform, rng):
 
     real = transform(clip). fake = one of the clip's sampled frames, chosen at random, repeated T times and then
     transformed on its own (its own random rescale and crop), so both share format and augmentation statistics
-    and differ only in that the fake has no motion. `transform` maps uint8 (T, H, W, 3) to float (C, T, h, w).
+    and differ only in that the fake has no motion. `transform` maps uint8 (T, H, W, 3) to float (C, T, h, w)
+    with one random draw for the whole clip, applied to every frame alike (as `train_transform` does). The fake
+    is a view of one frame expanded over T.
     """
     real = transform(clip)
     j = rng.randrange(clip.shape[0])
-    fake = transform(clip[j:j + 1].expand_as(clip))  # (1, H, W, 3) -> (T, H, W, 3), every frame the same
-    return real, fake
+    # The transform treats every frame alike, so transforming the one frame and showing it T times is the same
+    # as transforming T copies, for 1/T of the work and memory. A view: collate's stack makes the copies.
+    fake = transform(clip[j:j + 1])  # (C, 1, h, w)
+    return real, fake.expand_as(real)  # (C, T, h, w), every frame the same
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,11 +605,13 @@ class VideoDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def _clip(self, path, rng):
-        """uint8 (T, H, W, 3): decoded now, or sampled from the cached frames of the whole video."""
+        """uint8 (T, H, W, 3): decoded now, or sampled from the cached frames of the whole video; scaled while
+        decoding to the largest short side the transform asks for (training: the top of `scale`)."""
+        short_side = self.scale[1] if self.train else self.short_side
         if self.cache is None:
-            return read_clip(path, self.num_frames, self.train, rng)
+            return read_clip(path, self.num_frames, self.train, rng, short_side=short_side)
         if path not in self.cache:
-            self.cache[path] = read_all_frames(path)  # (n, H, W, 3)
+            self.cache[path] = read_all_frames(path, short_side=short_side)  # (n, H, W, 3)
         frames = self.cache[path]
         return frames[sample_indices(len(frames), self.num_frames, self.train, rng)]  # (T, H, W, 3)
 

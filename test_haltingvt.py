@@ -12,6 +12,8 @@ import random
 import signal
 import subprocess
 import sys
+import tracemalloc
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -764,6 +766,232 @@ def test_data_truncated_after_index_decodes_the_frames_it_has(videos):
         data.read_clip(path, 8)
 
 
+def _h264(path, frames, fps=25, rotation=None, **options):
+    """Write uint8 (n, H, W, 3) frames as H.264 (libx264 with 3 B-frames, plus `options`), optionally tagged with
+    a display rotation of `rotation` degrees counter-clockwise, as a phone tags portrait video."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], "yuv420p"
+        stream.options = {"preset": "veryfast", "threads": "1", "bf": "3", **options}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _remux(src, dst, first=0, offset=0):
+    """Copy the packets of `src` into `dst` without decoding, as `ffmpeg -ss ... -c copy` cuts: from the keyframe
+    before frame `first`, with timestamps shifted so that frame `first` is shown at `offset` ticks. The frames
+    before it stay in the file as hidden pre-roll, with negative timestamps (an mp4 edit list marks them)."""
+    with av.open(str(src)) as source, av.open(str(dst), "w") as target:
+        stream_in = source.streams.video[0]
+        stream_out = target.add_stream_from_template(stream_in)
+        packets = [p for p in source.demux(stream_in) if p.size > 0]
+        shown = sorted(p.pts for p in packets)[first]
+        at = next(j for j, p in enumerate(packets) if p.pts == shown)
+        key = max(j for j in range(at + 1) if packets[j].is_keyframe)
+        for p in packets[key:]:
+            p.pts, p.dts, p.stream = p.pts - shown + offset, p.dts - shown + offset, stream_out
+            target.mux(p)
+    return dst
+
+
+def _sequential(path):
+    """The reference: every frame of the file's only video stream, decoded in order, uint8 (n, H, W, 3)."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+
+
+def test_data_seeking_gives_the_frames_of_a_sequential_decode(tmp_path):
+    frames = np.stack(list(bench.scene_frames(400, 48, 64)))  # a pan and a moving square: every frame differs
+    plain = _h264(tmp_path / "plain.mp4", frames, g="30")  # B-frames, a keyframe every 30 frames
+    cut = _remux(plain, tmp_path / "cut.mp4", first=77)  # hidden pre-roll: the header counts its frames too
+    late = _remux(plain, tmp_path / "late.mkv", offset=5000)  # starts at 5 s; Matroska has no frame count
+    for path, n in [(plain, 400), (cut, 400 - 77), (late, 400)]:
+        reference = _sequential(path)
+        assert len(reference) == n and data.count_frames(path) == n
+        with av.open(str(path)) as container:
+            header = container.streams.video[0]
+            assert {cut: header.frames > n, late: header.frames == 0 and header.start_time > 0}.get(path, True)
+        for seed in range(5):
+            stats = {}
+            with bench.one_core():  # one decoder thread, as in a DataLoader worker: no frame-thread latency
+                clip = data.read_clip(path, 8, train=True, rng=random.Random(seed), stats=stats)
+            indices = data.sample_indices(n, 8, train=True, rng=random.Random(seed))
+            assert np.array_equal(clip.numpy(), reference[indices]), (path.name, seed)
+            # only what seeking needs: the packets from each frame's keyframe to it, plus the few that the
+            # decoder's B-frame reordering holds back per frame; a sequential decode would need max(indices) + 1
+            assert stats["minimum"] <= stats["decoded"] <= stats["minimum"] + 4 * 8 < max(indices) // 2
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_data_display_rotation_is_applied(tmp_path, degrees):
+    upright = np.full((40, 24, 3), 90, np.uint8)  # as the player shows it: portrait, 24 wide and 40 tall
+    upright[:8, :8], upright[:8, -8:] = (230, 20, 20), (20, 230, 20)  # red top-left, green top-right corner
+    stored = np.rot90(upright, k=-degrees // 90)  # the camera stored it turned clockwise by `degrees` ...
+    path = _h264(tmp_path / f"r{degrees}.mp4", np.repeat(stored[None], 4, 0), rotation=degrees)  # ... tagged back
+
+    def corners(frame):  # mean colour of each corner block: top-left, top-right, bottom-left, bottom-right
+        h, w = frame.shape[:2]
+        return torch.stack([frame[y:y + h // 6, x:x + w // 6].float().mean((0, 1)) for y in (0, h - h // 6)
+                            for x in (0, w - w // 6)])
+
+    clip = data.read_clip(path, 2)
+    assert clip.shape == (2, 40, 24, 3)
+    # within the encoder's loss on saturated colour; a wrongly turned frame is 140 levels off in some corner
+    assert (corners(clip[0]) - corners(torch.from_numpy(upright))).abs().max() <= 20
+    small = data.read_clip(path, 2, short_side=12)  # scaling and rotation together
+    assert small.shape == (2, 20, 12, 3)
+    assert (corners(small[0]) - corners(torch.from_numpy(upright))).abs().max() <= 30  # and blurred edges
+
+
+def test_data_reads_the_recording_not_a_thumbnail_or_cover_art(tmp_path):
+    def poster(container, disposition):
+        image = av.VideoFrame.from_ndarray(np.full((64, 64, 3), (250, 200, 0), np.uint8), format="rgb24")
+        stream = container.add_stream("mjpeg", rate=1)
+        stream.width, stream.height, stream.pix_fmt, stream.disposition = 64, 64, "yuvj420p", disposition
+        return stream, stream.encode(image) + stream.encode()
+
+    # a one-frame thumbnail track listed first and marked default (some cameras write this): FFmpeg's own
+    # "best" stream is the thumbnail, which the reader must not take
+    thumb_first = tmp_path / "thumb_first.mp4"
+    with av.open(str(thumb_first), "w") as container:
+        thumb, packets = poster(container, av.stream.Disposition.default)
+        video = container.add_stream("libx264", rate=8)
+        video.width, video.height, video.pix_fmt = 48, 32, "yuv420p"
+        container.mux(packets)
+        for k in range(20):
+            image = np.full((32, 48, 3), GREY_STEP * k, np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+    with av.open(str(thumb_first)) as container:
+        assert container.streams.best("video").index == 0 and container.streams.video[0].frames == 1
+    clip = data.read_clip(thumb_first, 8)
+    assert clip.shape == (8, 32, 48, 3) and _frame_ids(clip) == [1, 3, 6, 8, 11, 13, 16, 18]
+    # a song with cover art (an attached picture): no video at all, not eight copies of the poster
+    song = tmp_path / "song.m4a"
+    with av.open(str(song), "w", format="mp4") as container:
+        audio = container.add_stream("aac", rate=16000)
+        _, packets = poster(container, av.stream.Disposition.attached_pic)
+        container.mux(packets)
+        sound = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        sound.sample_rate = 16000
+        container.mux(audio.encode(sound) + audio.encode())
+    with pytest.raises(data.VideoDecodeError, match=f"no video stream in {song}"):
+        data.read_clip(song, 8)
+
+
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (235, 235, 235), (16, 16, 16), (128, 128, 128)]
+
+
+@pytest.mark.parametrize("codec, matrix, full_range", [("libx264", "ITU601", False), ("libx264", "ITU709", False),
+                                                       ("libx264", "ITU601", True), ("libx264", "ITU709", True),
+                                                       ("libvpx-vp9", "ITU709", True)])
+def test_data_colours_follow_the_videos_matrix_and_range(tmp_path, codec, matrix, full_range):
+    # Six flat 16 x 16 patches, encoded losslessly as YUV by the given matrix and range and tagged so. Read as
+    # BT.601 limited range whatever the tags (what PyAV before 17 did), the BT.709 files come out up to 27
+    # levels off and the full-range VP9 file (yuv420p tagged full, not yuvj420p) 20.
+    image = np.zeros((32, 48, 3), np.uint8)
+    for k, colour in enumerate(COLOURS):
+        image[(k // 3) * 16:(k // 3 + 1) * 16, (k % 3) * 16:(k % 3 + 1) * 16] = colour
+    path = tmp_path / f"colours.{'webm' if 'vp9' in codec else 'mp4'}"
+    value_range = "JPEG" if full_range else "MPEG"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.options = {"lossless": "1"} if "vp9" in codec else {"qp": "0", "preset": "ultrafast"}
+        # the tags, as FFmpeg numbers them: colour space BT.709 = 1, SMPTE 170M (BT.601) = 6
+        stream.codec_context.colorspace = 1 if matrix == "ITU709" else 6
+        stream.codec_context.color_range = av.video.reformatter.ColorRange[value_range].value
+        for _ in range(2):
+            yuv = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace=matrix, dst_color_range=value_range)
+            container.mux(stream.encode(yuv))
+        container.mux(stream.encode())
+    frame = data.read_clip(path, 1)[0].int()
+    for k, colour in enumerate(COLOURS):
+        patch = frame[(k // 3) * 16 + 4:(k // 3) * 16 + 12, (k % 3) * 16 + 4:(k % 3) * 16 + 12]
+        assert (patch - torch.tensor(colour)).abs().max() <= 4, (k, colour)
+
+
+def test_data_any_failure_while_reading_is_a_video_decode_error(videos, monkeypatch):
+    def fails(self, frame):  # a failure after the decoder, as numpy's on a frame it cannot reshape
+        raise ValueError("cannot reshape array of size 7")
+    monkeypatch.setattr(data._Clip, "rgb", fails)
+    path = videos["v20"]
+    for read in (lambda p: data.read_clip(p, 4), data.read_all_frames):
+        with pytest.raises(data.VideoDecodeError, match=f"{path}: ValueError: cannot reshape"):
+            read(path)
+
+
+def test_data_frames_are_scaled_down_while_decoding(tmp_path):
+    # colour waves, encoded losslessly (but for 4:2:0 chroma): the truth is torch's resize of the frames written
+    y, x = np.mgrid[0:96, 0:160]
+    frames = np.stack([np.stack([128 + 80 * np.sin(2 * np.pi * (x + 3 * k) / 37 + c) * np.cos(2 * np.pi * y / 29)
+                                 for c in (0, 2, 4)], -1) for k in range(4)]).round().astype(np.uint8)
+    path = _h264(tmp_path / "big.mp4", frames, qp="0")
+    full, small = data.read_clip(path, 2), data.read_clip(path, 2, short_side=48)
+    assert full.shape == (2, 96, 160, 3) and small.shape == (2, 48, 80, 3)
+    shown = frames[data.sample_indices(4, 2, train=False)]  # (2, 96, 160, 3)
+    truth = data.resize_short_side(torch.from_numpy(shown).permute(0, 3, 1, 2).float(), 48).permute(0, 2, 3, 1)
+    # about 1.5 levels from 4:2:0 alone; FFmpeg's scaler without full chroma interpolation was 5.7, a pixel off 13
+    assert (small.float() - truth).abs().mean() < 3.5
+    assert data.read_clip(path, 2, short_side=200).shape == (2, 96, 160, 3)  # never scaled up
+    assert data.read_all_frames(path, short_side=48).shape == (4, 48, 80, 3)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that torch ops allocate while active and that are still alive, and their peak.
+    A view or an in-place op allocates nothing; a storage's weakref callback fires when its last view dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is None or storage.data_ptr() in inputs | self.seen or storage.nbytes() == 0:
+                continue
+            self.seen.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, storage.data_ptr(), storage.nbytes())
+        return out
+
+
+def test_data_large_training_sample_stays_within_3x_its_scaled_clip(tmp_path):
+    # A 1280 x 720 source and a small training setting (short side 112-140, 96 crops): the clip decoded at the
+    # largest short side, 8 x 140 x 249 x 3 bytes, is 1/26 of the full-size uint8 clip, so a full-size frame
+    # stack, let alone a float one, is far over the bound. Peak = numpy's peak (tracemalloc) + torch's peak.
+    path = _h264(tmp_path / "hd.mp4", np.stack(list(bench.scene_frames(8, 720, 1280))), preset="ultrafast")
+    listed = _write(tmp_path / "hd.txt", f"{path.name} 0\n")
+    ds = data.VideoDataset(listed, num_frames=8, img_size=96, train=True, scale=(112, 140))
+    with LiveTensorBytes():
+        ds[0]  # warm-up: codec libraries, lazy imports and caches are not the sample's memory
+    clip_bytes = 8 * 140 * 249 * 3
+    tracemalloc.start()
+    try:
+        with LiveTensorBytes() as torch_bytes:
+            sample = ds[0]
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sample["video"].shape == sample["fake"].shape == (3, 8, 96, 96)
+    assert torch_bytes.peak > sample["video"].numel() * 4  # the probe sees the sample's own output
+    assert numpy_peak + torch_bytes.peak < 3 * clip_bytes, (numpy_peak / clip_bytes, torch_bytes.peak / clip_bytes)
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -1380,6 +1608,20 @@ def test_bench_json_last_line_has_the_required_keys(capsys):
     dense = next(r for r in result["rows"] if r["name"] == "dense")
     assert dense["mode"] == "dense" and dense["speedup"] == 1.0
     assert all(r["gflops_ratio"] < 1 for r in result["rows"] if r["mode"] != "dense")
+
+
+def test_bench_data_mode_prints_its_keys(tmp_path, videos, capsys):
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # Linux only
+    result = bench.main(["--data", "--data-video", str(videos["v20"]), "--data-dir", str(tmp_path), "--repeats", "2",
+                         "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == result and out[1].split()[:3] == ["video", "size", "frames"]
+    (row,) = result["data"]
+    assert {"name", "video", "frames", "clip_frames", "s_per_sample", "samples_per_s", "decoded_per_clip",
+            "minimum_per_clip"} <= set(row)
+    assert row["name"] == "v20.mp4" and row["video"] == "48x32" and row["frames"] == 20 and row["clip_frames"] == 8
+    assert 0 < row["minimum_per_clip"] <= row["decoded_per_clip"] <= 20 and row["samples_per_s"] > 0
+    assert cores is None or os.sched_getaffinity(0) == cores  # the timing ran on one core; the cores came back
 
 
 def test_bench_measure_times_the_rows_round_robin():
