@@ -29,7 +29,7 @@ import haltingvt
 import losses
 import train
 from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu,
-                       halting_weights, load_deit, row_groups, to_device, top_k_per_frame)
+                       halting_weights, load_pretrained, row_groups, to_device, top_k_per_frame)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,8 +365,8 @@ def test_load_deit_matches_a_plain_vit_on_one_frame():
     state = fake_deit_state()
     cfg = HaltingVTConfig.deit_small(num_frames=1, keep_ratio=1.0, halting=False, num_classes=1000)
     model = HaltingVT(cfg).eval()
-    report = load_deit(model, {"model": state})
-    assert report["unexpected"] == []
+    report = load_pretrained(model, {"model": state})
+    assert report["unused"] == []
     assert set(report["missing"]) == {"time_embed", "motion_head.weight", "motion_head.bias",
                                       "glimpser.blocks.0.temporal_fc.weight", "glimpser.blocks.0.temporal_fc.bias",
                                       "glimpser.blocks.1.temporal_fc.weight", "glimpser.blocks.1.temporal_fc.bias"}
@@ -387,8 +387,8 @@ def test_load_deit_resizes_pos_embed_skips_a_foreign_head_and_reports_keys(tmp_p
     model = HaltingVT(cfg)
     with torch.no_grad():
         model.time_embed.fill_(1.0)
-    report = load_deit(model, str(path))
-    assert report["unexpected"] == ["dist_token"]
+    report = load_pretrained(model, str(path))
+    assert report["unused"] == ["dist_token"]
     assert {"head.weight", "head.bias", "time_embed"} <= set(report["missing"])
     assert model.pos_embed.shape == (1, 1 + 16, 64)
     assert torch.equal(model.pos_embed[0, 0], state["pos_embed"][0, 0])  # class entry kept as is
@@ -400,7 +400,7 @@ def test_load_deit_resizes_pos_embed_skips_a_foreign_head_and_reports_keys(tmp_p
     assert torch.equal(model.joint.blocks[1].mlp.fc1.weight, state["blocks.2.mlp.fc1.weight"])
     state["blocks.1.attn.qkv.weight"] = torch.zeros(10, 10)
     with pytest.raises(ValueError, match="joint.blocks.0.attn.qkv.weight"):
-        load_deit(model, state)
+        load_pretrained(model, state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -874,7 +874,7 @@ def small_run(demo, out, *extra):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def assert_same_weights(a, b):
@@ -938,7 +938,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
     assert len(metrics["halt_depth_hist"]) == 2 and sum(metrics["halt_depth_hist"]) == pytest.approx(1)
     assert len(metrics["tokens_per_layer"]) == 4 and 1 <= metrics["halt_depth_mean"] <= 2
     assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == 6
-    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= ckpt.keys()
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["embed_dim"] == 32
     assert (tmp_path / "best.pt").is_file() and not list(tmp_path.glob("*.tmp"))
@@ -950,7 +950,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
 def test_train_resume_is_exact(demo, tmp_path):
     train.main(small_run(demo, tmp_path / "straight", "--epochs", "2"))
     train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--stop-after", "1"))
-    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
     train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--resume", str(tmp_path / "split/last.pt")))
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
 
@@ -968,7 +968,7 @@ def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "forward_loss", interrupted)
     train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
-    ckpt = torch.load(tmp_path / "split/last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "split/last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 1, 1)  # the second step was not taken
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
     monkeypatch.setattr(train, "forward_loss", forward_loss)
@@ -990,7 +990,7 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(demo, tmp_path, mon
     monkeypatch.setattr(train, "haltingvt_loss", nan_in_second_epoch)
     with pytest.raises(train.NonFiniteLoss, match="loss is nan"):
         train.main(small_run(demo, tmp_path, "--epochs", "2"))
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 3
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
@@ -1005,7 +1005,7 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     final = json.loads((tmp_path / "final.json").read_text())
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
     assert final["val_videos"] == 6  # each validation video counted once across the two ranks
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3  # 12 videos / (2 ranks x 2)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3  # 12 videos / (2 ranks x 2)
 
 
 def test_train_halting_ramp_is_off_then_linear_then_on():
@@ -1240,7 +1240,7 @@ def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
     assert [c[:5] for c in cells] == [["no Glimpser", "-", "no", beta, "0"], ["Glimpser", "0.3", "yes", beta, "0"]]
     ratios = [float(c[7]) for c in cells]
     assert all(0 < r <= 1 for r in ratios) and ratios[1] < ratios[0]  # the Glimpser saves compute
-    no_motion = torch.load(next(tmp_path.glob("00_*")) / "last.pt", weights_only=False)
+    no_motion = torch.load(next(tmp_path.glob("00_*")) / "last.pt", weights_only=True)
     assert no_motion["config"]["motion_head"] is False and no_motion["config"]["glimpser_depth"] == 0
 
 
