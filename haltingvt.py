@@ -788,6 +788,9 @@ def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
                          "model: left fresh")
             for name in (w, head + "bias"):
                 mapped.pop(name, None)
+    if "dist_token" in unused:
+        notes.append("dist_token: a distilled DeiT's distillation token is not used, so the class token's features "
+                     "differ a little from the image model's")
     for name, value in mapped.items():
         if value.shape != target[name].shape:
             raise ValueError(f"checkpoint tensor for {name} has shape {tuple(value.shape)}, the model expects "
@@ -804,9 +807,9 @@ def starts_fresh(key: str, layout: str) -> bool:
 def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, describe: str):
     """Raise ValueError unless every backbone tensor was found and every tensor of a layer the model has was used.
 
-    The backbone: every tensor but those of starts_fresh. A file tensor inside one of the model's layers that has no place there
-    (layer scale, or a temporal part where the model has a joint layer) means the layer would compute
-    something else. The layers beyond the model's depth are only reported."""
+    The backbone: every tensor but those of starts_fresh. A file tensor inside one of the model's layers with no
+    place there (layer scale, or a temporal part where the model has a joint layer) means that the layer would
+    compute something else. Layers beyond the model's depth are only reported as unused."""
     target = model.state_dict()
     missing = [k for k in target if k not in mapped and not starts_fresh(k, layout)]
     layers = {".".join(k.split(".")[:3]) for k in target if k.startswith(("glimpser.blocks.", "joint.blocks."))}
@@ -874,8 +877,8 @@ def load_pretrained(model: HaltingVT, src) -> dict:
     share = sum(target[k].numel() for k in mapped) / sum(t.numel() for t in target.values())
     report = dict(layout=layout, weights=where, loaded=len(mapped), share=share,
                   missing=[k for k in target if k not in mapped], unused=unused, notes=notes)
-    log.info("loaded %d tensors (%.1f%% of the parameters) of a %s checkpoint (weights under %s)%s; left as "
-             "initialised: %s; not used: %s", len(mapped), 100 * share, layout, where,
+    log.info("loaded %d tensors (%.1f%% of the parameters) from a checkpoint of layout %s (weights under %s)%s; "
+             "left as initialised: %s; not used: %s", len(mapped), 100 * share, layout, where,
              "".join(f"; {n}" for n in notes), report["missing"] or "none", unused or "none")
     return report
 

@@ -529,6 +529,7 @@ def test_load_pretrained_position_embeddings_of_other_sizes_and_tokens():
     report = load_pretrained(model, distilled)
     assert torch.equal(model.pos_embed, pos)  # the distillation token's entry dropped
     assert set(report["unused"]) == {"dist_token", "head_dist.weight", "head_dist.bias"}
+    assert [n.split(":")[0] for n in report["notes"]] == ["head", "dist_token"]
     no_class_entry = {**fake_deit_state(**SMALL_DEIT), "pos_embed": pos[:, 1:]}  # (1, 16, D)
     load_pretrained(model, no_class_entry)
     assert (model.pos_embed[:, 0] == 0).all() and torch.equal(model.pos_embed[:, 1:], pos[:, 1:])
@@ -1168,8 +1169,9 @@ def test_train_two_stage_recipe_base_video_model_then_haltingvt(demo, tmp_path):
     train.main(small_run(demo, tmp_path / "base", "--epochs", "1", "--no-halting", "--keep-ratio", "1.0"))
     base = weights(tmp_path / "base/last.pt")
     assert base["time_embed"].abs().sum() > 0 and base["glimpser.blocks.0.temporal_fc.weight"].abs().sum() > 0
-    metrics = train.main(small_run(demo, tmp_path / "halting", "--epochs", "1", "--init", str(tmp_path / "base/last.pt"),
-                                   "--lr", "0", "--keep-ratio", "0.5", "--beta", "-10", "--halting-warmup", "0"))
+    stage2_flags = ["--init", str(tmp_path / "base/last.pt"), "--lr", "0", "--keep-ratio", "0.5", "--beta", "-10",
+                    "--halting-warmup", "0"]
+    metrics = train.main(small_run(demo, tmp_path / "halting", "--epochs", "1", *stage2_flags))
     stage2 = torch.load(tmp_path / "halting/last.pt", weights_only=True)
     assert stage2["model"].keys() == base.keys()
     for name, value in base.items():
