@@ -653,7 +653,7 @@ ANCHOR = "patch_embed.proj.weight"
 # The release is an mmaction2 recognizer: backbone under "backbone.model.", its heads in "cls_head.".
 RELEASE_HEADS = {"cls_head.fc_cls.": "head.", "cls_head.fc_motion.": "motion_head."}
 
-HEADS = ("head.", "motion_head.")
+HEADS = ("head.", "motion_head.")  # task heads: another task's checkpoint may lack them or count other classes
 
 # safetensors' dtype names (timm's hub weights are model.safetensors files).
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
