@@ -24,9 +24,15 @@ Axis letters used in shape comments:
     N packed tokens of several samples, L layers, D width, h heads, d = D / h.
 Token order: index 0 is the class token, then frame-major patches: token 1 + t * S + s.
 """
+import argparse
+import json
 import logging
 import math
+import os
+import pickle
+import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -662,66 +668,250 @@ def _init_weights(m: nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# DeiT-S initialisation
+# Pretrained weights: DeiT/timm image checkpoints, the authors' release, train.py's own video checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-def load_deit(model: HaltingVT, src) -> dict:
-    """Load a timm/DeiT image checkpoint (a path, a raw state dict or {"model": state_dict}) into the video model.
+# The only objects besides tensors and plain values that a checkpoint may hold: DeiT's main.py and timm's
+# train.py save their argparse.Namespace under "args". Nothing else is unpickled (weights_only=True).
+SAFE_GLOBALS = [argparse.Namespace]
 
-    Every layer gets its spatial weights; the Glimpser's divided layers get their temporal attention and norm
-    copied from the spatial ones and a zero `temporal_fc` (so the video model starts as the image model); the
-    time embedding starts at zero; `pos_embed` is resized to the model's patch grid; the head is loaded only
-    when the class count matches. Returns {"missing": [...], "unexpected": [...]} (model keys left at their
-    initial values, checkpoint keys not used), which are also logged.
+# Where the weights sit in the usual wrappers, in order: the raw weights before their EMA copy.
+WEIGHT_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
+
+# Every layout has this tensor; whatever precedes it in the file ("module.", "backbone.model.", ...) is a prefix.
+ANCHOR = "patch_embed.proj.weight"
+
+# The release is an mmaction2 recognizer: backbone under "backbone.model.", its heads in "cls_head.".
+RELEASE_HEADS = {"cls_head.fc_cls.": "head.", "cls_head.fc_motion.": "motion_head."}
+
+HEADS = ("head.", "motion_head.")  # task heads: another task's checkpoint may lack them or count other classes
+
+# safetensors' dtype names (timm's hub weights are model.safetensors files).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint file's contents, read without running any code from it.
+
+    A `.safetensors` file is parsed as it is; anything else goes through torch.load(weights_only=True), which
+    builds tensors and plain values only, plus SAFE_GLOBALS. Raises ValueError naming the file and the object it
+    refused (a class saved by another codebase, say), FileNotFoundError for a missing file.
     """
-    state = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, bytes)) or \
-        hasattr(src, "__fspath__") else src
-    state = state.get("model", state)
-    g = model.cfg.glimpser_depth
-    target = model.state_dict()
-    mapped, unexpected = {}, []
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        what = re.search(r"GLOBAL (\S+)", str(err))
+        raise ValueError(f"{path}: refused to unpickle {what.group(1) if what else 'an object'}: only tensors, "
+                         "plain values and argparse.Namespace are read, since unpickling anything else can run "
+                         "code. If you trust the file, load it yourself and torch.save its state dict alone") from None
+
+
+def read_safetensors(path) -> dict:
+    """A .safetensors file as a state dict: an 8-byte little-endian header size, a JSON header giving each
+    tensor's dtype, shape and byte range, then the bytes (read here without the safetensors package)."""
+    raw = bytearray(Path(path).read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
+        start, end = info["data_offsets"]
+        flat = torch.frombuffer(body[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start else \
+            torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        state[name] = flat.reshape(info["shape"])
+    return state
+
+
+def find_state_dict(ckpt) -> tuple:
+    """(state dict, where it was found) in a raw state dict or any WEIGHT_KEYS wrapper; (None, None) if neither."""
+    if not isinstance(ckpt, dict):
+        return None, None
+    if any(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt, "the top level"
+    for key in WEIGHT_KEYS:
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key], f'"{key}"'
+    return None, None
+
+
+def strip_prefix(state: dict) -> Optional[dict]:
+    """The tensors of `state` under the model's names: the prefix before ANCHOR (`module.` of DDP, `model.`,
+    the release's `backbone.model.`, ...) removed, the release's head names replaced. None without ANCHOR."""
+    anchors = [k for k in state if k.endswith(ANCHOR)]
+    if not anchors:
+        return None
+    prefix = min(anchors, key=len)[:-len(ANCHOR)]
+    out = {}
     for key, value in state.items():
-        for name in _video_keys(key, g):
-            if name in target:
-                mapped[name] = value
-        if not any(name in target for name in _video_keys(key, g)):
-            unexpected.append(key)
-    grid = (model.cfg.img_size // model.cfg.patch_size,) * 2
-    if "pos_embed" in mapped:
-        mapped["pos_embed"] = resize_pos_embed(mapped["pos_embed"], grid)
-    for name in ("head.weight", "head.bias"):
-        if name in mapped and mapped[name].shape != target[name].shape:
-            del mapped[name]  # a different class count: keep the fresh head
-    for name, value in mapped.items():
-        if value.shape != target[name].shape:
-            raise ValueError(f"load_deit: checkpoint tensor for {name} has shape {tuple(value.shape)}, "
-                             f"the model expects {tuple(target[name].shape)}")
-    missing = [k for k in target if k not in mapped]
-    model.load_state_dict(mapped, strict=False)
-    with torch.no_grad():
-        model.time_embed.zero_()
-        for blk in model.glimpser.blocks if model.glimpser else []:
-            blk.temporal_fc.weight.zero_(), blk.temporal_fc.bias.zero_()
-    log.info("load_deit: %d tensors loaded; missing (left as initialised): %s; unexpected (unused): %s",
-             len(mapped), missing, unexpected)
-    return {"missing": missing, "unexpected": unexpected}
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = key[len(prefix):] if key.startswith(prefix) else key
+        for old, new in RELEASE_HEADS.items():
+            key = new + key.split(old, 1)[1] if old in key else key
+        out[key] = value
+    return out
 
 
-def _video_keys(key: str, g: int) -> list:
-    """The video model's names for one DeiT key: blocks.i -> glimpser.blocks.i (plus temporal copies) for the
-    first g layers, joint.blocks.(i-g) for the rest."""
-    if not key.startswith("blocks."):
+def checkpoint_layout(keys) -> str:
+    """"video" (train.py's own names), "release" (flat `blocks.i` with temporal layers) or "image" (DeiT/timm)."""
+    if any(k.startswith(("glimpser.blocks.", "joint.blocks.")) for k in keys):
+        return "video"
+    if any(k.startswith("blocks.") and ".temporal_" in k for k in keys):
+        return "release"
+    return "image"
+
+
+def model_keys(key: str, layout: str, g: int) -> list:
+    """The model's names for one file key. Flat `blocks.i` (image, release): the first g layers are the
+    Glimpser's, the rest joint.blocks.(i-g); an image layer also lends its attention and norm1 to the
+    Glimpser's temporal attention (TimeSformer's inflation). train.py's names are the model's."""
+    if layout == "video" or not key.startswith("blocks."):
         return [key]
     _, i, rest = key.split(".", 2)
     i = int(i)
     if i >= g:
         return [f"joint.blocks.{i - g}.{rest}"]
     names = [f"glimpser.blocks.{i}.{rest}"]
-    if rest.startswith("attn."):
-        names.append(f"glimpser.blocks.{i}.temporal_{rest}")
-    if rest.startswith("norm1."):
+    if layout == "image" and rest.startswith(("attn.", "norm1.")):
         names.append(f"glimpser.blocks.{i}.temporal_{rest}")
     return names
+
+
+def adapt_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """A file's (1, p + S0, D) position embedding -> the model's (1, 1 + gh*gw, D). The p entries before the
+    square patch grid: 1, the class token's (DeiT, timm, the release); 2, the class token's and the
+    distillation token's (DeiT's distilled models), the second dropped; 0, none (the class token gets zero)."""
+    n = pos.shape[1]
+    p = next((p for p in (1, 2, 0) if n > p and math.isqrt(n - p) ** 2 == n - p), None)
+    if p is None:
+        raise ValueError(f"pos_embed has {n} entries: not a square patch grid after 0, 1 or 2 token entries")
+    cls = pos[:, :1] if p else pos.new_zeros(1, 1, pos.shape[2])
+    return resize_pos_embed(torch.cat([cls, pos[:, p:]], 1), grid)
+
+
+def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
+    """(model name -> tensor, file keys not used, notes): names mapped, embeddings resized, a head of another
+    class count dropped (left fresh). Raises ValueError for any other shape that differs."""
+    cfg, target = model.cfg, model.state_dict()
+    mapped, unused, notes = {}, [], []
+    for key, value in keys.items():
+        names = [n for n in model_keys(key, layout, cfg.glimpser_depth) if n in target]
+        mapped.update((n, value) for n in names)
+        if not names:
+            unused.append(key)
+    if "pos_embed" in mapped:
+        mapped["pos_embed"] = adapt_pos_embed(mapped["pos_embed"], (cfg.img_size // cfg.patch_size,) * 2)
+    if "time_embed" in mapped and layout != "image":
+        mapped["time_embed"] = resize_time_embed(mapped["time_embed"], cfg.num_frames)
+    for head in HEADS:
+        w = head + "weight"
+        if w in mapped and mapped[w].shape != target[w].shape:
+            notes.append(f"{head[:-1]}: {mapped[w].shape[0]} outputs in the file, {target[w].shape[0]} in the "
+                         "model: left fresh")
+            for name in (w, head + "bias"):
+                mapped.pop(name, None)
+    if "dist_token" in unused:
+        notes.append("dist_token: a distilled DeiT's distillation token is not used, so the class token's features "
+                     "differ a little from the image model's")
+    for name, value in mapped.items():
+        if value.shape != target[name].shape:
+            raise ValueError(f"checkpoint tensor for {name} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(target[name].shape)}")
+    return mapped, unused, notes
+
+
+def starts_fresh(key: str, layout: str) -> bool:
+    """Whether a model tensor may be absent from a checkpoint of this layout: the heads (another task's), and for
+    an image checkpoint the time embedding and each `temporal_fc` (zero: the video model starts as the image one)."""
+    return key.startswith(HEADS) or (layout == "image" and (key == "time_embed" or ".temporal_fc." in key))
+
+
+def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, describe: str):
+    """Raise ValueError unless every backbone tensor was found and every tensor of a layer the model has was used.
+
+    The backbone: every tensor but those of starts_fresh. A file tensor inside one of the model's layers with no
+    place there (layer scale, or a temporal part where the model has a joint layer) means that the layer would
+    compute something else. Layers beyond the model's depth are only reported as unused."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in mapped and not starts_fresh(k, layout)]
+    layers = {".".join(k.split(".")[:3]) for k in target if k.startswith(("glimpser.blocks.", "joint.blocks."))}
+    misfits = [k for k in unused for n in model_keys(k, layout, model.cfg.glimpser_depth)
+               if ".".join(n.split(".")[:3]) in layers]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} of the model's backbone tensors, e.g. {missing[:4]}; "
+                         f"{describe}. Expected a DeiT/ViT image checkpoint with timm's names (cls_token, "
+                         f"pos_embed, {ANCHOR}, blocks.0.attn.qkv.weight, ..., norm.weight; any prefix), "
+                         "one of the authors' release (backbone.model.*, cls_head.*) or one written by train.py, "
+                         "of the model's depth and width")
+    if misfits:
+        raise ValueError(f"the checkpoint's layers hold tensors this model has no place for, e.g. {misfits[:4]}; "
+                         f"{describe}")
+
+
+def describe_checkpoint(ckpt, state) -> str:
+    """What a file holds, for error messages: its top-level keys and a few tensor names."""
+    top = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+    names = [k for k, v in (state or {}).items() if isinstance(v, torch.Tensor)][:5]
+    return f"the file's top-level keys: {top}; tensors such as {names}"
+
+
+def load_pretrained(model: HaltingVT, src) -> dict:
+    """Load pretrained weights into the video model: src is a path (any torch.save file, or .safetensors) or an
+    already loaded checkpoint. Three layouts, found by their names, in any wrapper of WEIGHT_KEYS and under any
+    prefix (`module.` of DDP, ...):
+
+      - image: a DeiT/ViT checkpoint (DeiT's releases and main.py, timm's weights and train.py). Every layer gets
+        its spatial weights; the Glimpser's divided layers copy their temporal attention and norm from the
+        spatial ones and get a zero `temporal_fc`, and the time embedding starts at zero, so the video model
+        starts as the image model; `pos_embed` is resized to the model's patch grid (a distillation token's
+        entry dropped).
+      - video: a checkpoint written by train.py, loaded as it is (time embedding and every `temporal_fc`
+        included); embeddings resized if the frame count or size differ.
+      - release: the authors' mmaction2 checkpoints (`backbone.model.blocks.i`, `cls_head.fc_cls`,
+        `cls_head.fc_motion`). Left different: in the Glimpser's pruning layer the release drops the class
+        token's residual and this model keeps it; a release model with a motion token has its token and
+        position entry left unused (this model's motion head reads the class token). Eq. (2)'s gamma and beta and
+        R are not in the file: set them as its config did.
+
+    A head whose class count differs is left fresh. Raises ValueError (naming what the file holds and what was
+    expected) when any backbone tensor is missing, a shape differs, or a layer holds tensors the model lacks.
+    Returns a report, also logged: {"layout", "weights" (where they were found), "loaded" (tensors filled),
+    "share" (fraction of the model's parameter elements filled), "missing" (model tensors left as
+    initialised), "unused" (file tensors not used), "notes"}.
+    """
+    ckpt = read_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src
+    state, where = find_state_dict(ckpt)
+    keys = strip_prefix(state) if state is not None else None
+    describe = describe_checkpoint(ckpt, state)
+    if keys is None:
+        raise ValueError(f"no ViT weights found (no tensor named *{ANCHOR}): {describe}. Expected a state dict, "
+                         f"raw or under one of {list(WEIGHT_KEYS)}")
+    layout = checkpoint_layout(keys)
+    mapped, unused, notes = map_checkpoint(model, keys, layout)
+    check_coverage(model, mapped, unused, layout, describe)
+    model.load_state_dict(mapped, strict=False)
+    if layout == "image":
+        with torch.no_grad():
+            model.time_embed.zero_()
+            for blk in model.glimpser.blocks if model.glimpser else []:
+                blk.temporal_fc.weight.zero_(), blk.temporal_fc.bias.zero_()
+    target = model.state_dict()
+    share = sum(target[k].numel() for k in mapped) / sum(t.numel() for t in target.values())
+    report = dict(layout=layout, weights=where, loaded=len(mapped), share=share,
+                  missing=[k for k in target if k not in mapped], unused=unused, notes=notes)
+    log.info("loaded %d tensors (%.1f%% of the parameters) from a checkpoint of layout %s (weights under %s)%s; "
+             "left as initialised: %s; not used: %s", len(mapped), 100 * share, layout, where,
+             "".join(f"; {n}" for n in notes), report["missing"] or "none", unused or "none")
+    return report
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Sections: the network (halting math, Glimpser, mask/drop modes, gradients, GFLOP
 losses and video data, training, the benchmark helpers, pictures and ablations. No wall-clock thresholds:
 timings are benchmark figures (bench.py, the sanity run), not tests.
 """
+import argparse
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import haltingvt
 import losses
 import train
 from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu,
-                       halting_weights, load_deit, row_groups, to_device, top_k_per_frame)
+                       halting_weights, load_pretrained, row_groups, to_device, top_k_per_frame)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,12 +447,12 @@ def reference_vit(state, image, heads=6):
     return lin(ln(x, "norm")[:, 0], "head")
 
 
-def test_load_deit_matches_a_plain_vit_on_one_frame():
+def test_load_pretrained_matches_a_plain_vit_on_one_frame():
     state = fake_deit_state()
     cfg = HaltingVTConfig.deit_small(num_frames=1, keep_ratio=1.0, halting=False, num_classes=1000)
     model = HaltingVT(cfg).eval()
-    report = load_deit(model, {"model": state})
-    assert report["unexpected"] == []
+    report = load_pretrained(model, {"model": state})
+    assert report["unused"] == []
     assert set(report["missing"]) == {"time_embed", "motion_head.weight", "motion_head.bias",
                                       "glimpser.blocks.0.temporal_fc.weight", "glimpser.blocks.0.temporal_fc.bias",
                                       "glimpser.blocks.1.temporal_fc.weight", "glimpser.blocks.1.temporal_fc.bias"}
@@ -463,7 +464,7 @@ def test_load_deit_matches_a_plain_vit_on_one_frame():
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-def test_load_deit_resizes_pos_embed_skips_a_foreign_head_and_reports_keys(tmp_path):
+def test_load_pretrained_resizes_pos_embed_skips_a_foreign_head_and_reports_keys(tmp_path):
     state = fake_deit_state(D=64, depth=3, grid=14, classes=1000)
     state["dist_token"] = torch.zeros(1, 1, 64)
     path = tmp_path / "deit.pth"
@@ -472,8 +473,8 @@ def test_load_deit_resizes_pos_embed_skips_a_foreign_head_and_reports_keys(tmp_p
     model = HaltingVT(cfg)
     with torch.no_grad():
         model.time_embed.fill_(1.0)
-    report = load_deit(model, str(path))
-    assert report["unexpected"] == ["dist_token"]
+    report = load_pretrained(model, str(path))
+    assert report["unused"] == ["dist_token"]
     assert {"head.weight", "head.bias", "time_embed"} <= set(report["missing"])
     assert model.pos_embed.shape == (1, 1 + 16, 64)
     assert torch.equal(model.pos_embed[0, 0], state["pos_embed"][0, 0])  # class entry kept as is
@@ -485,7 +486,193 @@ def test_load_deit_resizes_pos_embed_skips_a_foreign_head_and_reports_keys(tmp_p
     assert torch.equal(model.joint.blocks[1].mlp.fc1.weight, state["blocks.2.mlp.fc1.weight"])
     state["blocks.1.attn.qkv.weight"] = torch.zeros(10, 10)
     with pytest.raises(ValueError, match="joint.blocks.0.attn.qkv.weight"):
-        load_deit(model, state)
+        load_pretrained(model, state)
+
+
+SMALL_DEIT = dict(D=64, depth=3, grid=4, classes=1000)  # fake_deit_state's shapes for HaltingVTConfig.tiny below
+
+
+def small_deit_model(**overrides):
+    """A tiny HaltingVT with fake_deit_state(**SMALL_DEIT)'s shapes: width 64, 3 layers (1 Glimpser), 64 px."""
+    return HaltingVT(HaltingVTConfig.tiny(**{**dict(embed_dim=64, depth=3, num_heads=4, glimpser_depth=1),
+                                             **overrides}))
+
+
+def assert_deit_arrived(model, state):
+    """Every DeiT tensor sits where the inflation puts it, value for value (written out, not via the loader)."""
+    g = model.cfg.glimpser_depth
+    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight"):
+        assert torch.equal(model.state_dict()[name], state[name]), name
+    for i in range(model.cfg.depth):
+        blk = model.glimpser.blocks[i] if i < g else model.joint.blocks[i - g]
+        for part in ("norm1.weight", "attn.qkv.weight", "attn.proj.bias", "norm2.bias", "mlp.fc1.weight",
+                     "mlp.fc2.weight"):
+            assert torch.equal(blk.state_dict()[part], state[f"blocks.{i}.{part}"]), (i, part)
+        if i < g:
+            assert torch.equal(blk.temporal_attn.qkv.weight, state[f"blocks.{i}.attn.qkv.weight"])
+            assert (blk.temporal_fc.weight == 0).all() and (blk.temporal_fc.bias == 0).all()
+    assert (model.time_embed == 0).all()
+
+
+class Hook:
+    """Stands for any class another codebase pickles into its checkpoints; records whether it was ever rebuilt."""
+    rebuilt = []
+
+    def __setstate__(self, state):
+        Hook.rebuilt.append(state)
+
+
+def image_checkpoints(state):
+    """An image state dict in the forms people have, each as torch.save receives it."""
+    ema = {k: v + 1 for k, v in state.items()}  # different values: the loader must take the raw weights
+    namespace = argparse.Namespace(model="deit_small_patch16_224", lr=5e-4, input_size=224, mixup=(0.8, 1.0))
+    return {
+        "raw": state,
+        "model": {"model": state},
+        "state_dict": {"state_dict": state, "epoch": 10, "arch": "deit_small_patch16_224"},
+        "model_ema only": {"model_ema": state, "epoch": 3},
+        "ddp module. prefix": {"model": {f"module.{k}": v for k, v in state.items()}},
+        "lightning model. prefix": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "global_step": 5},
+        "deit main.py": {"model": state, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {},
+                         "epoch": 299, "model_ema": ema, "scaler": {"scale": 65536.0}, "args": namespace},
+        "timm train.py": {"epoch": 9, "arch": "deit_small_patch16_224", "state_dict": state, "state_dict_ema": ema,
+                          "optimizer": {"state": {}, "param_groups": []}, "args": namespace, "version": 2,
+                          "metric": 71.2},
+    }
+
+
+@pytest.mark.parametrize("form", list(image_checkpoints({})))
+def test_load_pretrained_image_checkpoint_forms(tmp_path, form):
+    state = fake_deit_state(**SMALL_DEIT)
+    path = tmp_path / "ckpt.pth"
+    torch.save(image_checkpoints(state)[form], path)
+    model = small_deit_model()
+    report = load_pretrained(model, path)
+    assert_deit_arrived(model, state)
+    fresh = {"time_embed", "head.weight", "head.bias", "motion_head.weight", "motion_head.bias",
+             "glimpser.blocks.0.temporal_fc.weight", "glimpser.blocks.0.temporal_fc.bias"}
+    assert report["layout"] == "image" and set(report["missing"]) == fresh and report["unused"] == []
+    assert report["loaded"] == len(model.state_dict()) - len(fresh)
+    sizes = {k: v.numel() for k, v in model.state_dict().items()}
+    assert report["share"] == pytest.approx(1 - sum(sizes[k] for k in fresh) / sum(sizes.values()))
+    assert report["notes"] == ["head: 1000 outputs in the file, 6 in the model: left fresh"]
+
+
+def write_safetensors(path, state):
+    """The safetensors format written out: 8-byte header size, JSON header (dtype, shape, byte range), bytes."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in state.items():
+        blob = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_load_pretrained_reads_safetensors(tmp_path):
+    state = fake_deit_state(**SMALL_DEIT)
+    write_safetensors(tmp_path / "model.safetensors", state)
+    model = small_deit_model()
+    assert load_pretrained(model, tmp_path / "model.safetensors")["layout"] == "image"
+    assert_deit_arrived(model, state)
+
+
+def test_load_pretrained_refuses_a_class_it_does_not_allow(tmp_path):
+    path = tmp_path / "hooked.pth"
+    torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
+    model = small_deit_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
+        load_pretrained(model, path)
+    assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_pretrained_that_matches_too_little_raises_saying_what_the_file_holds():
+    model = small_deit_model()
+    with pytest.raises(ValueError, match=r"no ViT weights found.*'state_dict', 'epoch'.*'encoder\.weight'"):
+        load_pretrained(model, {"state_dict": {"encoder.weight": torch.zeros(3)}, "epoch": 1})
+    shallow = fake_deit_state(**{**SMALL_DEIT, "depth": 2})
+    with pytest.raises(ValueError, match=r"lacks 12 of the model's backbone tensors.*joint\.blocks\.1\.norm1"):
+        load_pretrained(model, {"model": shallow})
+    layer_scale = {**fake_deit_state(**SMALL_DEIT), "blocks.1.ls1.gamma": torch.ones(64)}
+    with pytest.raises(ValueError, match=r"no place for.*blocks\.1\.ls1\.gamma"):
+        load_pretrained(model, layer_scale)
+
+
+def test_load_pretrained_position_embeddings_of_other_sizes_and_tokens():
+    state = fake_deit_state(**{**SMALL_DEIT, "grid": 6})  # as a DeiT trained at 384 px: 1 + 24*24 at 224
+    model = small_deit_model()
+    load_pretrained(model, state)
+    grid = state["pos_embed"][:, 1:].reshape(1, 6, 6, 64).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(model.pos_embed, torch.cat([state["pos_embed"][:, :1], resized], 1), atol=1e-6)
+    distilled = {**fake_deit_state(**SMALL_DEIT), "dist_token": torch.ones(1, 1, 64),
+                 "head_dist.weight": torch.ones(1000, 64), "head_dist.bias": torch.ones(1000)}
+    pos = distilled["pos_embed"]
+    distilled["pos_embed"] = torch.cat([pos[:, :1], torch.full((1, 1, 64), 7.0), pos[:, 1:]], 1)  # (1, 2+16, D)
+    report = load_pretrained(model, distilled)
+    assert torch.equal(model.pos_embed, pos)  # the distillation token's entry dropped
+    assert set(report["unused"]) == {"dist_token", "head_dist.weight", "head_dist.bias"}
+    assert [n.split(":")[0] for n in report["notes"]] == ["head", "dist_token"]
+    no_class_entry = {**fake_deit_state(**SMALL_DEIT), "pos_embed": pos[:, 1:]}  # (1, 16, D)
+    load_pretrained(model, no_class_entry)
+    assert (model.pos_embed[:, 0] == 0).all() and torch.equal(model.pos_embed[:, 1:], pos[:, 1:])
+
+
+def random_video_model(**overrides):
+    """A tiny video model with every tensor random, the time embedding and each temporal_fc included."""
+    torch.manual_seed(3)
+    model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=4, num_heads=2, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def release_names(state: dict, g: int) -> dict:
+    """Our names -> the release's (its HaltingVT backbone under backbone.model., HaltingVTHead as cls_head), as
+    its model code defines them: one flat blocks.i list, heads fc_cls and fc_motion."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("glimpser.blocks."):
+            key = "blocks." + key[len("glimpser.blocks."):]
+        elif key.startswith("joint.blocks."):
+            i, rest = key[len("joint.blocks."):].split(".", 1)
+            key = f"blocks.{int(i) + g}.{rest}"
+        if key.startswith(("head.", "motion_head.")):
+            head, rest = key.split(".", 1)
+            out[f"cls_head.{'fc_cls' if head == 'head' else 'fc_motion'}.{rest}"] = value
+        else:
+            out["backbone.model." + key] = value
+    return out
+
+
+def test_load_pretrained_release_checkpoint_maps_every_tensor(tmp_path):
+    source = random_video_model()
+    names = release_names(source.state_dict(), g=2)
+    ckpt = {"meta": {"epoch": 20, "mmengine_version": "0.7.3", "dataset_meta": None},
+            "state_dict": dict(reversed(names.items()))}  # temporal tensors first: no order may matter
+    torch.save(ckpt, tmp_path / "release.pth")
+    model = HaltingVT(source.cfg)
+    report = load_pretrained(model, tmp_path / "release.pth")
+    assert report["layout"] == "release" and report["missing"] == [] and report["unused"] == []
+    assert report["share"] == 1.0
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_load_pretrained_video_state_dict_loads_as_it_is_and_a_foreign_head_stays_fresh():
+    source = random_video_model()
+    model = HaltingVT(HaltingVTConfig(**{**source.cfg.to_dict(), "num_classes": 9}))
+    fresh_head = model.head.weight.detach().clone()
+    report = load_pretrained(model, {"model": source.state_dict()})
+    assert report["layout"] == "video" and set(report["missing"]) == {"head.weight", "head.bias"}
+    assert report["notes"] == ["head: 6 outputs in the file, 9 in the model: left fresh"]
+    assert torch.equal(model.head.weight, fresh_head)
+    for name, value in source.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(model.state_dict()[name], value), name  # time_embed and temporal_fc too
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1245,7 +1432,7 @@ def small_run(demo, out, *extra):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def assert_same_weights(a, b):
@@ -1321,7 +1508,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
     assert len(metrics["halt_depth_hist"]) == 2 and sum(metrics["halt_depth_hist"]) == pytest.approx(1)
     assert len(metrics["tokens_per_layer"]) == 4 and 1 <= metrics["halt_depth_mean"] <= 2
     assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == 6
-    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= ckpt.keys()
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["embed_dim"] == 32
     assert (tmp_path / "best.pt").is_file() and not list(tmp_path.glob("*.tmp"))
@@ -1333,9 +1520,82 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
 def test_train_resume_is_exact(demo, tmp_path):
     train.main(small_run(demo, tmp_path / "straight", "--epochs", "2"))
     train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--stop-after", "1"))
-    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
     train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--resume", str(tmp_path / "split/last.pt")))
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+
+def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
+    model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
+    args = train.parse_args(["--out", str(tmp_path)])
+    args.list_root = tmp_path  # a Path; --demo-videos is a tuple
+    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=2)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # both now hold a cached Gaussian in their state
+    state = {"epoch": 1, "batch_in_epoch": 0, "step": 2, "best": 0.5}
+    train.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, state, model.cfg, args, ["a", "b"])
+    expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
+    assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    train.set_rng_states(ckpt["rng"])
+    again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
+    assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
+    torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
+    with pytest.raises(SystemExit, match=r"deit\.pth was not written by train\.py.*--init"):
+        train.load_checkpoint(tmp_path / "deit.pth", model)  # what --resume and --eval-only call
+
+
+def test_train_two_stage_recipe_base_video_model_then_haltingvt(demo, tmp_path):
+    """Sec. 4.1: stage 1 trains a Base Video Model (halting off, no Glimpser pruning); stage 2 starts HaltingVT
+    from it with --init and its own settings. At lr 0, every stage-1 tensor must reach stage 2's checkpoint."""
+    train.main(small_run(demo, tmp_path / "base", "--epochs", "1", "--no-halting", "--keep-ratio", "1.0"))
+    base = weights(tmp_path / "base/last.pt")
+    assert base["time_embed"].abs().sum() > 0 and base["glimpser.blocks.0.temporal_fc.weight"].abs().sum() > 0
+    stage2_flags = ["--init", str(tmp_path / "base/last.pt"), "--lr", "0", "--keep-ratio", "0.5", "--beta", "-10",
+                    "--halting-warmup", "0"]
+    metrics = train.main(small_run(demo, tmp_path / "halting", "--epochs", "1", *stage2_flags))
+    stage2 = torch.load(tmp_path / "halting/last.pt", weights_only=True)
+    assert stage2["model"].keys() == base.keys()
+    for name, value in base.items():
+        assert torch.equal(stage2["model"][name], value), name
+    assert stage2["config"]["halting"] and stage2["config"]["keep_ratio"] == 0.5 and stage2["config"]["beta"] == -10
+    assert metrics["halt_depth_mean"] < 2  # of the 2 joint layers: stage 2 halts
+
+
+def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, capsys):
+    train.main(small_run(demo, tmp_path / "run", "--epochs", "1"))
+    ckpt_path = tmp_path / "run/last.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["classes"] == data.DEMO_CLASSES  # from the demo's classes.txt beside its list file
+    good = [demo / "videos/val/move left/0000.mp4", demo / "videos/val/move up/0000.mp4"]
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"1 of 3 videos could not be read: .*broken\.mp4"):
+        train.main(["--predict", str(good[0]), str(bad), str(good[1]), "--resume", str(ckpt_path), "--json",
+                    "--threads", "1"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["video"] for r in lines] == [str(good[0]), str(bad), str(good[1])]
+    assert "broken.mp4" in lines[1]["error"] and "top5" not in lines[1]
+    model, _ = train.load_trained_model(ckpt_path, "cpu")
+    for path, result in zip(good, lines[::2]):
+        clip = data.eval_transform(data.read_clip(path, 4, train=False), 64, data.DEMO_EVAL_SHORT_SIDE)
+        with torch.no_grad():
+            out = model(clip.unsqueeze(0), drop_halted=True)
+        probs = out.logits[0].softmax(0)
+        order = probs.argsort(descending=True)[:5].tolist()
+        assert [c["label"] for c in result["top5"]] == order
+        assert [c["class"] for c in result["top5"]] == [data.DEMO_CLASSES[i] for i in order]
+        assert [c["prob"] for c in result["top5"]] == pytest.approx(probs[order].tolist())
+        assert result["gflops"] == pytest.approx(out.gflops[0].item())
+        assert result["halt_depth_mean"] == pytest.approx(out.halt_depth[0].float().mean().item())
+    torch.save({**ckpt, "classes": None}, tmp_path / "unnamed.pt")
+    train.main(["--predict", str(good[0]), "--resume", str(tmp_path / "unnamed.pt"), "--threads", "1"])
+    text = capsys.readouterr().out.splitlines()
+    best = lines[0]["top5"][0]
+    assert text[0].startswith(f"{good[0]}: {lines[0]['gflops']:.4f} GFLOPs, mean halting depth")
+    assert text[1] == f"  {best['prob']:.3f}  {best['label']}" and len(text) == 6  # indices without names
 
 
 def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
@@ -1351,7 +1611,7 @@ def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "forward_loss", interrupted)
     train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
-    ckpt = torch.load(tmp_path / "split/last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "split/last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 1, 1)  # the second step was not taken
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
     monkeypatch.setattr(train, "forward_loss", forward_loss)
@@ -1373,7 +1633,7 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(demo, tmp_path, mon
     monkeypatch.setattr(train, "haltingvt_loss", nan_in_second_epoch)
     with pytest.raises(train.NonFiniteLoss, match="loss is nan"):
         train.main(small_run(demo, tmp_path, "--epochs", "2"))
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 3
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
@@ -1388,7 +1648,7 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     final = json.loads((tmp_path / "final.json").read_text())
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
     assert final["val_videos"] == 6  # each validation video counted once across the two ranks
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3  # 12 videos / (2 ranks x 2)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3  # 12 videos / (2 ranks x 2)
 
 
 def test_train_halting_ramp_is_off_then_linear_then_on():
@@ -1750,7 +2010,7 @@ def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
     assert [c[:5] for c in cells] == [["no Glimpser", "-", "no", beta, "0"], ["Glimpser", "0.3", "yes", beta, "0"]]
     ratios = [float(c[7]) for c in cells]
     assert all(0 < r <= 1 for r in ratios) and ratios[1] < ratios[0]  # the Glimpser saves compute
-    no_motion = torch.load(next(tmp_path.glob("00_*")) / "last.pt", weights_only=False)
+    no_motion = torch.load(next(tmp_path.glob("00_*")) / "last.pt", weights_only=True)
     assert no_motion["config"]["motion_head"] is False and no_motion["config"]["glimpser_depth"] == 0
 
 

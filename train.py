@@ -2,6 +2,7 @@
 
     python train.py                                   # the sanity run: demo dataset, tiny model, a few minutes
     python train.py --halting-map VIDEO --resume runs/sanity/best.pt   # Fig. 4: runs/sanity/halting_map.png
+    python train.py --predict VIDEO [VIDEO ...] --resume runs/sanity/best.pt   # top-5, GFLOPs, halting depth
     python train.py --ablation --out runs/ablation    # Tables 1 and 2 on the demo set: runs/ablation/ablation.md
     python train.py --train k200_train.txt --val k200_val.txt --root /data/kinetics --num-classes 200 \
         --model deit_small --init deit_small_patch16_224-cd65a155.pth
@@ -29,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ import torch.distributed as dist
 
 import data
 import losses
-from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_deit
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained, read_checkpoint
 from losses import haltingvt_loss
 
 log = logging.getLogger("train")
@@ -110,7 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="demo videos per class (100 20)")
     m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
     m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
-    m("--init", help="DeiT-S ImageNet checkpoint (timm keys, or {'model': ...}) to start from")
+    m("--init", help="weights to start from: a DeiT-S image checkpoint (DeiT's, timm's, any wrapper; inflated), "
+                     "a train.py checkpoint (stage 2 of the paper's recipe; loaded as it is) or the release's "
+                     "(haltingvt.load_pretrained)")
     m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
     m("--img-size", type=int)
     m("--embed-dim", type=int)
@@ -159,7 +163,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
     r("--stop-after", type=int, help="stop after N epochs of this run (the schedule still spans --epochs)")
-    v = p.add_argument_group("pictures and ablations").add_argument
+    v = p.add_argument_group("prediction, pictures and ablations").add_argument
+    v("--predict", nargs="+", metavar="VIDEO", help="print the top-5 classes, GFLOPs and mean halting depth of each "
+                                                    "video with the --resume checkpoint, then exit")
+    v("--json", action="store_true", help="with --predict: one JSON object per video, one a line")
     v("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (paper Fig. 4) for this video with the "
                                              "--resume checkpoint, then exit")
     v("--map-layers", type=int, nargs="+", help="joint layers (1..L) whose active tokens the map shows "
@@ -280,9 +287,8 @@ def build_model(cfg: HaltingVTConfig, args, device):
             model.pos_embed.normal_(0, args.embed_std)
             model.time_embed.normal_(0, args.embed_std)
     if args.init:
-        report = load_deit(model, args.init)
-        log.info("--init %s: %d keys left as initialised, %d checkpoint keys unused", args.init,
-                 len(report["missing"]), len(report["unexpected"]))
+        log.info("--init %s", args.init)
+        load_pretrained(model, args.init)  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
 
@@ -339,34 +345,78 @@ def ignore_sigint(worker_id):
 # ----------------------------------------------------------------------------------------------------------
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
+    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": [version, list(internal), gauss],
+              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    """Put back the states rng_states saved."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args):
-    """A plain dict, written to a temporary file and renamed: a kill at any moment leaves the old file whole."""
+def plain(value):
+    """A run argument as a plain value that weights_only=True loads: tuples become lists, paths strings."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def class_names(dataset, source) -> Optional[list]:
+    """The training set's class names: its class folders', or those of a classes.txt beside its list file (one
+    name a line, in label order, as the demo set has) when it names every class; otherwise None."""
+    if dataset.classes is not None:
+        return list(dataset.classes)
+    path = Path(source).parent / "classes.txt"
+    if not (Path(source).is_file() and path.is_file()):
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(names) != dataset.num_classes:
+        log.warning("%s names %d classes, the training set has %d: no class names saved", path, len(names),
+                    dataset.num_classes)
+        return None
+    return names
+
+
+def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args, classes=None):
+    """A plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written to a temporary
+    file and renamed: a kill at any moment leaves the old file whole. `classes`: the class names, or None."""
     ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": vars(args),
-            "rng": rng_states()}
+            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": plain(vars(args)),
+            "classes": classes, "rng": rng_states()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
+def read_run_checkpoint(path) -> dict:
+    """A checkpoint written by train.py, read with weights_only=True; SystemExit naming the file for any other."""
+    ckpt = read_checkpoint(path)
+    if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
+        raise SystemExit(f"{path} was not written by train.py (it has no 'model' and 'config'); to start from "
+                         "other weights, pass it to --init")
+    return ckpt
+
+
 def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     """Load weights (and optimiser, scheduler, RNG states when given); returns the run state to continue."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
+    ckpt = read_run_checkpoint(path)
     unwrap(model).load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -650,6 +700,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.predict:
+            return predict(args, device)
         if args.halting_map:
             return write_halting_map(args, device)
         if args.ablation:
@@ -670,7 +722,7 @@ def run(args, rank, world, device) -> dict:
     train_set, val_set, num_classes = build_data(args, rank)
     cfg = model_config(args, num_classes)
     if args.resume:
-        saved = HaltingVTConfig(**torch.load(args.resume, map_location="cpu", weights_only=False)["config"])
+        saved = HaltingVTConfig(**read_run_checkpoint(args.resume)["config"])
         if saved != cfg:
             log.warning("--resume: using the checkpoint's model config %s", saved)
         cfg = saved
@@ -703,7 +755,7 @@ def run(args, rank, world, device) -> dict:
              cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
              world, device)
     loop = dict(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, args=args, device=device,
-                rank=rank, world=world, num_classes=num_classes)
+                rank=rank, world=world, num_classes=num_classes, classes=class_names(train_set, args.train))
     return fit(loop, state, train_set, val_loader, steps_per_epoch)
 
 
@@ -772,20 +824,78 @@ def checkpoint(loop, run_state, path):
     if loop["rank"] == 0:
         state = {k: run_state[k] for k in ("epoch", "batch_in_epoch", "step", "best")}
         save_checkpoint(path, loop["model"], loop["optimizer"], loop["scheduler"], state, loop["cfg"],
-                        loop["args"])
+                        loop["args"], loop["classes"])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Halting maps (paper Fig. 4)
+# Prediction and halting maps (paper Fig. 4) from a trained checkpoint
 # ----------------------------------------------------------------------------------------------------------
 
 def load_trained_model(path, device):
-    """(model in eval mode, its config, the run's args as a dict), rebuilt from a checkpoint alone."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = HaltingVTConfig(**ckpt["config"])
-    model = HaltingVT(cfg)
-    load_checkpoint(path, model)
-    return model.to(device).eval(), cfg, ckpt.get("args", {})
+    """(model in eval mode, the checkpoint: "config", "args" (the run's, a dict), "classes", ...), rebuilt from a
+    train.py checkpoint alone."""
+    ckpt = read_run_checkpoint(path)
+    model = HaltingVT(HaltingVTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def eval_clip(path, cfg: HaltingVTConfig, run_args: dict) -> torch.Tensor:
+    """The video at `path` as evaluation feeds it to the model: float (C, T, H, W). Raises data.VideoDecodeError
+    naming the file."""
+    short_side = run_args.get("eval_short_side") or round(cfg.img_size * 8 / 7)  # as data.VideoDataset
+    clip = data.read_clip(path, cfg.num_frames, train=False)  # (T, H, W, 3)
+    return data.eval_transform(clip, cfg.img_size, short_side)
+
+
+@torch.no_grad()
+def predict_clip(model, video, classes, multi_label: bool, k: int = 5) -> dict:
+    """One clip (C, T, H, W) in drop mode: {"top5": [{"label", "class" (name or None), "prob"}, ...] best first,
+    "gflops" spent, "halt_depth_mean" (mean joint layer 1..L where its tokens halted), "joint_layers" L}.
+    Probabilities: softmax over the classes, or each class's sigmoid for a multi-label run."""
+    out = model(video.unsqueeze(0), drop_halted=True)
+    logits = out.logits[0].float()
+    probs = logits.sigmoid() if multi_label else logits.softmax(0)
+    top = probs.topk(min(k, len(probs)))
+    best = [{"label": i, "class": classes[i] if classes else None, "prob": p}
+            for i, p in zip(top.indices.tolist(), top.values.tolist())]
+    return {"top5": best, "gflops": out.gflops[0].item(), "halt_depth_mean": out.halt_depth[0].float().mean().item(),
+            "joint_layers": model.cfg.depth - model.cfg.glimpser_depth}
+
+
+def prediction_text(result: dict) -> str:
+    """A --predict result as lines: the video, GFLOPs and depth, then one line per class (name or label)."""
+    if "error" in result:
+        return f"{result['video']}: error: {result['error']}"
+    head = (f"{result['video']}: {result['gflops']:.4f} GFLOPs, mean halting depth {result['halt_depth_mean']:.2f} "
+            f"of {result['joint_layers']} joint layers")
+    return "\n".join([head] + [f"  {c['prob']:.3f}  {c['class'] if c['class'] is not None else c['label']}"
+                               for c in result["top5"]])
+
+
+def predict(args, device) -> list:
+    """--predict: each video through the --resume checkpoint's model and its run's eval pipeline; prints each
+    result as it comes (prediction_text, or one JSON object a line with --json). A video that cannot be read is
+    printed with its error and the others still run; then SystemExit (status 1) names the failed ones. Returns
+    the results (predict_clip's dicts with "video", or {"video", "error"})."""
+    if not args.resume:
+        raise SystemExit("--predict needs --resume CHECKPOINT")
+    model, ckpt = load_trained_model(args.resume, device)
+    run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
+    results = []
+    for path in args.predict:
+        try:
+            video = eval_clip(path, model.cfg, run_args)
+        except data.VideoDecodeError as err:
+            result = {"video": path, "error": str(err)}
+        else:
+            result = {"video": path, **predict_clip(model, video.to(device), classes, run_args.get("multi_label"))}
+        print(json.dumps(result) if args.json else prediction_text(result), flush=True)
+        results.append(result)
+    failed = [r["video"] for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(results)} videos could not be read: {', '.join(failed)}")
+    return results
 
 
 def map_layers(layers, L) -> list:
@@ -814,11 +924,10 @@ def write_halting_map(args, device) -> dict:
     the sampled frames. Returns {"path": ..., "active": {row name: fraction of the T x S patches active}}."""
     if not args.resume:
         raise SystemExit("--halting-map needs --resume CHECKPOINT")
-    model, cfg, run_args = load_trained_model(args.resume, device)
+    model, ckpt = load_trained_model(args.resume, device)
+    cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
-    short_side = run_args.get("eval_short_side") or round(cfg.img_size * 8 / 7)  # as data.VideoDataset
-    clip = data.read_clip(args.halting_map, cfg.num_frames, train=False)  # (T, H, W, 3)
-    video = data.eval_transform(clip, cfg.img_size, short_side)  # (C, T, H, W), what evaluation feeds
+    video = eval_clip(args.halting_map, cfg, ckpt.get("args", {}))  # (C, T, H, W)
     masks = token_masks(model, video.to(device), layers)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
     path = Path(args.out) / "halting_map.png"
