@@ -553,6 +553,22 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     return samples, classes, num_classes
 
 
+def class_names(dataset, source) -> Optional[list]:
+    """The training set's class names: its class folders', or those of a classes.txt beside its list file (one
+    name a line, in label order, as the demo set has) when it names every class; otherwise None."""
+    if dataset.classes is not None:
+        return list(dataset.classes)
+    path = Path(source).parent / "classes.txt"
+    if not (Path(source).is_file() and path.is_file()):
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(names) != dataset.num_classes:
+        logging.warning("%s names %d classes, the training set has %d: no class names saved", path, len(names),
+                        dataset.num_classes)
+        return None
+    return names
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Clips from a list file (`path label` or `path l1 l2 ...`) or from class folders `root/<class>/<video>`.
 
