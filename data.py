@@ -20,6 +20,7 @@ import logging
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -430,6 +431,13 @@ def eval_transform(clip, size, short_side):
     return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))  # (C, T, size, size)
 
 
+def eval_clip(path, num_frames, img_size, short_side=None):
+    """The video at `path` as evaluation feeds it to the model (VideoDataset with train=False): float
+    (C, T, H, W). `short_side`: before the centre crop, default img_size * 8/7. Raises VideoDecodeError."""
+    clip = read_clip(path, num_frames, train=False)  # (T, H, W, 3)
+    return eval_transform(clip, img_size, short_side or round(img_size * 8 / 7))
+
+
 def make_motion_pair(clip, transform, rng):
     """The Motion Loss training pair (paper Sec. 3.4): (real, fake), motion labels 1 and 0.
 
@@ -704,6 +712,49 @@ def collate(batch):
             "label": label, "motion": torch.tensor(motion), "skipped": skipped}
 
 
+def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers=0, skip_batches=0, train=True):
+    """The DataLoader of one epoch over a VideoDataset, `batch_size` videos a batch (collate).
+
+    Training: a shuffle seeded by (seed, epoch), the same in every process, split between the `world` processes
+    (DistributedSampler, also for one process); `skip_batches` resumes in the middle of an epoch. The dataset's
+    augmentation is seeded by (seed, epoch, index). So an epoch's batches are the same however often the run
+    stopped and resumed. Evaluation: each process takes every world-th video, no padding, no duplicates.
+    """
+    dataset.set_epoch(epoch)
+    if train:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip_batches * batch_size:]
+    else:
+        order = list(range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=train,
+                                       num_workers=workers, collate_fn=collate,
+                                       pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigint)
+
+
+def _ignore_sigint(worker_id):
+    """Ctrl-C reaches the DataLoader workers too; they leave it to the main process, which saves and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def single_threaded(loader):
+    """Yield the loader's batches, built with one torch thread (this matters with workers=0).
+
+    The per-clip resizes and crops are too small to gain from intra-op threads, and on a busy CPU their thread
+    hand-offs made a demo batch about 30x slower (3 s instead of 0.1 s on 2 shared CPU cores)."""
+    threads, batches = torch.get_num_threads(), iter(loader)
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(batches, None)
+        finally:
+            torch.set_num_threads(threads)
+        if batch is None:
+            return
+        yield batch
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The demo dataset: synthetic motion classes that a tiny model learns on 2 CPU cores in minutes.
 
@@ -880,6 +931,16 @@ def active_token_masks(keep_index, halt_depth, num_patches, layers):
     for i, layer in enumerate(layers, start=1):
         masks[i, frame, keep_index] = depth >= layer  # pruned patches stay False
     return masks
+
+
+@torch.no_grad()
+def token_masks(model, video, layers):
+    """Run one clip (C, T, H, W) through a HaltingVT in drop mode: bool masks (1 + len(layers), T, S) of the
+    patches the Glimpser kept and of those still active at each joint layer (active_token_masks)."""
+    out = model(video.unsqueeze(0), drop_halted=True)
+    keep_index = out.keep_index[0] if out.keep_index is not None else None
+    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
+    return active_token_masks(keep_index, out.halt_depth[0], S, layers)
 
 
 def halting_map(frames, masks, patch_size, scale=2):

@@ -1719,7 +1719,7 @@ def _eval_set(list_file, multi_label):
 
 def _evaluate(list_file, multi_label, rank=0, world=1):
     model, cfg, args, val = _eval_set(list_file, multi_label)
-    loader = train.epoch_loader(val, args, 0, rank, world, train=False)
+    loader = data.epoch_loader(val, args.batch_size, 0, rank, world, train=False)
     return train.evaluate(model, loader, args, torch.device("cpu"), cfg)
 
 
@@ -1941,7 +1941,7 @@ def test_map_darkens_exactly_the_pruned_and_halted_tokens():
     p, S = cfg.patch_size, 16
     expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
     assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
-    image = data.halting_map(data.display_frames(video), train.token_masks(model, video, layers), p, scale=2)
+    image = data.halting_map(data.display_frames(video), data.token_masks(model, video, layers), p, scale=2)
     tile_h, tile_w = 2 * 64 + data.GAP, 2 * 64 + data.GAP
     assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
 

@@ -317,32 +317,6 @@ def build_optimizer(model, args, steps_per_epoch):
     return optimizer, sched.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
 
 
-def epoch_loader(dataset, args, epoch, rank, world, skip_batches=0, train=True):
-    """The DataLoader of one epoch.
-
-    Training: a shuffle seeded by (seed, epoch), the same in every process, split between processes
-    (DistributedSampler, also for one process); `skip_batches` resumes in the middle of an epoch. The dataset's
-    augmentation is seeded by (seed, epoch, index). So an epoch's batches are the same however often the run
-    stopped and resumed. Evaluation: each process takes every world-th video, no padding, no duplicates.
-    """
-    dataset.set_epoch(epoch)
-    if train:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=args.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip_batches * args.batch_size:]
-    else:
-        order = list(range(rank, len(dataset), world))
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=order, drop_last=train,
-                                       num_workers=args.workers, collate_fn=data.collate,
-                                       pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigint)
-
-
-def ignore_sigint(worker_id):
-    """Ctrl-C reaches the DataLoader workers too; they leave it to the main process, which saves and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
@@ -467,17 +441,20 @@ def fit(s: RunState, train_set, val_loader) -> dict:
     with StopFlag() as stop:
         while s.epoch < last_epoch:
             s.model.train()
-            meter = EpochMeter()
-            for batch in single_threaded(epoch_loader(train_set, args, s.epoch, s.rank, s.world,
-                                                      skip_batches=s.batch_in_epoch)):
+            loader = data.epoch_loader(train_set, args.batch_size, s.epoch, s.rank, s.world, seed=args.seed,
+                                       workers=args.workers, skip_batches=s.batch_in_epoch)
+            sums, skipped, tick = [0.0, 0], set(), (time.time(), s.step)  # loss sum and steps; bad videos
+            for batch in data.single_threaded(loader):
                 parts = train_step(s, batch, stop)
                 if parts is None:  # a stop signal, before this batch's update: --resume starts again from it
                     save(s, out / "last.pt")
                     log.warning("stopped at epoch %d, step %d; continue with --resume %s", s.epoch + 1, s.step,
                                 out / "last.pt")
                     return metrics
-                meter.add(s, batch, parts)
-            train_loss = meter.mean_loss(s)
+                sums, skipped = [sums[0] + parts["total"], sums[1] + 1], skipped | set(batch["skipped"])
+                if s.step % args.log_every == 0:
+                    tick = log_progress(s, parts, len(batch["video"]), tick)
+            train_loss = epoch_loss(s, sums, skipped)
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
             if s.epoch % args.eval_every == 0 or s.epoch == last_epoch:
                 metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss,
@@ -549,38 +526,26 @@ def halting_ramp(args, epochs_done: float) -> float:
     return min(max((epochs_done - half) / half, 0.0), 1.0)
 
 
-class EpochMeter:
-    """One epoch's running figures: the loss sum, the bad videos skipped, the clips/s of the progress lines."""
-
-    def __init__(self):
-        self.total, self.count, self.tick, self.ticks, self.skipped = 0.0, 0, time.time(), 0, set()
-
-    def add(self, s: RunState, batch: dict, parts: dict):
-        """Count one step; a progress line every --log-every steps."""
-        self.skipped.update(batch["skipped"])  # bad videos the dataset passed over (--on-error skip)
-        self.total, self.count, self.ticks = self.total + parts["total"], self.count + 1, self.ticks + 1
-        if s.step % s.args.log_every == 0:
-            log_progress(s, parts, len(batch["video"]) * self.ticks / (time.time() - self.tick))
-            self.tick, self.ticks = time.time(), 0
-
-    def mean_loss(self, s: RunState) -> float:
-        """The mean total loss over every process's steps of the epoch; logs the bad videos skipped."""
-        if self.skipped:
-            log.warning("epoch %d: %d bad videos skipped: %s", s.epoch + 1, len(self.skipped),
-                        sorted(self.skipped)[:3])
-        sums = torch.tensor([self.total, self.count], dtype=torch.float64, device=s.device)
-        total, count = all_reduce(sums).tolist()
-        return total / max(count, 1)
-
-
-def log_progress(s: RunState, parts: dict, clips_per_s: float):
-    """One line: step/total, each loss part, lr, clips/s, time left at this run's mean step time."""
-    total = s.args.epochs * s.steps_per_epoch
-    step_s = (time.time() - s.t0) / max(s.step - s.start_step, 1)
+def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tuple:
+    """One line: step/total, each loss part, lr, clips/s since `tick` (time, step), time left at this run's mean
+    step time. Returns the next tick."""
+    total, now = s.args.epochs * s.steps_per_epoch, time.time()
+    clips_per_s = batch_clips * (s.step - tick[1]) / (now - tick[0])
+    step_s = (now - s.t0) / max(s.step - s.start_step, 1)
     left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * step_s))
     terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
     log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s", s.epoch + 1, s.step, total,
              parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left)
+    return now, s.step
+
+
+def epoch_loss(s: RunState, sums: list, skipped: set) -> float:
+    """The epoch's mean total loss over every process's steps, from this process's [loss sum, steps]; logs the
+    bad videos the dataset passed over (--on-error skip)."""
+    if skipped:
+        log.warning("epoch %d: %d bad videos skipped: %s", s.epoch + 1, len(skipped), sorted(skipped)[:3])
+    total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
+    return total / max(count, 1)
 
 
 class StopFlag:
@@ -606,24 +571,6 @@ class StopFlag:
 def autocast(args, device):
     """bf16 autocast on CUDA with --amp; otherwise a no-op context."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
-
-
-def single_threaded(loader):
-    """Yield the loader's batches, built with one torch thread (this matters with --workers 0).
-
-    The per-clip resizes and crops are too small to gain from intra-op threads, and on a busy CPU their thread
-    hand-offs made a demo batch about 30x slower (3 s instead of 0.1 s on the 2 shared cores here)."""
-    threads, batches = torch.get_num_threads(), iter(loader)
-    while True:
-        torch.set_num_threads(1)
-        try:
-            batch = next(batches, None)
-        finally:
-            torch.set_num_threads(threads)
-        if batch is None:
-            return
-        yield batch
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -711,7 +658,7 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
     video at all); every process gets the result."""
     model = unwrap(model).eval()
     count, scores, targets, skipped = eval_counters(cfg), [], [], []
-    for batch in single_threaded(loader):
+    for batch in data.single_threaded(loader):
         skipped += batch["skipped"]
         if "video" in batch:  # else every video of the batch was unreadable
             eval_batch(model, batch, args, device, count, scores, targets)
@@ -794,7 +741,7 @@ def run(args, rank, world, device) -> dict:
             log.warning("--resume: using the checkpoint's model config %s", saved)
         cfg = saved
     model = build_model(cfg, args, device)
-    val_loader = epoch_loader(val_set, args, 0, rank, world, train=False)
+    val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
     if args.eval_only:
         if args.resume:
             load_checkpoint(args.resume, model)
@@ -879,14 +826,6 @@ def load_trained_model(path, device):
     return model.to(device).eval(), ckpt
 
 
-def eval_clip(path, cfg: HaltingVTConfig, run_args: dict) -> torch.Tensor:
-    """The video at `path` as evaluation feeds it to the model: float (C, T, H, W). Raises data.VideoDecodeError
-    naming the file."""
-    short_side = run_args.get("eval_short_side") or round(cfg.img_size * 8 / 7)  # as data.VideoDataset
-    clip = data.read_clip(path, cfg.num_frames, train=False)  # (T, H, W, 3)
-    return data.eval_transform(clip, cfg.img_size, short_side)
-
-
 @torch.no_grad()
 def predict_clip(model, video, classes, multi_label: bool, k: int = 5) -> dict:
     """One clip (C, T, H, W) in drop mode: {"top5": [{"label", "class" (name or None), "prob"}, ...] best first,
@@ -921,10 +860,11 @@ def predict(args, device) -> list:
         raise SystemExit("--predict needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
+    short_side = run_args.get("eval_short_side")  # the run's eval pipeline
     results = []
     for path in args.predict:
         try:
-            video = eval_clip(path, model.cfg, run_args)
+            video = data.eval_clip(path, model.cfg.num_frames, model.cfg.img_size, short_side)
         except data.VideoDecodeError as err:
             result = {"video": path, "error": str(err)}
         else:
@@ -947,15 +887,6 @@ def map_layers(layers, L) -> list:
     return sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]
 
 
-@torch.no_grad()
-def token_masks(model, video, layers):
-    """Run one clip (C, T, H, W) in drop mode: bool masks (1 + len(layers), T, S), data.active_token_masks."""
-    out = model(video.unsqueeze(0), drop_halted=True)
-    keep_index = out.keep_index[0] if out.keep_index is not None else None
-    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
-    return data.active_token_masks(keep_index, out.halt_depth[0], S, layers)
-
-
 def write_halting_map(args, device) -> dict:
     """--halting-map: the video through the run's eval pipeline and the checkpoint's model -> OUT/halting_map.png.
 
@@ -966,8 +897,8 @@ def write_halting_map(args, device) -> dict:
     model, ckpt = load_trained_model(args.resume, device)
     cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
-    video = eval_clip(args.halting_map, cfg, ckpt.get("args", {}))  # (C, T, H, W)
-    masks = token_masks(model, video.to(device), layers)
+    video = data.eval_clip(args.halting_map, cfg.num_frames, cfg.img_size, ckpt.get("args", {}).get("eval_short_side"))
+    masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
     path = Path(args.out) / "halting_map.png"
     path.parent.mkdir(parents=True, exist_ok=True)
