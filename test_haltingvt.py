@@ -1495,7 +1495,7 @@ def test_train_average_precision():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.6]])
     targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
     # class 0: positives ranked 1st and 3rd -> (1/1 + 2/3) / 2; class 1: its one positive ranked 1st -> 1
-    assert train.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert losses.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
 def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
@@ -1788,7 +1788,7 @@ def test_train_evaluate_with_more_processes_than_videos(tmp_path, videos):
     assert [m["val_videos"] for m in alone] == [2, 2, 2] and [m["val_skipped"] for m in alone] == [0, 0, 1]
     rows = _by_hand(lists[1][0], multi_label=True)
     logits, targets = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-    assert alone[1]["val_map"] == pytest.approx(train.average_precision(logits, targets))
+    assert alone[1]["val_map"] == pytest.approx(losses.average_precision(logits, targets))
     lists = [(str(lst), multi) for lst, multi in lists]
     torch.multiprocessing.spawn(_evaluate_in_process, args=(3, str(tmp_path / "init"), lists, str(tmp_path)),
                                 nprocs=3)

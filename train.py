@@ -577,77 +577,11 @@ def autocast(args, device):
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------
 
-def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean over classes (with at least one positive) of the average precision: scores, targets (B, Y)."""
-    aps = []
-    for s, t in zip(scores.T, targets.T):
-        if t.sum() == 0:
-            continue
-        t = t[s.argsort(descending=True)]
-        hits = t.cumsum(0)
-        precision = hits / torch.arange(1, len(t) + 1)
-        aps.append((precision * t).sum() / t.sum())
-    return torch.stack(aps).mean().item() if aps else float("nan")
-
-
-def eval_counters(cfg: HaltingVTConfig) -> dict:
-    """evaluate's sums, by name: float64 tensors, scalars but for the per-layer ones."""
-    L = cfg.depth - cfg.glimpser_depth
-    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "depth_sum",
-             "tokens")
-    return {**{name: torch.zeros((), dtype=torch.float64) for name in names},
-            "depth_hist": torch.zeros(L, dtype=torch.float64),  # tokens halted at joint layer 1..L
-            "tokens_per_layer": torch.zeros(cfg.depth, dtype=torch.float64)}
-
-
 def reduce_counters(counters: dict, device) -> dict:
     """Sum each named counter over the processes, all in one all_reduce; each keeps its shape."""
     flat = all_reduce(torch.cat([c.reshape(-1) for c in counters.values()]).to(device)).cpu()
     parts = flat.split([c.numel() for c in counters.values()])
     return {name: part.view_as(c) for (name, c), part in zip(counters.items(), parts)}
-
-
-def eval_batch(model, batch, args, device, count: dict, scores: list, targets: list):
-    """Add one batch (B real clips, then their B fakes: data.collate) to the counters; for multi-label, its
-    (B, Y) scores and targets to the lists."""
-    video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
-    with autocast(args, device):
-        out = model(video, drop_halted=True)
-    B = len(video) // 2
-    logits, label = out.logits[:B].float(), label[:B]
-    if args.multi_label:
-        # AP depends on the ranking alone: logits rank as the probabilities do, without the ties that sigmoid
-        # makes by rounding confident scores to exactly 1
-        scores.append(logits.cpu()), targets.append(label.float().cpu())
-    else:
-        top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
-        count["top1"] += (top5[:, 0] == label).sum().item()
-        count["top5"] += (top5 == label[:, None]).any(1).sum().item()
-    depth = out.halt_depth[:B]  # (B, K) joint layer 1..L where each token halted
-    count["videos"] += B
-    if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
-        count["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
-        count["motion_clips"] += len(video)
-    count["gflops"] += out.gflops[:B].sum().item()
-    count["depth_sum"] += depth.sum().item()
-    count["tokens"] += depth.numel()
-    L = len(count["depth_hist"])
-    count["depth_hist"] += torch.bincount(depth.flatten().cpu() - 1, minlength=L).double()
-    count["tokens_per_layer"] += out.tokens_per_layer[:B].sum(0).cpu().double()
-
-
-def eval_metrics(c: dict, cfg: HaltingVTConfig, multi_label: bool) -> dict:
-    """The metrics from the summed counters: means per readable video (nan when there was none)."""
-    n, tokens = c["videos"].item() or math.nan, c["tokens"].item() or math.nan
-    clips = c["motion_clips"].item() or math.nan  # nan: no motion head
-    metrics = {"val_motion_acc": c["motion_correct"].item() / clips, "val_gflops": c["gflops"].item() / n,
-               "dense_gflops": dense_gflops(cfg), "halt_depth_mean": c["depth_sum"].item() / tokens,
-               "halt_depth_hist": (c["depth_hist"] / tokens).tolist(),
-               "tokens_per_layer": (c["tokens_per_layer"] / n).tolist(),
-               "val_videos": int(c["videos"].item()), "val_skipped": int(c["skipped"].item())}
-    if not multi_label:
-        metrics.update(val_top1=c["top1"].item() / n, val_top5=c["top5"].item() / n)
-    return metrics
 
 
 @torch.no_grad()
@@ -657,20 +591,24 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
     a warning and counted in val_skipped. The counters are summed across processes (a process may have no
     video at all); every process gets the result."""
     model = unwrap(model).eval()
-    count, scores, targets, skipped = eval_counters(cfg), [], [], []
+    count, scores, targets, skipped = losses.eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
     for batch in data.single_threaded(loader):
         skipped += batch["skipped"]
-        if "video" in batch:  # else every video of the batch was unreadable
-            eval_batch(model, batch, args, device, count, scores, targets)
+        if "video" not in batch:  # every video of the batch was unreadable
+            continue
+        video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
+        with autocast(args, device):
+            out = model(video, drop_halted=True)  # B real clips, then their B fakes (data.collate)
+        losses.add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
     if skipped:
         log.warning("evaluation: %d unreadable videos left out: %s", len(skipped), skipped[:5])
     count["skipped"] += len(skipped)
     count = reduce_counters(count, device)
     if count["videos"] == 0:
         log.warning("evaluation: no readable validation video; the metrics are nan")
-    metrics = eval_metrics(count, cfg, args.multi_label)
+    metrics = losses.eval_metrics(count, dense_gflops(cfg), args.multi_label)
     if args.multi_label:
-        metrics["val_map"] = average_precision(*gather_scores(scores, targets, cfg.num_classes))
+        metrics["val_map"] = losses.average_precision(*gather_scores(scores, targets, cfg.num_classes))
     return metrics
 
 
