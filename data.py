@@ -17,6 +17,7 @@ Evaluation: centre frame of each segment, short-side resize, centre crop, one cl
 import bisect
 import contextlib
 import logging
+import os
 import random
 import re
 import shutil
@@ -753,6 +754,50 @@ def single_threaded(loader):
         if batch is None:
             return
         yield batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint files: plain values that torch.load(weights_only=True) reads, written whole or not at all
+
+def rng_states() -> dict:
+    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
+    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": [version, list(internal), gauss],
+              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    """Put back the states rng_states saved."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def plain(value):
+    """A value (a run's arguments, say) as one that weights_only=True loads: tuples become lists, paths strings."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def write_checkpoint(path, ckpt: dict):
+    """torch.save to a temporary file, then a rename: a kill at any moment leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

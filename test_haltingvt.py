@@ -1538,7 +1538,7 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
     assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    train.set_rng_states(ckpt["rng"])
+    data.set_rng_states(ckpt["rng"])
     again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
     torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")

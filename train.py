@@ -321,49 +321,13 @@ def build_optimizer(model, args, steps_per_epoch):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-def rng_states() -> dict:
-    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
-    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
-    version, internal, gauss = random.getstate()
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": [version, list(internal), gauss],
-              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict):
-    """Put back the states rng_states saved."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def plain(value):
-    """A run argument as a plain value that weights_only=True loads: tuples become lists, paths strings."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
 def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args, classes=None):
-    """A plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written to a temporary
-    file and renamed: a kill at any moment leaves the old file whole. `classes`: the class names, or None."""
+    """The run as a plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written whole
+    or not at all (data.write_checkpoint). `state`: the PROGRESS values; `classes`: the class names, or None."""
     ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": plain(vars(args)),
-            "classes": classes, "rng": rng_states()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
+            "classes": classes, "rng": data.rng_states()}
+    data.write_checkpoint(path, ckpt)
 
 
 def read_run_checkpoint(path) -> dict:
@@ -382,8 +346,8 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_states(ckpt["rng"])
-    return {k: ckpt[k] for k in ("epoch", "batch_in_epoch", "step", "best")}
+        data.set_rng_states(ckpt["rng"])
+    return {k: ckpt[k] for k in PROGRESS}
 
 
 def unwrap(model):
@@ -397,6 +361,7 @@ def weights_sha(model) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
