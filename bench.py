@@ -266,8 +266,8 @@ def attention_parts(base: HaltingVTConfig, device: torch.device, repeats: int, m
     """The dense model's joint attention over all K = 1 + T*S tokens of one video, taken apart: ms of the fused
     kernel (per layer), and of its three steps unfused, QK^T, softmax and AV, each timed on one block of 256
     queries (the CPU kernel's own block) and scaled to all K. The softmax's max, exp and sum are work that the
-    FLOP count (QK^T and AV only, as fvcore counts attention) does not see. Each is timed back to back with itself, so its data is
-    as warm in the caches as the fused kernel keeps its tiles."""
+    FLOP count (QK^T and AV only, as fvcore counts attention) does not see. Each is timed back to back with
+    itself, so its data is as warm in the caches as the fused kernel keeps its tiles."""
     h, K = base.num_heads, 1 + base.num_frames * (base.img_size // base.patch_size) ** 2
     d, rows = base.embed_dim // h, min(256, K)
     qkv = torch.randn(1, K, 3, h, d, device=device)

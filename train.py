@@ -130,23 +130,18 @@ def model_flags(p: argparse.ArgumentParser):
     m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
     for name in ("--img-size", "--embed-dim", "--depth", "--heads", "--glimpser-depth"):
         m(name, type=int)
-    m("--keep-ratio", type=float, help="R of the Glimpser, Eq. (7)")
-    m("--gamma", type=float, help="Eq. (2)")
-    m("--beta", type=float, help="Eq. (2), subtracted: larger beta halts later")
-    m("--eps", type=float, help="Eq. (3)")
-    m("--drop-path", type=float)
+    for name, where in (("--keep-ratio", "R of the Glimpser, Eq. (7)"), ("--gamma", "Eq. (2)"), ("--eps", "Eq. (3)"),
+                        ("--beta", "Eq. (2), subtracted: larger beta halts later"), ("--drop-path", None)):
+        m(name, type=float, help=where)
     m("--no-halting", dest="halting", action="store_false", help="run every joint layer on every token")
 
 
 def optimisation_flags(p: argparse.ArgumentParser):
-    o = p.add_argument_group("optimisation (unset values: REAL_DEFAULTS, or DEMO_PRESET without --train)")
-    o = o.add_argument
+    o = p.add_argument_group("optimisation (unset values: REAL_DEFAULTS, or DEMO_PRESET without --train)").add_argument
     o("--preset", choices=["demo", "real"], help="default: demo without --train, else real")
     o("--optimizer", choices=["adam", "adamw"])
-    o("--lr", type=float)
-    o("--weight-decay", type=float)
-    o("--epochs", type=int)
-    o("--warmup-epochs", type=float)
+    for name, kind in (("--lr", float), ("--weight-decay", float), ("--epochs", int), ("--warmup-epochs", float)):
+        o(name, type=kind)
     o("--batch-size", type=int, help="videos per process; each gives a real and a fake clip")
     o("--clip-grad", type=float, help="max gradient norm")
     o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
@@ -158,7 +153,7 @@ def optimisation_flags(p: argparse.ArgumentParser):
       help="halted tokens in training (default: TRAIN_MODE, or AMP_TRAIN_MODE with --amp)")
     o("--task-on-fakes", action=argparse.BooleanOptionalAction,
       help="the task loss on the static fake clips too (as the release; see losses.haltingvt_loss)")
-    o("--halting-warmup", type=float, help="epochs of halting warm-up (halting_ramp); 0 = off")
+    o("--halting-warmup", type=float, help="epochs of halting warm-up: off for half, then a linear rise; 0 = off")
     o("--embed-std", type=float, help="from scratch: pos_embed and time_embed start at this std (not with --init)")
 
 
@@ -800,7 +795,8 @@ def write_halting_map(args, device) -> dict:
     model, ckpt = load_trained_model(args.resume, device)
     cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
-    video = data.eval_clip(args.halting_map, cfg.num_frames, cfg.img_size, ckpt.get("args", {}).get("eval_short_side"))
+    short_side = ckpt.get("args", {}).get("eval_short_side")  # the run's eval pipeline
+    video = data.eval_clip(args.halting_map, cfg.num_frames, cfg.img_size, short_side)  # (C, T, H, W)
     masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
     path = Path(args.out) / "halting_map.png"
