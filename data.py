@@ -578,6 +578,17 @@ def class_names(dataset, source) -> Optional[list]:
     return names
 
 
+def log_labels_by_index(train_source, val_source, train, val):
+    """Say so when one of the training and validation sets (VideoDataset) is a list file and the other class
+    folders: labels then match by index, not name."""
+    if train.classes is None and val.classes is not None:
+        logging.warning("labels by index: the training list file %s names no classes, so the class folders of %s "
+                        "are numbered in sorted order (%r is 0)", train_source, val_source, val.classes[0])
+    elif train.classes is not None and not Path(val_source).is_dir():
+        logging.info("labels by index: label i of the validation list file %s means the i-th class folder of %s "
+                     "in sorted order (0 is %r)", val_source, train_source, train.classes[0])
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Clips from a list file (`path label` or `path l1 l2 ...`) or from class folders `root/<class>/<video>`.
 

@@ -252,18 +252,8 @@ def build_data(args, rank):
     # training set's classes (class folders by name)
     common["num_classes"] = train.num_classes
     val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train.classes, **common)
-    log_labels_by_index(args, train, val)
+    data.log_labels_by_index(args.train, args.val, train, val)
     return train, val, train.num_classes
-
-
-def log_labels_by_index(args, train, val):
-    """Say so when one set is a list file and the other class folders: labels then match by index, not name."""
-    if train.classes is None and val.classes is not None:
-        log.warning("labels by index: the training list file %s names no classes, so the class folders of %s "
-                    "are numbered in sorted order (%r is 0)", args.train, args.val, val.classes[0])
-    elif train.classes is not None and not Path(args.val).is_dir():
-        log.info("labels by index: label i of the validation list file %s means the i-th class folder of %s in "
-                 "sorted order (0 is %r)", args.val, args.train, train.classes[0])
 
 
 def model_config(args, num_classes) -> HaltingVTConfig:
