@@ -3,7 +3,8 @@
 Times inference at the paper's scale (DeiT-S, 8 frames of 224x224, random weights, float32, eval mode, no grad)
 for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop mode and in mask mode, at batch
 1 and 8; plus a plain float32 matrix product for the machine's GFLOP/s. With `--train`, times one training step
-(forward + backward + optimiser) in mask and in drop mode for the tiny and the DeiT-S settings.
+(forward + backward + optimiser) in mask and in drop mode for the tiny and the DeiT-S settings. With
+`--ablation`, trains one small model per row of the paper's Tables 1 and 2 and tabulates accuracy and GFLOPs.
 
     python bench.py            # a table
     python bench.py --json     # the same, then one JSON object on the last line
@@ -11,6 +12,7 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py --train    # training steps, mask vs drop (--train-batch N for DeiT-S, --amp for bf16)
     python bench.py --profile  # where a forward's time goes, by kind of op: dense and one drop row
     python bench.py --data     # training samples per second from a short and a long video, frames decoded per clip
+    python bench.py --ablation [train.py flags]   # Tables 1 and 2 on the demo set: runs/ablation/ablation.md
 
 Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
 machine's speed during the run touches every row and the matmul alike; each figure is the median over the rounds.
@@ -22,10 +24,13 @@ rows spread over about 0.2x-0.8x of the dense GFLOPs; each row's name carries it
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import random
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import train
 from haltingvt import HaltingVT, HaltingVTConfig
 
 
@@ -70,6 +76,9 @@ def inference_rows(quick: bool) -> list:
 
 
 PROFILED = Row("halt R=0.5 beta=4", "drop", keep_ratio=0.5, halting=True, beta=4.0)  # the row --profile adds
+WARMUP = 1  # untimed runs of each row before the timed rounds
+
+log = logging.getLogger("bench")
 
 # ----------------------------------------------------------------------------------------------------------
 # Timing
@@ -257,8 +266,8 @@ def attention_parts(base: HaltingVTConfig, device: torch.device, repeats: int, m
     """The dense model's joint attention over all K = 1 + T*S tokens of one video, taken apart: ms of the fused
     kernel (per layer), and of its three steps unfused, QK^T, softmax and AV, each timed on one block of 256
     queries (the CPU kernel's own block) and scaled to all K. The softmax's max, exp and sum are work that the
-    FLOP count (QK^T and AV only, NOTES.md) does not see. Each is timed back to back with itself, so its data is
-    as warm in the caches as the fused kernel keeps its tiles."""
+    FLOP count (QK^T and AV only, as fvcore counts attention) does not see. Each is timed back to back with
+    itself, so its data is as warm in the caches as the fused kernel keeps its tiles."""
     h, K = base.num_heads, 1 + base.num_frames * (base.img_size // base.patch_size) ** 2
     d, rows = base.embed_dim // h, min(256, K)
     qkv = torch.randn(1, K, 3, h, d, device=device)
@@ -421,6 +430,122 @@ def data_main(args, result: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Ablations (paper Tables 1 and 2) at laptop scale
+# ----------------------------------------------------------------------------------------------------------
+
+ABLATION_COLUMNS = ("setting", "R", "motion loss", "beta", "seed", "val top-1", "GFLOPs/video",
+                    "GFLOPs ratio vs dense", "mean halting depth", "wall time (s)")
+
+
+def ablation_rows(args) -> list:
+    """Table 1: no Glimpser, then R = 0.3, 0.5, 0.7, each with the Motion Loss (alpha_m as set) and without
+    (alpha_m = 0). Then Table 2's beta sweep at R = 0.5 with the Motion Loss: beta x 0.5, 1.5, 2 (beta x 1 is
+    Table 1's R = 0.5 row). Each row: the model and loss flags that differ from the sanity run."""
+    beta = args.beta if args.beta is not None else getattr(HaltingVTConfig, args.model)().beta
+    rows = []
+    for R in (None, 0.3, 0.5, 0.7):
+        for alpha_m in (args.alpha_m, 0.0):
+            rows.append(dict(setting="no Glimpser" if R is None else "Glimpser", keep_ratio=R, alpha_m=alpha_m,
+                             beta=beta, glimpser_depth=0 if R is None else args.glimpser_depth))
+    for factor in (0.5, 1.5, 2.0):
+        rows.append(dict(setting="beta sweep", keep_ratio=0.5, alpha_m=args.alpha_m, beta=beta * factor,
+                         glimpser_depth=args.glimpser_depth))
+    return rows
+
+
+def table_line(cells) -> str:
+    """One markdown table line."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_head(columns) -> list:
+    """A markdown table's header and rule lines."""
+    return [table_line(columns), "|" + "---|" * len(columns)]
+
+
+def row_cells(row) -> list:
+    """An ablation row's setting, R, motion loss and beta, as table cells."""
+    R = "-" if row["glimpser_depth"] == 0 else f"{row['keep_ratio']:g}"
+    return [row["setting"], R, "yes" if row["alpha_m"] else "no", f"{row['beta']:g}"]
+
+
+def ablation_line(row, seed, metrics, wall_s) -> str:
+    """One markdown table line, in ABLATION_COLUMNS order."""
+    cells = [*row_cells(row), str(seed),
+             f"{metrics['val_top1']:.3f}", f"{metrics['val_gflops']:.4f}",
+             f"{metrics['val_gflops'] / metrics['dense_gflops']:.2f}", f"{metrics['halt_depth_mean']:.2f}",
+             f"{wall_s:.0f}"]
+    return table_line(cells)
+
+
+SUMMARY_COLUMNS = ("setting", "R", "motion loss", "beta", "seeds", "val top-1: mean (min-max)",
+                   "GFLOPs ratio vs dense", "mean halting depth")
+
+
+def ablation_summary(results: list) -> list:
+    """One line per row over its seeds, in SUMMARY_COLUMNS order: results are (row, seed, metrics) in row order.
+    One seed of these short runs moves top-1 by tens of points (README): compare rows by their means."""
+    by_row = {}
+    for row, seed, metrics in results:
+        by_row.setdefault(id(row), (row, []))[1].append(metrics)
+    lines = []
+    for row, runs in by_row.values():
+        top1 = [m["val_top1"] for m in runs]
+        ratio = statistics.mean(m["val_gflops"] / m["dense_gflops"] for m in runs)
+        depth = statistics.mean(m["halt_depth_mean"] for m in runs)
+        cells = [*row_cells(row), str(len(runs)), f"{statistics.mean(top1):.3f} ({min(top1):.3f}-{max(top1):.3f})",
+                 f"{ratio:.2f}", f"{depth:.2f}"]
+        lines.append(table_line(cells))
+    return lines
+
+
+def ablation(args, seeds, argv, rank, world, device) -> list:
+    """`train.run` once per row of ablation_rows and seed, with the row's flags on top of the command line's (so
+    --epochs and the like apply to every row), each in OUT/<row>; OUT/ablation.md, rewritten after every row so
+    that an interrupted ablation keeps the rows it finished. Returns the table's lines."""
+    out = Path(args.out)
+    head = [f"Made by `python bench.py {shlex.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
+            *table_head(ABLATION_COLUMNS)]
+    lines, results = [], []
+    for i, row in enumerate(ablation_rows(args)):
+        for seed in seeds:
+            name = f"{i:02d}_R{row['keep_ratio'] if row['glimpser_depth'] != 0 else 'none'}_" \
+                   f"motion{int(bool(row['alpha_m']))}_beta{row['beta']:g}_seed{seed}"
+            flags = {k: v for k, v in row.items() if k != "setting"}
+            row_args = argparse.Namespace(**{**vars(args), **flags, "seed": seed, "out": str(out / name),
+                                             "resume": None, "eval_only": False})
+            log.info("ablation run %s", name)
+            t0 = time.time()
+            metrics = train.run(row_args, rank, world, device)
+            if metrics.get("epoch") != args.epochs:  # a stop signal, or --stop-after: the row is unfinished
+                log.warning("ablation stopped in %s; %s has the rows before it", name, out / "ablation.md")
+                return lines
+            lines.append(ablation_line(row, seed, metrics, time.time() - t0))
+            results.append((row, seed, metrics))
+            summary = []
+            if len(seeds) > 1:
+                summary = ["", "Over the seeds:", "", *table_head(SUMMARY_COLUMNS), *ablation_summary(results)]
+            if rank == 0:
+                (out / "ablation.md").write_text("\n".join(head + lines + summary) + "\n")
+    log.info("wrote %s", out / "ablation.md")
+    return lines
+
+
+def ablation_main(argv: list) -> list:
+    """--ablation: this file's three flags; every other flag is train.py's and applies to every row."""
+    p = argparse.ArgumentParser(prog="bench.py --ablation", allow_abbrev=False,
+                                description="Tables 1 and 2 on the demo set (or --train data): one train.py run "
+                                            "per row; other flags: python train.py --help")
+    p.add_argument("--ablation", action="store_true", help="one training per row of Tables 1 and 2")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0], help="seeds of each row (0)")
+    p.add_argument("--out", default="runs/ablation", help="a folder per row, and OUT/ablation.md (runs/ablation)")
+    own, rest = p.parse_known_args(argv)
+    args = train.parse_args([*rest, "--out", own.out])
+    with train.processes(args) as (rank, world, device):
+        return ablation(args, own.ablation_seeds, argv, rank, world, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------
 
@@ -449,72 +574,60 @@ def format_row(r: dict) -> str:
             f"{r['of_matmul']:>7.0%}")
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-    p.add_argument("--quick", action="store_true", help="fewer rows and repeats (under a minute on 2 cores)")
-    p.add_argument("--train", action="store_true", help="time training steps, mask vs drop, instead")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 2)")
-    p.add_argument("--train-batch", type=int, default=2, help="DeiT-S clips per timed training step (default 2)")
-    p.add_argument("--amp", action="store_true", help="training steps in bf16 autocast, as train.py --amp (CUDA)")
-    p.add_argument("--profile", action="store_true",
-                   help="instead: where a forward's time goes, by kind of op (torch.profiler), dense and one drop row")
-    p.add_argument("--data", action="store_true",
-                   help="instead: training samples per second and frames decoded per clip, on one core")
-    p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "haltingvt-bench",
-                   help="where --data writes (and then reuses) its videos")
-    p.add_argument("--data-video", nargs="+", default=list(DATA_VIDEOS),
-                   help=f"--data on these videos: paths, or the generated {' and '.join(DATA_VIDEOS)} (default)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run takes milliseconds; quick: 1;"
-                        " --data: samples per video, 10)")
-    p.add_argument("--matmul-size", type=int, default=None,
-                   help="n of the n x n matmul (default: 2048 on a CPU; 8192 on a GPU, where 2048 is too short)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="the tiny model instead of DeiT-S (for tests)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: PyTorch's, one per core; 1 is steadier on a busy machine)")
-    args = p.parse_args(argv)
+    a = p.add_argument
+    a("--json", action="store_true", help="end with one JSON object on the last line")
+    a("--quick", action="store_true", help="fewer rows and repeats (under a minute on 2 cores)")
+    a("--train", action="store_true", help="time training steps, mask vs drop, instead")
+    a("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1 2)")
+    a("--train-batch", type=int, default=2, help="DeiT-S clips per timed training step (default 2)")
+    a("--amp", action="store_true", help="training steps in bf16 autocast, as train.py --amp (CUDA)")
+    a("--profile", action="store_true",
+      help="instead: where a forward's time goes, by kind of op (torch.profiler), dense and one drop row")
+    a("--data", action="store_true", help="instead: training samples per second and frames decoded per clip, "
+                                          "on one core")
+    a("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "haltingvt-bench",
+      help="where --data writes (and then reuses) its videos")
+    a("--data-video", nargs="+", default=list(DATA_VIDEOS),
+      help=f"--data on these videos: paths, or the generated {' and '.join(DATA_VIDEOS)} (default)")
+    a("--ablation", action="store_true", help="instead: paper Tables 1 and 2, one train.py run per row "
+                                              "(bench.py --ablation --help)")
+    a("--repeats", type=int, default=None, help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run "
+                                                "takes milliseconds; quick: 1; --data: samples per video, 10)")
+    a("--matmul-size", type=int, default=None,
+      help="n of the n x n matmul (default: 2048 on a CPU; 8192 on a GPU, where 2048 is too short)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--tiny", action="store_true", help="the tiny model instead of DeiT-S (for tests)")
+    a("--threads", type=int, default=None,
+      help="CPU threads (default: PyTorch's, one per core; 1 is steadier on a busy machine)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """The benchmark the flags ask for, printed; returns its result as a dict (--ablation: the table's lines)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--ablation" in argv:  # train.py's flags follow, so train.py parses them
+        return ablation_main(argv)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     repeats = args.repeats or (1 if args.quick else 20 if gpu else 5)
     args.matmul_size = args.matmul_size or (8192 if gpu else 2048)
-    warmup = 1
     mm, mm_flops = matmul(device, args.matmul_size)
     result = dict(device=device_name(device), matmul_size=args.matmul_size, rows=[])
     print(f"device: {result['device']}", flush=True)
-    mm_seconds = []
     base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
     if args.data:
         return data_main(args, result)
     if args.profile:
-        result["profile"] = []
-        for batch in args.batch or [1]:
-            video = bench_video(base, batch, device)
-            for row in (Row("dense", "dense", glimpser=False), PROFILED):
-                result["profile"].append(profile_row(row, base, video, repeats))
-                print_profile(result["profile"][-1])
-        result["attention"] = attention_parts(base, device, repeats, mm)
-        mm_seconds.append(result["attention"]["ms"]["matmul"] / 1e3)
-        print_attention_parts(result["attention"], mm_flops / mm_seconds[-1] / 1e9)
+        mm_seconds = profile_main(args, result, base, device, repeats, mm, mm_flops)
     elif args.train:
-        result["train"] = list(train_rows(args.quick, device, warmup, repeats, deit_batch=args.train_batch,
-                                         amp=args.amp))
-        for r in result["train"]:
-            print(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms")
-        mm_seconds.append(measure({"matmul": mm}, device, 2, max(repeats, 3))["matmul"])
+        mm_seconds = train_main(args, result, device, repeats, mm)
     else:
-        print(HEADER, flush=True)
-        for batch in args.batch or ([1, 2] if args.quick else [1, 8]):  # rows appear batch by batch
-            rows, seconds = inference_rows_at(batch, base, args.quick, device, mm, warmup, repeats)
-            for r in rows:  # share of the matmul's GFLOP/s timed in the same rounds
-                r["of_matmul"] = r["gflops_per_s"] / (mm_flops / seconds / 1e9)
-            result["rows"] += rows
-            mm_seconds.append(seconds)
-            print("\n".join(format_row(r) for r in rows), flush=True)
-        print(LEGEND)
+        mm_seconds = inference_main(args, result, base, device, repeats, mm, mm_flops)
     result["matmul_gflops_per_s"] = mm_flops / statistics.median(mm_seconds) / 1e9
     print(f"float32 matmul {args.matmul_size}^2: {result['matmul_gflops_per_s']:.1f} GFLOP/s (2 FLOPs per "
           "multiply-add)" + ("" if args.train or args.profile else
@@ -524,5 +637,46 @@ def main(argv=None):
     return result
 
 
+def profile_main(args, result, base, device, repeats, mm, mm_flops) -> list:
+    """--profile: dense and one drop row by kind of op, then the attention taken apart; the matmul's seconds."""
+    result["profile"] = []
+    for batch in args.batch or [1]:
+        video = bench_video(base, batch, device)
+        for row in (Row("dense", "dense", glimpser=False), PROFILED):
+            result["profile"].append(profile_row(row, base, video, repeats))
+            print_profile(result["profile"][-1])
+    result["attention"] = attention_parts(base, device, repeats, mm)
+    seconds = result["attention"]["ms"]["matmul"] / 1e3
+    print_attention_parts(result["attention"], mm_flops / seconds / 1e9)
+    return [seconds]
+
+
+def train_main(args, result, device, repeats, mm) -> list:
+    """--train: one training step per setting and mode; the matmul's seconds, timed after them."""
+    result["train"] = list(train_rows(args.quick, device, WARMUP, repeats, deit_batch=args.train_batch,
+                                      amp=args.amp))
+    for r in result["train"]:
+        print(f"train step {r['name']:<20} {r['mode']:<5} batch {r['batch']:>3}: {r['ms_per_step']:.0f} ms")
+    return [measure({"matmul": mm}, device, 2, max(repeats, 3))["matmul"]]
+
+
+def inference_main(args, result, base, device, repeats, mm, mm_flops) -> list:
+    """The inference table, batch by batch; the matmul's seconds at each batch size."""
+    print(HEADER, flush=True)
+    mm_seconds = []
+    for batch in args.batch or ([1, 2] if args.quick else [1, 8]):  # rows appear batch by batch
+        rows, seconds = inference_rows_at(batch, base, args.quick, device, mm, WARMUP, repeats)
+        for r in rows:  # share of the matmul's GFLOP/s timed in the same rounds
+            r["of_matmul"] = r["gflops_per_s"] / (mm_flops / seconds / 1e9)
+        result["rows"] += rows
+        mm_seconds.append(seconds)
+        print("\n".join(format_row(r) for r in rows), flush=True)
+    print(LEGEND)
+    return mm_seconds
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except train.NonFiniteLoss as err:
+        raise SystemExit(f"error: {err}")

@@ -17,9 +17,11 @@ Evaluation: centre frame of each segment, short-side resize, centre crop, one cl
 import bisect
 import contextlib
 import logging
+import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -430,6 +432,13 @@ def eval_transform(clip, size, short_side):
     return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))  # (C, T, size, size)
 
 
+def eval_clip(path, num_frames, img_size, short_side=None):
+    """The video at `path` as evaluation feeds it to the model (VideoDataset with train=False): float
+    (C, T, H, W). `short_side`: before the centre crop, default img_size * 8/7. Raises VideoDecodeError."""
+    clip = read_clip(path, num_frames, train=False)  # (T, H, W, 3)
+    return eval_transform(clip, img_size, short_side or round(img_size * 8 / 7))
+
+
 def make_motion_pair(clip, transform, rng):
     """The Motion Loss training pair (paper Sec. 3.4): (real, fake), motion labels 1 and 0.
 
@@ -551,6 +560,33 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     if num_classes is None:
         num_classes = 1 + max(label for _, labels in samples for label in labels)
     return samples, classes, num_classes
+
+
+def class_names(dataset, source) -> Optional[list]:
+    """The training set's class names: its class folders', or those of a classes.txt beside its list file (one
+    name a line, in label order, as the demo set has) when it names every class; otherwise None."""
+    if dataset.classes is not None:
+        return list(dataset.classes)
+    path = Path(source).parent / "classes.txt"
+    if not (Path(source).is_file() and path.is_file()):
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(names) != dataset.num_classes:
+        logging.warning("%s names %d classes, the training set has %d: no class names saved", path, len(names),
+                        dataset.num_classes)
+        return None
+    return names
+
+
+def log_labels_by_index(train_source, val_source, train, val):
+    """Say so when one of the training and validation sets (VideoDataset) is a list file and the other class
+    folders: labels then match by index, not name."""
+    if train.classes is None and val.classes is not None:
+        logging.warning("labels by index: the training list file %s names no classes, so the class folders of %s "
+                        "are numbered in sorted order (%r is 0)", train_source, val_source, val.classes[0])
+    elif train.classes is not None and not Path(val_source).is_dir():
+        logging.info("labels by index: label i of the validation list file %s means the i-th class folder of %s "
+                     "in sorted order (0 is %r)", val_source, train_source, train.classes[0])
 
 
 class VideoDataset(torch.utils.data.Dataset):
@@ -686,6 +722,93 @@ def collate(batch):
     label = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels)
     return {"video": torch.stack(videos),  # (B or 2B, C, T, H, W)
             "label": label, "motion": torch.tensor(motion), "skipped": skipped}
+
+
+def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers=0, skip_batches=0, train=True):
+    """The DataLoader of one epoch over a VideoDataset, `batch_size` videos a batch (collate).
+
+    Training: a shuffle seeded by (seed, epoch), the same in every process, split between the `world` processes
+    (DistributedSampler, also for one process); `skip_batches` resumes in the middle of an epoch. The dataset's
+    augmentation is seeded by (seed, epoch, index). So an epoch's batches are the same however often the run
+    stopped and resumed. Evaluation: each process takes every world-th video, no padding, no duplicates.
+    """
+    dataset.set_epoch(epoch)
+    if train:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip_batches * batch_size:]
+    else:
+        order = list(range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=train,
+                                       num_workers=workers, collate_fn=collate,
+                                       pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigint)
+
+
+def _ignore_sigint(worker_id):
+    """Ctrl-C reaches the DataLoader workers too; they leave it to the main process, which saves and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def single_threaded(loader):
+    """Yield the loader's batches, built with one torch thread (this matters with workers=0).
+
+    The per-clip resizes and crops are too small to gain from intra-op threads, and on a busy CPU their thread
+    hand-offs made a demo batch about 30x slower (3 s instead of 0.1 s on 2 shared CPU cores)."""
+    threads, batches = torch.get_num_threads(), iter(loader)
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(batches, None)
+        finally:
+            torch.set_num_threads(threads)
+        if batch is None:
+            return
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint files: plain values that torch.load(weights_only=True) reads, written whole or not at all
+
+def rng_states() -> dict:
+    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
+    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": [version, list(internal), gauss],
+              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    """Put back the states rng_states saved."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def plain(value):
+    """A value (a run's arguments, say) as one that weights_only=True loads: tuples become lists, paths strings."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def write_checkpoint(path, ckpt: dict):
+    """torch.save to a temporary file, then a rename: a kill at any moment leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -864,6 +987,16 @@ def active_token_masks(keep_index, halt_depth, num_patches, layers):
     for i, layer in enumerate(layers, start=1):
         masks[i, frame, keep_index] = depth >= layer  # pruned patches stay False
     return masks
+
+
+@torch.no_grad()
+def token_masks(model, video, layers):
+    """Run one clip (C, T, H, W) through a HaltingVT in drop mode: bool masks (1 + len(layers), T, S) of the
+    patches the Glimpser kept and of those still active at each joint layer (active_token_masks)."""
+    out = model(video.unsqueeze(0), drop_halted=True)
+    keep_index = out.keep_index[0] if out.keep_index is not None else None
+    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
+    return active_token_masks(keep_index, out.halt_depth[0], S, layers)
 
 
 def halting_map(frames, masks, patch_size, scale=2):

@@ -1,15 +1,19 @@
-"""The HaltingVT training objective: task, ponder and motion losses, Eq. (5), (8) and (9) of the paper.
+"""The HaltingVT training objective: task, ponder and motion losses, Eq. (5), (8) and (9) of the paper; and the
+evaluation's metrics, summed over batches from the same output object.
 
 Axis letters: B batch (for a Motion Loss batch, the real clips followed by their fake copies), Y classes.
 
 The model hands over one output object with
     logits         (B, Y)  the classifier on x_o (Eq. 6),
     motion_logits  (B, 2)  the motion head on the same x_o, or None when the model has no motion head,
-    ponder         (B,)    each sample's mean over its tokens of N_k + r_k (Eq. 3-5), still differentiable.
+    ponder         (B,)    each sample's mean over its tokens of N_k + r_k (Eq. 3-5), still differentiable;
+and evaluation also reads halt_depth (B, K), gflops (B,) and tokens_per_layer (B, layers) from it.
 `haltingvt_loss` turns that and the batch's labels into the scalar that is back-propagated, plus plain floats
 for the log. Labels are checked before use: an out-of-range label fails on CPU with an opaque IndexError and on
 CUDA with a device-side assert that kills the process, so we raise a ValueError naming the value instead.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -117,6 +121,74 @@ def haltingvt_loss(out, labels, motion_labels=None, *, num_classes=None, alpha_p
         parts["depth"] = l_depth.item()
     parts["total"] = total.item()
     return total, parts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation metrics: top-1/top-5 or mAP, motion accuracy, GFLOPs and halting depths, summed batch by batch
+# ----------------------------------------------------------------------------------------------------------
+
+def average_precision(scores, targets):
+    """Mean over classes (with at least one positive) of the average precision: scores, targets (B, Y)."""
+    aps = []
+    for s, t in zip(scores.T, targets.T):
+        if t.sum() == 0:
+            continue
+        t = t[s.argsort(descending=True)]
+        hits = t.cumsum(0)
+        precision = hits / torch.arange(1, len(t) + 1)
+        aps.append((precision * t).sum() / t.sum())
+    return torch.stack(aps).mean().item() if aps else float("nan")
+
+
+def eval_counters(depth, glimpser_depth):
+    """The evaluation's sums, by name, for a model of `depth` layers: float64 tensors, scalars but for the
+    per-layer ones."""
+    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "depth_sum",
+             "tokens")
+    return {**{name: torch.zeros((), dtype=torch.float64) for name in names},
+            "depth_hist": torch.zeros(depth - glimpser_depth, dtype=torch.float64),  # halted at joint layer 1..L
+            "tokens_per_layer": torch.zeros(depth, dtype=torch.float64)}
+
+
+def add_eval_batch(count, out, label, motion, multi_label, scores, targets):
+    """Add one batch's drop-mode output (B real clips, then their B fakes) to the counters; for multi-label, its
+    (B, Y) scores and targets to the lists."""
+    B = len(out.logits) // 2
+    logits, label = out.logits[:B].float(), label[:B]
+    if multi_label:
+        # AP depends on the ranking alone: logits rank as the probabilities do, without the ties that sigmoid
+        # makes by rounding confident scores to exactly 1
+        scores.append(logits.cpu()), targets.append(label.float().cpu())
+    else:
+        top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
+        count["top1"] += (top5[:, 0] == label).sum().item()
+        count["top5"] += (top5 == label[:, None]).any(1).sum().item()
+    depth = out.halt_depth[:B]  # (B, K) joint layer 1..L where each token halted
+    count["videos"] += B
+    if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
+        count["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
+        count["motion_clips"] += len(out.logits)
+    count["gflops"] += out.gflops[:B].sum().item()
+    count["depth_sum"] += depth.sum().item()
+    count["tokens"] += depth.numel()
+    L = len(count["depth_hist"])
+    count["depth_hist"] += torch.bincount(depth.flatten().cpu() - 1, minlength=L).double()
+    count["tokens_per_layer"] += out.tokens_per_layer[:B].sum(0).cpu().double()
+
+
+def eval_metrics(c, dense_gflops, multi_label):
+    """The metrics from the summed counters: means per readable video (nan when there was none).
+    `dense_gflops`: a video's GFLOPs without pruning or halting, reported beside those spent."""
+    n, tokens = c["videos"].item() or math.nan, c["tokens"].item() or math.nan
+    clips = c["motion_clips"].item() or math.nan  # nan: no motion head
+    metrics = {"val_motion_acc": c["motion_correct"].item() / clips, "val_gflops": c["gflops"].item() / n,
+               "dense_gflops": dense_gflops, "halt_depth_mean": c["depth_sum"].item() / tokens,
+               "halt_depth_hist": (c["depth_hist"] / tokens).tolist(),
+               "tokens_per_layer": (c["tokens_per_layer"] / n).tolist(),
+               "val_videos": int(c["videos"].item()), "val_skipped": int(c["skipped"].item())}
+    if not multi_label:
+        metrics.update(val_top1=c["top1"].item() / n, val_top5=c["top5"].item() / n)
+    return metrics
 
 
 if __name__ == "__main__":

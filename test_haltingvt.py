@@ -1495,7 +1495,7 @@ def test_train_average_precision():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.6]])
     targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
     # class 0: positives ranked 1st and 3rd -> (1/1 + 2/3) / 2; class 1: its one positive ranked 1st -> 1
-    assert train.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert losses.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
 def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
@@ -1538,7 +1538,7 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
     assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    train.set_rng_states(ckpt["rng"])
+    data.set_rng_states(ckpt["rng"])
     again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
     torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
@@ -1659,12 +1659,11 @@ def test_train_halting_ramp_is_off_then_linear_then_on():
 
 def test_train_best_checkpoint_waits_for_the_halting_warmup(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(train, "checkpoint", lambda loop, run_state, path: saved.append(run_state["best"]))
+    monkeypatch.setattr(train, "save", lambda s, path: saved.append(s.best))
     monkeypatch.setattr(train, "summary", lambda metrics: "")
-    args = train.parse_args(["--halting-warmup", "4", "--epochs", "6"])
-    loop, run_state = {"args": args, "rank": 0}, {"best": None}
+    s = SimpleNamespace(args=train.parse_args(["--halting-warmup", "4", "--epochs", "6"]), rank=0, best=None)
     for epoch, top1 in [(1, 0.9), (3, 0.8), (4, 0.5), (5, 0.7), (6, 0.6)]:
-        train.record({"epoch": epoch, "val_top1": top1}, run_state, loop, tmp_path)
+        train.record({"epoch": epoch, "val_top1": top1}, s, tmp_path)
     assert saved == [0.5, 0.7]  # nothing while halting ramps up (epochs 1-3), then the best so far
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
 
@@ -1720,7 +1719,7 @@ def _eval_set(list_file, multi_label):
 
 def _evaluate(list_file, multi_label, rank=0, world=1):
     model, cfg, args, val = _eval_set(list_file, multi_label)
-    loader = train.epoch_loader(val, args, 0, rank, world, train=False)
+    loader = data.epoch_loader(val, args.batch_size, 0, rank, world, train=False)
     return train.evaluate(model, loader, args, torch.device("cpu"), cfg)
 
 
@@ -1789,7 +1788,7 @@ def test_train_evaluate_with_more_processes_than_videos(tmp_path, videos):
     assert [m["val_videos"] for m in alone] == [2, 2, 2] and [m["val_skipped"] for m in alone] == [0, 0, 1]
     rows = _by_hand(lists[1][0], multi_label=True)
     logits, targets = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-    assert alone[1]["val_map"] == pytest.approx(train.average_precision(logits, targets))
+    assert alone[1]["val_map"] == pytest.approx(losses.average_precision(logits, targets))
     lists = [(str(lst), multi) for lst, multi in lists]
     torch.multiprocessing.spawn(_evaluate_in_process, args=(3, str(tmp_path / "init"), lists, str(tmp_path)),
                                 nprocs=3)
@@ -1942,7 +1941,7 @@ def test_map_darkens_exactly_the_pruned_and_halted_tokens():
     p, S = cfg.patch_size, 16
     expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
     assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
-    image = data.halting_map(data.display_frames(video), train.token_masks(model, video, layers), p, scale=2)
+    image = data.halting_map(data.display_frames(video), data.token_masks(model, video, layers), p, scale=2)
     tile_h, tile_w = 2 * 64 + data.GAP, 2 * 64 + data.GAP
     assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
 
@@ -1988,7 +1987,7 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
 
 
 def test_ablation_rows_are_tables_1_and_2():
-    rows = train.ablation_rows(train.parse_args(["--ablation"]))
+    rows = bench.ablation_rows(train.parse_args([]))
     table1 = [(r["glimpser_depth"] == 0, r["keep_ratio"], r["alpha_m"] > 0) for r in rows[:8]]
     assert table1 == [(True, None, True), (True, None, False)] + [
         (False, R, m) for R in (0.3, 0.5, 0.7) for m in (True, False)]
@@ -1999,12 +1998,12 @@ def test_ablation_rows_are_tables_1_and_2():
 
 
 def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
-    rows = train.ablation_rows
-    monkeypatch.setattr(train, "ablation_rows", lambda args: rows(args)[1:3])  # no Glimpser w/o motion; R=0.3
-    lines = train.main(small_run(demo, tmp_path, "--ablation", "--epochs", "1"))
+    rows = bench.ablation_rows
+    monkeypatch.setattr(bench, "ablation_rows", lambda args: rows(args)[1:3])  # no Glimpser w/o motion; R=0.3
+    lines = bench.main(small_run(demo, tmp_path, "--ablation", "--epochs", "1"))
     table = (tmp_path / "ablation.md").read_text().splitlines()
-    assert table[0].startswith("Made by `python train.py ") and "--ablation" in table[0]
-    assert table[2] == "| " + " | ".join(train.ABLATION_COLUMNS) + " |" and table[4:] == lines
+    assert table[0].startswith("Made by `python bench.py ") and "--ablation" in table[0]
+    assert table[2] == "| " + " | ".join(bench.ABLATION_COLUMNS) + " |" and table[4:] == lines
     cells = [line.strip("| ").split(" | ") for line in lines]
     beta = f"{HaltingVTConfig.tiny().beta:g}"
     assert [c[:5] for c in cells] == [["no Glimpser", "-", "no", beta, "0"], ["Glimpser", "0.3", "yes", beta, "0"]]
@@ -2015,25 +2014,25 @@ def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
 
 
 def test_ablation_summary_averages_each_row_over_its_seeds():
-    rows = train.ablation_rows(train.parse_args(["--ablation"]))[:2]
+    rows = bench.ablation_rows(train.parse_args([]))[:2]
 
     def metrics(top1, gflops, depth):
         return dict(val_top1=top1, val_gflops=gflops, dense_gflops=0.1, halt_depth_mean=depth)
     results = [(rows[0], 0, metrics(0.5, 0.02, 1.0)), (rows[0], 1, metrics(0.8, 0.04, 2.0)),
                (rows[0], 2, metrics(0.2, 0.03, 3.0)), (rows[1], 0, metrics(0.9, 0.05, 4.0))]
-    first, second = (line.strip("| ").split(" | ") for line in train.ablation_summary(results))
+    first, second = (line.strip("| ").split(" | ") for line in bench.ablation_summary(results))
     beta = f"{HaltingVTConfig.tiny().beta:g}"
     assert first == ["no Glimpser", "-", "yes", beta, "3", "0.500 (0.200-0.800)", "0.30", "2.00"]
     assert second == ["no Glimpser", "-", "no", beta, "1", "0.900 (0.900-0.900)", "0.50", "4.00"]
 
 
 def test_ablation_with_seeds_writes_their_summary(demo, tmp_path, monkeypatch):
-    rows = train.ablation_rows
-    monkeypatch.setattr(train, "ablation_rows", lambda args: rows(args)[2:3])  # R = 0.3 with the Motion Loss
-    lines = train.main(small_run(demo, tmp_path, "--ablation", "--epochs", "1", "--ablation-seeds", "0", "1"))
+    rows = bench.ablation_rows
+    monkeypatch.setattr(bench, "ablation_rows", lambda args: rows(args)[2:3])  # R = 0.3 with the Motion Loss
+    lines = bench.main(small_run(demo, tmp_path, "--ablation", "--epochs", "1", "--ablation-seeds", "0", "1"))
     table = (tmp_path / "ablation.md").read_text().splitlines()
     assert [line.strip("| ").split(" | ")[4] for line in lines] == ["0", "1"]  # one line per seed
-    assert table[table.index("Over the seeds:") + 2] == "| " + " | ".join(train.SUMMARY_COLUMNS) + " |"
+    assert table[table.index("Over the seeds:") + 2] == "| " + " | ".join(bench.SUMMARY_COLUMNS) + " |"
     top1 = [float(line.strip("| ").split(" | ")[5]) for line in lines]
     assert table[-1].split(" | ")[4:6] == ["2", f"{sum(top1) / 2:.3f} ({min(top1):.3f}-{max(top1):.3f})"]
 

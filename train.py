@@ -3,7 +3,6 @@
     python train.py                                   # the sanity run: demo dataset, tiny model, a few minutes
     python train.py --halting-map VIDEO --resume runs/sanity/best.pt   # Fig. 4: runs/sanity/halting_map.png
     python train.py --predict VIDEO [VIDEO ...] --resume runs/sanity/best.pt   # top-5, GFLOPs, halting depth
-    python train.py --ablation --out runs/ablation    # Tables 1 and 2 on the demo set: runs/ablation/ablation.md
     python train.py --train k200_train.txt --val k200_val.txt --root /data/kinetics --num-classes 200 \
         --model deit_small --init deit_small_patch16_224-cd65a155.pth
     torchrun --standalone --nproc-per-node=8 train.py ...   # the same, one process per GPU
@@ -12,23 +11,24 @@ One training step (paper Sec. 3.4 and Eq. 9): a batch of B videos becomes 2B cli
 its static fake (data.collate); both go through the model; loss = task + alpha_p * ponder + alpha_m * motion.
 Evaluation runs the model in drop mode (halted tokens leave the computation) and reports top-1/top-5 (or mAP),
 motion accuracy on each validation video's real clip and its fake, GFLOPs spent per video, halting depths.
+The training loop is `fit`; the ablations of Tables 1 and 2 are `python bench.py --ablation`.
 
-Two sets of defaults: the real-data ones follow the authors' release config (NOTES.md); the sanity run changes
-only what is listed in DEMO_PRESET. Every value in either can be overridden by its flag.
-Axis letters as in haltingvt.py: B batch, L joint layers, K tokens entering the joint stage.
+Two sets of defaults: the real-data ones follow the config files of the authors' public release
+(dun-research/HaltingVT); the sanity run changes only what is listed in DEMO_PRESET. Every value in either can
+be overridden by its flag. Axis letters as in haltingvt.py: B batch, L joint layers, K tokens entering the
+joint stage.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import random
-import shlex
 import signal
-import statistics
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -37,8 +37,9 @@ import torch
 import torch.distributed as dist
 
 import data
+import haltingvt
 import losses
-from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained, read_checkpoint
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained
 from losses import haltingvt_loss
 
 log = logging.getLogger("train")
@@ -90,8 +91,18 @@ class NonFiniteLoss(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every unset optimisation value filled in from the preset (apply_preset)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py).")
+    for add_flags in (data_flags, model_flags, optimisation_flags, run_flags):
+        add_flags(p)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path(args.resume).parent) if args.halting_map and args.resume else "runs/sanity"
+    return apply_preset(args)
+
+
+def data_flags(p: argparse.ArgumentParser):
     a = p.add_argument_group("data").add_argument
     a("--train", help="training list file (`path label` or `path l1 l2 ...`) or class-folder root; "
                       "without it: the demo sanity run")
@@ -99,8 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--root", help="folder the list files' paths are relative to (default: the list file's folder)")
     a("--num-classes", type=int, help="default: from the class folders or the largest label + 1")
     a("--multi-label", action="store_true", help="`path l1 l2 ...` lists, BCE loss, mAP (ActivityNet)")
-    a("--on-error", choices=["skip", "raise"], default="skip",
-      help="what a bad video does: skip it (logged; the default), or stop")
+    a("--on-error", choices=["skip", "raise"], default="skip", help="a bad video: skip it (logged) or stop")
     a("--workers", type=int, default=0, help="DataLoader worker processes per training process (default 0)")
     a("--train-scale", type=int, nargs=2, help="random short side range (default: img_size * 8/7 .. 10/7)")
     a("--eval-short-side", type=int, help="eval short side before the centre crop (default: img_size * 8/7)")
@@ -110,50 +120,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--demo-root", default="data/demo", help="where the sanity run writes its demo dataset (data/demo)")
     a("--demo-videos", type=int, nargs=2, default=(100, 20), metavar=("TRAIN", "VAL"),
       help="demo videos per class (100 20)")
+
+
+def model_flags(p: argparse.ArgumentParser):
     m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
     m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
-    m("--init", help="weights to start from: a DeiT-S image checkpoint (DeiT's, timm's, any wrapper; inflated), "
-                     "a train.py checkpoint (stage 2 of the paper's recipe; loaded as it is) or the release's "
-                     "(haltingvt.load_pretrained)")
+    m("--init", help="weights to start from: a DeiT-S image checkpoint (inflated), a train.py checkpoint (stage 2 "
+                     "of the paper's recipe) or the release's (haltingvt.load_pretrained)")
     m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
-    m("--img-size", type=int)
-    m("--embed-dim", type=int)
-    m("--depth", type=int)
-    m("--heads", type=int)
-    m("--glimpser-depth", type=int)
-    m("--keep-ratio", type=float, help="R of the Glimpser, Eq. (7)")
-    m("--gamma", type=float, help="Eq. (2)")
-    m("--beta", type=float, help="Eq. (2), subtracted: larger beta halts later")
-    m("--eps", type=float, help="Eq. (3)")
-    m("--drop-path", type=float)
+    for name in ("--img-size", "--embed-dim", "--depth", "--heads", "--glimpser-depth"):
+        m(name, type=int)
+    for name, where in (("--keep-ratio", "R of the Glimpser, Eq. (7)"), ("--gamma", "Eq. (2)"), ("--eps", "Eq. (3)"),
+                        ("--beta", "Eq. (2), subtracted: larger beta halts later"), ("--drop-path", None)):
+        m(name, type=float, help=where)
     m("--no-halting", dest="halting", action="store_false", help="run every joint layer on every token")
-    o = p.add_argument_group("optimisation (unset values: real-data defaults, or DEMO_PRESET without --train)")
-    o = o.add_argument
+
+
+def optimisation_flags(p: argparse.ArgumentParser):
+    o = p.add_argument_group("optimisation (unset values: REAL_DEFAULTS, or DEMO_PRESET without --train)").add_argument
     o("--preset", choices=["demo", "real"], help="default: demo without --train, else real")
     o("--optimizer", choices=["adam", "adamw"])
-    o("--lr", type=float)
-    o("--weight-decay", type=float)
-    o("--epochs", type=int)
-    o("--warmup-epochs", type=float)
+    for name, kind in (("--lr", float), ("--weight-decay", float), ("--epochs", int), ("--warmup-epochs", float)):
+        o(name, type=kind)
     o("--batch-size", type=int, help="videos per process; each gives a real and a fake clip")
     o("--clip-grad", type=float, help="max gradient norm")
     o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
     o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's; see losses.py)")
-    o("--alpha-d", type=float, help="weight of the halting-depth prior (not in the paper, see "
-                                    "losses.depth_prior_loss); 0 = off")
+    o("--alpha-d", type=float, help="halting-depth prior weight (not in the paper: losses.depth_prior_loss); 0 off")
     o("--depth-prior", type=float, nargs=2, metavar=("MEAN", "STD"),
       help="the prior's Gaussian over joint layers 1..L (default: the middle layer, std L/4)")
     o("--train-mode", choices=["mask", "drop"],
       help="halted tokens in training (default: TRAIN_MODE, or AMP_TRAIN_MODE with --amp)")
     o("--task-on-fakes", action=argparse.BooleanOptionalAction,
-      help="apply the task loss to the static fake clips too (the release does; see losses.haltingvt_loss)")
-    o("--halting-warmup", type=float, help="epochs of halting warm-up (train.halting_ramp): no halting and no "
-                                           "ponder loss for the first half, then a linear rise (0 = off)")
-    o("--embed-std", type=float, help="from scratch: start pos_embed and time_embed at this std instead of "
-                                      "DeiT's 0.02 and the paper's 0 (ignored with --init)")
+      help="the task loss on the static fake clips too (as the release; see losses.haltingvt_loss)")
+    o("--halting-warmup", type=float, help="epochs of halting warm-up: off for half, then a linear rise; 0 = off")
+    o("--embed-std", type=float, help="from scratch: pos_embed and time_embed start at this std (not with --init)")
+
+
+def run_flags(p: argparse.ArgumentParser):
     r = p.add_argument_group("run").add_argument
-    r("--out", help="for metrics.jsonl, last.pt, best.pt, final.json (runs/sanity; runs/ablation with --ablation;"
-                    " with --halting-map: the checkpoint's folder)")
+    r("--out", help="for metrics.jsonl, last.pt, best.pt, final.json (runs/sanity; with --halting-map: the "
+                    "checkpoint's folder)")
     r("--seed", type=int, default=0)
     r("--device", help="default: cuda if available, else cpu")
     r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
@@ -163,22 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
     r("--stop-after", type=int, help="stop after N epochs of this run (the schedule still spans --epochs)")
-    v = p.add_argument_group("prediction, pictures and ablations").add_argument
-    v("--predict", nargs="+", metavar="VIDEO", help="print the top-5 classes, GFLOPs and mean halting depth of each "
-                                                    "video with the --resume checkpoint, then exit")
-    v("--json", action="store_true", help="with --predict: one JSON object per video, one a line")
-    v("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (paper Fig. 4) for this video with the "
+    r("--predict", nargs="+", metavar="VIDEO", help="print each video's top-5 classes, GFLOPs and mean halting "
+                                                    "depth with the --resume checkpoint, then exit")
+    r("--json", action="store_true", help="with --predict: one JSON object per video, one a line")
+    r("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (paper Fig. 4) for this video with the "
                                              "--resume checkpoint, then exit")
-    v("--map-layers", type=int, nargs="+", help="joint layers (1..L) whose active tokens the map shows "
-                                                "(default: up to 3 spread over 2..L)")
-    v("--ablation", action="store_true", help="one training per row of Tables 1 and 2 (ablation_rows), each in "
-                                              "its own folder of --out; the table goes to OUT/ablation.md")
-    v("--ablation-seeds", type=int, nargs="+", default=[0], help="seeds of each ablation row (0)")
-    args = p.parse_args(argv)
-    if args.out is None and args.halting_map:
-        args.out = str(Path(args.resume).parent) if args.resume else "runs/sanity"
-    args.out = args.out or ("runs/ablation" if args.ablation else "runs/sanity")
-    return apply_preset(args)
+    r("--map-layers", type=int, nargs="+", help="joint layers (1..L) the map shows (default: up to 3 over 2..L)")
 
 
 def apply_preset(args):
@@ -255,18 +252,8 @@ def build_data(args, rank):
     # training set's classes (class folders by name)
     common["num_classes"] = train.num_classes
     val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train.classes, **common)
-    log_labels_by_index(args, train, val)
+    data.log_labels_by_index(args.train, args.val, train, val)
     return train, val, train.num_classes
-
-
-def log_labels_by_index(args, train, val):
-    """Say so when one set is a list file and the other class folders: labels then match by index, not name."""
-    if train.classes is None and val.classes is not None:
-        log.warning("labels by index: the training list file %s names no classes, so the class folders of %s "
-                    "are numbered in sorted order (%r is 0)", args.train, args.val, val.classes[0])
-    elif train.classes is not None and not Path(args.val).is_dir():
-        log.info("labels by index: label i of the validation list file %s means the i-th class folder of %s in "
-                 "sorted order (0 is %r)", args.val, args.train, train.classes[0])
 
 
 def model_config(args, num_classes) -> HaltingVTConfig:
@@ -314,100 +301,22 @@ def build_optimizer(model, args, steps_per_epoch):
     return optimizer, sched.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
 
 
-def epoch_loader(dataset, args, epoch, rank, world, skip_batches=0, train=True):
-    """The DataLoader of one epoch.
-
-    Training: a shuffle seeded by (seed, epoch), the same in every process, split between processes
-    (DistributedSampler, also for one process); `skip_batches` resumes in the middle of an epoch. The dataset's
-    augmentation is seeded by (seed, epoch, index). So an epoch's batches are the same however often the run
-    stopped and resumed. Evaluation: each process takes every world-th video, no padding, no duplicates.
-    """
-    dataset.set_epoch(epoch)
-    if train:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=args.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip_batches * args.batch_size:]
-    else:
-        order = list(range(rank, len(dataset), world))
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=order, drop_last=train,
-                                       num_workers=args.workers, collate_fn=data.collate,
-                                       pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigint)
-
-
-def ignore_sigint(worker_id):
-    """Ctrl-C reaches the DataLoader workers too; they leave it to the main process, which saves and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-def rng_states() -> dict:
-    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
-    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
-    version, internal, gauss = random.getstate()
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": [version, list(internal), gauss],
-              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict):
-    """Put back the states rng_states saved."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def plain(value):
-    """A run argument as a plain value that weights_only=True loads: tuples become lists, paths strings."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
-def class_names(dataset, source) -> Optional[list]:
-    """The training set's class names: its class folders', or those of a classes.txt beside its list file (one
-    name a line, in label order, as the demo set has) when it names every class; otherwise None."""
-    if dataset.classes is not None:
-        return list(dataset.classes)
-    path = Path(source).parent / "classes.txt"
-    if not (Path(source).is_file() and path.is_file()):
-        return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    if len(names) != dataset.num_classes:
-        log.warning("%s names %d classes, the training set has %d: no class names saved", path, len(names),
-                    dataset.num_classes)
-        return None
-    return names
-
-
 def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args, classes=None):
-    """A plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written to a temporary
-    file and renamed: a kill at any moment leaves the old file whole. `classes`: the class names, or None."""
+    """The run as a plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written whole
+    or not at all (data.write_checkpoint). `state`: the PROGRESS values; `classes`: the class names, or None."""
     ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": plain(vars(args)),
-            "classes": classes, "rng": rng_states()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
+            "classes": classes, "rng": data.rng_states()}
+    data.write_checkpoint(path, ckpt)
 
 
 def read_run_checkpoint(path) -> dict:
     """A checkpoint written by train.py, read with weights_only=True; SystemExit naming the file for any other."""
-    ckpt = read_checkpoint(path)
+    ckpt = haltingvt.read_checkpoint(path)
     if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
         raise SystemExit(f"{path} was not written by train.py (it has no 'model' and 'config'); to start from "
                          "other weights, pass it to --init")
@@ -421,8 +330,8 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_states(ckpt["rng"])
-    return {k: ckpt[k] for k in ("epoch", "batch_in_epoch", "step", "best")}
+        data.set_rng_states(ckpt["rng"])
+    return {k: ckpt[k] for k in PROGRESS}
 
 
 def unwrap(model):
@@ -441,6 +350,152 @@ def weights_sha(model) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
+
+PROGRESS = ("epoch", "batch_in_epoch", "step", "best")  # the RunState fields every checkpoint keeps
+
+
+@dataclass
+class RunState:
+    """A training run: what it trains, and how far it has come. The PROGRESS fields go into every checkpoint and
+    --resume puts them back, so a resumed run takes the same batches and steps as one that never stopped."""
+    args: argparse.Namespace
+    model: torch.nn.Module  # in DistributedDataParallel with several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    cfg: HaltingVTConfig
+    device: torch.device
+    rank: int
+    world: int
+    num_classes: int
+    classes: Optional[list]  # class names, for the checkpoints (data.class_names)
+    steps_per_epoch: int
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # steps taken in the current epoch
+    step: int = 0  # steps taken in all
+    best: Optional[float] = None  # best val top-1 (or mAP) since the halting warm-up (record)
+    start_step: int = 0  # the step this process started from, for the time left
+    t0: float = field(default_factory=time.time)
+
+
+def fit(s: RunState, train_set, val_loader) -> dict:
+    """The training loop, from where `s` stands to --epochs (or --stop-after more epochs).
+
+    Each epoch: its batches (after a mid-epoch --resume, the rest of them), one train_step each; then evaluate
+    every --eval-every epochs and after the last (record: metrics.jsonl, best.pt), and save last.pt. SIGINT or
+    SIGTERM: last.pt after the step under way, then return. A NaN or infinite loss raises NonFiniteLoss and
+    leaves last.pt as it was. A finished run writes final.json (finish). Returns the last evaluation's metrics.
+    """
+    args, out, metrics = s.args, Path(s.args.out), {}
+    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, s.epoch + args.stop_after)
+    with StopFlag() as stop:
+        while s.epoch < last_epoch:
+            s.model.train()
+            loader = data.epoch_loader(train_set, args.batch_size, s.epoch, s.rank, s.world, seed=args.seed,
+                                       workers=args.workers, skip_batches=s.batch_in_epoch)
+            sums, skipped, tick = [0.0, 0], set(), (time.time(), s.step)  # loss sum and steps; bad videos
+            for batch in data.single_threaded(loader):
+                parts = train_step(s, batch, stop)
+                if parts is None:  # a stop signal, before this batch's update: --resume starts again from it
+                    save(s, out / "last.pt")
+                    log.warning("stopped at epoch %d, step %d; continue with --resume %s", s.epoch + 1, s.step,
+                                out / "last.pt")
+                    return metrics
+                sums, skipped = [sums[0] + parts["total"], sums[1] + 1], skipped | set(batch["skipped"])
+                if s.step % args.log_every == 0:
+                    tick = log_progress(s, parts, len(batch["video"]), tick)
+            train_loss = epoch_loss(s, sums, skipped)
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            if s.epoch % args.eval_every == 0 or s.epoch == last_epoch:
+                metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss,
+                           **evaluate(s.model, val_loader, args, s.device, s.cfg), "elapsed_s": time.time() - s.t0}
+                record(metrics, s, out)
+            save(s, out / "last.pt")
+    if not stop.set:
+        finish(s, metrics)
+    return metrics
+
+
+def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
+    """One optimiser step on a batch: the loss parts (floats), or None, with nothing updated, when any process
+    got a stop signal. Raises NonFiniteLoss, on every process and before any update, on a NaN or infinite loss
+    or gradient norm."""
+    model, args, device, num_classes = s.model, s.args, s.device, s.num_classes
+    ramp = halting_ramp(args, s.step / s.steps_per_epoch)
+    unwrap(model).joint.beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)
+    loss, parts = forward_loss(model, batch, args, device, num_classes, ramp)
+    # one collective per step: did any process see a bad loss, or a stop signal?
+    bad = float(not math.isfinite(parts["total"]))
+    flags = all_reduce(torch.tensor([bad, float(stop.set)], device=device), dist.ReduceOp.MAX).tolist()
+    if flags[0]:
+        raise NonFiniteLoss(f"loss is {parts['total']} at epoch {s.epoch + 1}, step {s.step} (parts {parts}); "
+                            f"stopping without writing a checkpoint, so {args.out}/last.pt is the last good state. "
+                            "Try a lower --lr or no --amp.")
+    if flags[1]:
+        return None
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    if not torch.isfinite(grad_norm):  # the same on every process: gradients were already averaged
+        raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {s.epoch + 1}, step {s.step}; "
+                            f"stopping before the update, {args.out}/last.pt is untouched.")
+    s.optimizer.step()
+    s.scheduler.step()
+    s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + 1
+    return parts
+
+
+def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
+    """Eq. (9) on B videos = 2B clips (real, then fake): (loss tensor, parts as floats). `ramp` scales the
+    ponder and depth-prior weights (halting_ramp)."""
+    video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
+    with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
+        out = model(video, drop_halted=args.train_mode == "drop")
+        prior = {}
+        if args.alpha_d:  # the depth prior, off by default
+            L = out.halt_scores.shape[0]
+            mean, std = args.depth_prior or ((L + 1) / 2, L / 4)
+            prior = dict(alpha_d=args.alpha_d * ramp, depth_target=losses.depth_prior(L, mean, std))
+        return haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p * ramp,
+                              alpha_m=args.alpha_m, multi_label=args.multi_label,
+                              task_on_fakes=args.task_on_fakes, **prior)
+
+
+def halting_ramp(args, epochs_done: float) -> float:
+    """How far halting is switched on, 0..1 (the halting warm-up, not in the paper; 1 without it).
+
+    0 for the first half of --halting-warmup epochs, then a linear rise to 1. The training loop sets beta to
+    --beta + BETA_OFF * (1 - ramp) and scales the ponder and depth-prior weights by the ramp. Why: from scratch
+    at lr 1e-3, a class token that halts at the first joint layer while the later layers are still noise never
+    comes back (its score saturates and the later layers stop receiving gradient); and Adam rescales even the
+    ponder loss's tiny gradient on a near-zero score to full-size steps, so the ponder weight must be off too.
+    """
+    if not args.halting_warmup:
+        return 1.0
+    half = args.halting_warmup / 2
+    return min(max((epochs_done - half) / half, 0.0), 1.0)
+
+
+def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tuple:
+    """One line: step/total, each loss part, lr, clips/s since `tick` (time, step), time left at this run's mean
+    step time. Returns the next tick."""
+    total, now = s.args.epochs * s.steps_per_epoch, time.time()
+    clips_per_s = batch_clips * (s.step - tick[1]) / (now - tick[0])
+    step_s = (now - s.t0) / max(s.step - s.start_step, 1)
+    left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * step_s))
+    terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
+    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s", s.epoch + 1, s.step, total,
+             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left)
+    return now, s.step
+
+
+def epoch_loss(s: RunState, sums: list, skipped: set) -> float:
+    """The epoch's mean total loss over every process's steps, from this process's [loss sum, steps]; logs the
+    bad videos the dataset passed over (--on-error skip)."""
+    if skipped:
+        log.warning("epoch %d: %d bad videos skipped: %s", s.epoch + 1, len(skipped), sorted(skipped)[:3])
+    total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
+    return total / max(count, 1)
+
 
 class StopFlag:
     """Set by SIGINT / SIGTERM while the training loop runs (a `with` block, which then puts the previous
@@ -467,180 +522,15 @@ def autocast(args, device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
 
-def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
-    """Eq. (9) on B videos = 2B clips (real, then fake): (loss tensor, parts as floats). `ramp` scales the
-    ponder and depth-prior weights (halting_ramp)."""
-    video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
-    with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
-        out = model(video, drop_halted=args.train_mode == "drop")
-        prior = {}
-        if args.alpha_d:  # the depth prior, off by default
-            L = out.halt_scores.shape[0]
-            mean, std = args.depth_prior or ((L + 1) / 2, L / 4)
-            prior = dict(alpha_d=args.alpha_d * ramp, depth_target=losses.depth_prior(L, mean, std))
-        return haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p * ramp,
-                              alpha_m=args.alpha_m, multi_label=args.multi_label,
-                              task_on_fakes=args.task_on_fakes, **prior)
-
-
-def single_threaded(loader):
-    """Yield the loader's batches, built with one torch thread (this matters with --workers 0).
-
-    The per-clip resizes and crops are too small to gain from intra-op threads, and on a busy CPU their thread
-    hand-offs made a demo batch about 30x slower (3 s instead of 0.1 s on the 2 shared cores here)."""
-    threads, batches = torch.get_num_threads(), iter(loader)
-    while True:
-        torch.set_num_threads(1)
-        try:
-            batch = next(batches, None)
-        finally:
-            torch.set_num_threads(threads)
-        if batch is None:
-            return
-        yield batch
-
-
-def halting_ramp(args, epochs_done: float) -> float:
-    """How far halting is switched on, 0..1 (the halting warm-up, not in the paper; 1 without it).
-
-    0 for the first half of --halting-warmup epochs, then a linear rise to 1. The training loop sets beta to
-    --beta + BETA_OFF * (1 - ramp) and scales the ponder and depth-prior weights by the ramp. Why: from scratch
-    at lr 1e-3, a class token that halts at the first joint layer while the later layers are still noise never
-    comes back (its score saturates and the later layers stop receiving gradient); and Adam rescales even the
-    ponder loss's tiny gradient on a near-zero score to full-size steps, so the ponder weight must be off too.
-    """
-    if not args.halting_warmup:
-        return 1.0
-    half = args.halting_warmup / 2
-    return min(max((epochs_done - half) / half, 0.0), 1.0)
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_classes, stop: StopFlag):
-    """Train over one epoch's loader. `run` holds epoch, batch_in_epoch, step, steps_per_epoch, t0; updated.
-
-    Returns the mean total loss, or None when a stop signal ended the epoch early. Raises NonFiniteLoss.
-    """
-    model.train()
-    total, count, tick, ticks, skipped = 0.0, 0, time.time(), 0, set()
-    for batch in single_threaded(loader):
-        skipped.update(batch["skipped"])  # bad videos the dataset passed over (--on-error skip)
-        ramp = halting_ramp(args, run["step"] / run["steps_per_epoch"])
-        unwrap(model).joint.beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)
-        loss, parts = forward_loss(model, batch, args, device, num_classes, ramp)
-        # one collective per step: did any process see a bad loss, or a stop signal?
-        bad = float(not math.isfinite(parts["total"]))
-        flags = all_reduce(torch.tensor([bad, float(stop.set)], device=device), dist.ReduceOp.MAX).tolist()
-        if flags[0]:
-            raise NonFiniteLoss(f"loss is {parts['total']} at epoch {run['epoch'] + 1}, step {run['step']} "
-                                f"(parts {parts}); stopping without writing a checkpoint, so "
-                                f"{args.out}/last.pt is the last good state. Try a lower --lr or no --amp.")
-        if flags[1]:
-            return None  # before this batch's update: --resume starts again from this batch
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        if not torch.isfinite(grad_norm):  # the same on every process: gradients were already averaged
-            raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {run['epoch'] + 1}, step "
-                                f"{run['step']}; stopping before the update, {args.out}/last.pt is untouched.")
-        optimizer.step()
-        scheduler.step()
-        run["step"] += 1
-        run["batch_in_epoch"] += 1
-        total, count, ticks = total + parts["total"], count + 1, ticks + 1
-        if run["step"] % args.log_every == 0:
-            log_progress(run, parts, optimizer, len(batch["video"]) * ticks / (time.time() - tick), args)
-            tick, ticks = time.time(), 0
-    if skipped:
-        log.warning("epoch %d: %d bad videos skipped: %s", run["epoch"] + 1, len(skipped), sorted(skipped)[:3])
-    total, count = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
-    return total / max(count, 1)  # the mean over every process's steps
-
-
-def log_progress(run, parts, optimizer, clips_per_s, args):
-    """One line: step/total, each loss part, lr, clips/s, time left at this run's mean step time."""
-    total = args.epochs * run["steps_per_epoch"]
-    step_s = (time.time() - run["t0"]) / max(run["step"] - run["start_step"], 1)
-    left = time.strftime("%H:%M:%S", time.gmtime((total - run["step"]) * step_s))
-    terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
-    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s", run["epoch"] + 1, run["step"],
-             total, parts["total"], terms, optimizer.param_groups[0]["lr"], clips_per_s, left)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------
-
-def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean over classes (with at least one positive) of the average precision: scores, targets (B, Y)."""
-    aps = []
-    for s, t in zip(scores.T, targets.T):
-        if t.sum() == 0:
-            continue
-        t = t[s.argsort(descending=True)]
-        hits = t.cumsum(0)
-        precision = hits / torch.arange(1, len(t) + 1)
-        aps.append((precision * t).sum() / t.sum())
-    return torch.stack(aps).mean().item() if aps else float("nan")
-
-
-def eval_counters(cfg: HaltingVTConfig) -> dict:
-    """evaluate's sums, by name: float64 tensors, scalars but for the per-layer ones."""
-    L = cfg.depth - cfg.glimpser_depth
-    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "depth_sum",
-             "tokens")
-    return {**{name: torch.zeros((), dtype=torch.float64) for name in names},
-            "depth_hist": torch.zeros(L, dtype=torch.float64),  # tokens halted at joint layer 1..L
-            "tokens_per_layer": torch.zeros(cfg.depth, dtype=torch.float64)}
-
 
 def reduce_counters(counters: dict, device) -> dict:
     """Sum each named counter over the processes, all in one all_reduce; each keeps its shape."""
     flat = all_reduce(torch.cat([c.reshape(-1) for c in counters.values()]).to(device)).cpu()
     parts = flat.split([c.numel() for c in counters.values()])
     return {name: part.view_as(c) for (name, c), part in zip(counters.items(), parts)}
-
-
-def eval_batch(model, batch, args, device, count: dict, scores: list, targets: list):
-    """Add one batch (B real clips, then their B fakes: data.collate) to the counters; for multi-label, its
-    (B, Y) scores and targets to the lists."""
-    video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
-    with autocast(args, device):
-        out = model(video, drop_halted=True)
-    B = len(video) // 2
-    logits, label = out.logits[:B].float(), label[:B]
-    if args.multi_label:
-        # AP depends on the ranking alone: logits rank as the probabilities do, without the ties that sigmoid
-        # makes by rounding confident scores to exactly 1
-        scores.append(logits.cpu()), targets.append(label.float().cpu())
-    else:
-        top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
-        count["top1"] += (top5[:, 0] == label).sum().item()
-        count["top5"] += (top5 == label[:, None]).any(1).sum().item()
-    depth = out.halt_depth[:B]  # (B, K) joint layer 1..L where each token halted
-    count["videos"] += B
-    if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
-        count["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
-        count["motion_clips"] += len(video)
-    count["gflops"] += out.gflops[:B].sum().item()
-    count["depth_sum"] += depth.sum().item()
-    count["tokens"] += depth.numel()
-    L = len(count["depth_hist"])
-    count["depth_hist"] += torch.bincount(depth.flatten().cpu() - 1, minlength=L).double()
-    count["tokens_per_layer"] += out.tokens_per_layer[:B].sum(0).cpu().double()
-
-
-def eval_metrics(c: dict, cfg: HaltingVTConfig, multi_label: bool) -> dict:
-    """The metrics from the summed counters: means per readable video (nan when there was none)."""
-    n, tokens = c["videos"].item() or math.nan, c["tokens"].item() or math.nan
-    clips = c["motion_clips"].item() or math.nan  # nan: no motion head
-    metrics = {"val_motion_acc": c["motion_correct"].item() / clips, "val_gflops": c["gflops"].item() / n,
-               "dense_gflops": dense_gflops(cfg), "halt_depth_mean": c["depth_sum"].item() / tokens,
-               "halt_depth_hist": (c["depth_hist"] / tokens).tolist(),
-               "tokens_per_layer": (c["tokens_per_layer"] / n).tolist(),
-               "val_videos": int(c["videos"].item()), "val_skipped": int(c["skipped"].item())}
-    if not multi_label:
-        metrics.update(val_top1=c["top1"].item() / n, val_top5=c["top5"].item() / n)
-    return metrics
 
 
 @torch.no_grad()
@@ -650,20 +540,24 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
     a warning and counted in val_skipped. The counters are summed across processes (a process may have no
     video at all); every process gets the result."""
     model = unwrap(model).eval()
-    count, scores, targets, skipped = eval_counters(cfg), [], [], []
-    for batch in single_threaded(loader):
+    count, scores, targets, skipped = losses.eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
+    for batch in data.single_threaded(loader):
         skipped += batch["skipped"]
-        if "video" in batch:  # else every video of the batch was unreadable
-            eval_batch(model, batch, args, device, count, scores, targets)
+        if "video" not in batch:  # every video of the batch was unreadable
+            continue
+        video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
+        with autocast(args, device):
+            out = model(video, drop_halted=True)  # B real clips, then their B fakes (data.collate)
+        losses.add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
     if skipped:
         log.warning("evaluation: %d unreadable videos left out: %s", len(skipped), skipped[:5])
     count["skipped"] += len(skipped)
     count = reduce_counters(count, device)
     if count["videos"] == 0:
         log.warning("evaluation: no readable validation video; the metrics are nan")
-    metrics = eval_metrics(count, cfg, args.multi_label)
+    metrics = losses.eval_metrics(count, dense_gflops(cfg), args.multi_label)
     if args.multi_label:
-        metrics["val_map"] = average_precision(*gather_scores(scores, targets, cfg.num_classes))
+        metrics["val_map"] = losses.average_precision(*gather_scores(scores, targets, cfg.num_classes))
     return metrics
 
 
@@ -693,29 +587,36 @@ def summary(m: dict) -> str:
 # The run
 # ----------------------------------------------------------------------------------------------------------
 
-def main(argv=None) -> dict:
-    """Train (or evaluate) as the flags say; returns the last evaluation's metrics."""
+def main(argv=None):
+    """Train (or evaluate, predict, draw a halting map) as the flags say: the last evaluation's metrics (or the
+    --predict results, or write_halting_map's summary)."""
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
+    with processes(args) as (rank, world, device):
         if args.predict:
             return predict(args, device)
         if args.halting_map:
             return write_halting_map(args, device)
-        if args.ablation:
-            return ablation(args, sys.argv[1:] if argv is None else argv, rank, world, device)
-        result = run(args, rank, world, device)
+        return run(args, rank, world, device)
+
+
+@contextlib.contextmanager
+def processes(args):
+    """(rank, world size, device) for the block, with logging on (INFO on rank 0). Leaving it, every process
+    waits for the others, then the process group (torchrun) is torn down."""
+    rank, world, device = setup_distributed(args)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        yield rank, world, device
         if dist.is_initialized():
             dist.barrier()  # no rank tears the process group down while another still uses it
-        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def run(args, rank, world, device) -> dict:
+    """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
     seed_everything(args.seed)
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
@@ -727,7 +628,7 @@ def run(args, rank, world, device) -> dict:
             log.warning("--resume: using the checkpoint's model config %s", saved)
         cfg = saved
     model = build_model(cfg, args, device)
-    val_loader = epoch_loader(val_set, args, 0, rank, world, train=False)
+    val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
     if args.eval_only:
         if args.resume:
             load_checkpoint(args.resume, model)
@@ -738,93 +639,65 @@ def run(args, rank, world, device) -> dict:
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training videos are fewer than one batch of {args.batch_size} "
                          f"per process x {world} processes: lower --batch-size")
-    optimizer, scheduler = build_optimizer(model, args, steps_per_epoch)
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None}
-    if args.resume:
-        state = load_checkpoint(args.resume, model, optimizer, scheduler)
-        log.info("resumed from %s at epoch %d, step %d", args.resume, state["epoch"], state["step"])
-    if world > 1:
-        # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
-        # batch halted earlier, and without the motion term the motion head gets no gradient.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    if rank == 0 and not args.resume:
-        (Path(args.out) / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    s = RunState(args, model, *build_optimizer(model, args, steps_per_epoch), cfg, device, rank, world,
+                 num_classes, data.class_names(train_set, args.train), steps_per_epoch)
+    start(s)
     log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %d process(es), %s",
              cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
              world, device)
-    loop = dict(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, args=args, device=device,
-                rank=rank, world=world, num_classes=num_classes, classes=class_names(train_set, args.train))
-    return fit(loop, state, train_set, val_loader, steps_per_epoch)
+    return fit(s, train_set, val_loader)
 
 
-def fit(loop, state, train_set, val_loader, steps_per_epoch) -> dict:
-    """The epoch loop: train, evaluate every --eval-every epochs, save last.pt (and best.pt), log metrics."""
-    args, model, rank, world = loop["args"], loop["model"], loop["rank"], loop["world"]
-    out = Path(args.out)
-    run_state = {**state, "steps_per_epoch": steps_per_epoch, "t0": time.time(), "start_step": state["step"]}
-    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, state["epoch"] + args.stop_after)
-    with StopFlag() as stop:
-        metrics = train_epochs(loop, run_state, train_set, val_loader, last_epoch, stop)
-    if stop.set:
-        return metrics
-    if world > 1:  # replicas must agree; the test of the distributed run reads this
-        hashes = [None] * world
-        dist.all_gather_object(hashes, weights_sha(model))
-        metrics["rank_weight_sha"] = hashes
-    if rank == 0:
-        (out / "final.json").write_text(json.dumps(metrics, indent=1))
-        if metrics:
-            log.info("done in %.0f s: %s", time.time() - run_state["t0"], summary(metrics))
-    return metrics
+def start(s: RunState):
+    """Continue from --resume (weights, optimiser, schedule, RNGs, progress), wrap the model for several
+    processes, make OUT (a fresh run starts a fresh metrics.jsonl)."""
+    if s.args.resume:
+        for key, value in load_checkpoint(s.args.resume, s.model, s.optimizer, s.scheduler).items():
+            setattr(s, key, value)
+        s.start_step = s.step
+        log.info("resumed from %s at epoch %d, step %d", s.args.resume, s.epoch, s.step)
+    if s.world > 1:
+        # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
+        # batch halted earlier, and without the motion term the motion head gets no gradient.
+        s.model = torch.nn.parallel.DistributedDataParallel(
+            s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, find_unused_parameters=True)
+    Path(s.args.out).mkdir(parents=True, exist_ok=True)
+    if s.rank == 0 and not s.args.resume:
+        (Path(s.args.out) / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def train_epochs(loop, run_state, train_set, val_loader, last_epoch, stop) -> dict:
-    """Epochs until `last_epoch` or a stop signal; returns the last evaluation's metrics."""
-    args, model, rank, world = loop["args"], loop["model"], loop["rank"], loop["world"]
-    out, metrics = Path(args.out), {}
-    while run_state["epoch"] < last_epoch:
-        epoch = run_state["epoch"]
-        loader = epoch_loader(train_set, args, epoch, rank, world, skip_batches=run_state["batch_in_epoch"])
-        train_loss = train_one_epoch(model, loader, loop["optimizer"], loop["scheduler"], run_state, args,
-                                     loop["device"], loop["num_classes"], stop)
-        if train_loss is None:  # SIGINT / SIGTERM: save where we are; --resume continues mid-epoch
-            checkpoint(loop, run_state, out / "last.pt")
-            log.warning("stopped at epoch %d, step %d; continue with --resume %s", epoch + 1, run_state["step"],
-                        out / "last.pt")
-            return metrics
-        run_state.update(epoch=epoch + 1, batch_in_epoch=0)
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == last_epoch:
-            metrics = {"epoch": epoch + 1, "step": run_state["step"], "train_loss": train_loss,
-                       **evaluate(model, val_loader, args, loop["device"], loop["cfg"]),
-                       "elapsed_s": time.time() - run_state["t0"]}
-            record(metrics, run_state, loop, out)
-        checkpoint(loop, run_state, out / "last.pt")
-    return metrics
-
-
-def record(metrics, run_state, loop, out):
+def record(metrics: dict, s: RunState, out: Path):
     """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0; after the halting warm-up)."""
     key = "val_map" if "val_map" in metrics else "val_top1"
     log.info("epoch %d eval: %s", metrics["epoch"], summary(metrics))
-    if loop["rank"] != 0:
+    if s.rank != 0:
         return
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
-    args = loop["args"]
-    if halting_ramp(args, metrics["epoch"]) < 1 and metrics["epoch"] < args.epochs:
+    if halting_ramp(s.args, metrics["epoch"]) < 1 and metrics["epoch"] < s.args.epochs:
         return  # best.pt holds a model that halts as configured, not one from the halting warm-up
-    if run_state["best"] is None or metrics[key] > run_state["best"]:
-        run_state["best"] = metrics[key]
-        checkpoint(loop, run_state, out / "best.pt")
+    if s.best is None or metrics[key] > s.best:
+        s.best = metrics[key]
+        save(s, out / "best.pt")
 
 
-def checkpoint(loop, run_state, path):
-    if loop["rank"] == 0:
-        state = {k: run_state[k] for k in ("epoch", "batch_in_epoch", "step", "best")}
-        save_checkpoint(path, loop["model"], loop["optimizer"], loop["scheduler"], state, loop["cfg"],
-                        loop["args"], loop["classes"])
+def save(s: RunState, path: Path):
+    """The run as it stands to `path` (rank 0; save_checkpoint)."""
+    if s.rank == 0:
+        save_checkpoint(path, s.model, s.optimizer, s.scheduler, {k: getattr(s, k) for k in PROGRESS}, s.cfg,
+                        s.args, s.classes)
+
+
+def finish(s: RunState, metrics: dict):
+    """The end of a run: every replica's weight hash (several processes), OUT/final.json, the closing line."""
+    if s.world > 1:  # replicas must agree; the test of the distributed run reads this
+        hashes = [None] * s.world
+        dist.all_gather_object(hashes, weights_sha(s.model))
+        metrics["rank_weight_sha"] = hashes
+    if s.rank == 0:
+        (Path(s.args.out) / "final.json").write_text(json.dumps(metrics, indent=1))
+        if metrics:
+            log.info("done in %.0f s: %s", time.time() - s.t0, summary(metrics))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -838,14 +711,6 @@ def load_trained_model(path, device):
     model = HaltingVT(HaltingVTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
-
-
-def eval_clip(path, cfg: HaltingVTConfig, run_args: dict) -> torch.Tensor:
-    """The video at `path` as evaluation feeds it to the model: float (C, T, H, W). Raises data.VideoDecodeError
-    naming the file."""
-    short_side = run_args.get("eval_short_side") or round(cfg.img_size * 8 / 7)  # as data.VideoDataset
-    clip = data.read_clip(path, cfg.num_frames, train=False)  # (T, H, W, 3)
-    return data.eval_transform(clip, cfg.img_size, short_side)
 
 
 @torch.no_grad()
@@ -882,10 +747,11 @@ def predict(args, device) -> list:
         raise SystemExit("--predict needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
+    short_side = run_args.get("eval_short_side")  # the run's eval pipeline
     results = []
     for path in args.predict:
         try:
-            video = eval_clip(path, model.cfg, run_args)
+            video = data.eval_clip(path, model.cfg.num_frames, model.cfg.img_size, short_side)
         except data.VideoDecodeError as err:
             result = {"video": path, "error": str(err)}
         else:
@@ -908,15 +774,6 @@ def map_layers(layers, L) -> list:
     return sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]
 
 
-@torch.no_grad()
-def token_masks(model, video, layers):
-    """Run one clip (C, T, H, W) in drop mode: bool masks (1 + len(layers), T, S), data.active_token_masks."""
-    out = model(video.unsqueeze(0), drop_halted=True)
-    keep_index = out.keep_index[0] if out.keep_index is not None else None
-    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
-    return data.active_token_masks(keep_index, out.halt_depth[0], S, layers)
-
-
 def write_halting_map(args, device) -> dict:
     """--halting-map: the video through the run's eval pipeline and the checkpoint's model -> OUT/halting_map.png.
 
@@ -927,8 +784,9 @@ def write_halting_map(args, device) -> dict:
     model, ckpt = load_trained_model(args.resume, device)
     cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
-    video = eval_clip(args.halting_map, cfg, ckpt.get("args", {}))  # (C, T, H, W)
-    masks = token_masks(model, video.to(device), layers)
+    short_side = ckpt.get("args", {}).get("eval_short_side")  # the run's eval pipeline
+    video = data.eval_clip(args.halting_map, cfg.num_frames, cfg.img_size, short_side)  # (C, T, H, W)
+    masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
     path = Path(args.out) / "halting_map.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -938,108 +796,6 @@ def write_halting_map(args, device) -> dict:
     log.info("wrote %s (rows: input, %s); patches active: %s", path, ", ".join(names),
              ", ".join(f"{name} {a:.2f}" for name, a in active.items()))
     return {"path": str(path), "active": active}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ablations (paper Tables 1 and 2) at laptop scale
-# ----------------------------------------------------------------------------------------------------------
-
-ABLATION_COLUMNS = ("setting", "R", "motion loss", "beta", "seed", "val top-1", "GFLOPs/video",
-                    "GFLOPs ratio vs dense", "mean halting depth", "wall time (s)")
-
-
-def ablation_rows(args) -> list:
-    """Table 1: no Glimpser, then R = 0.3, 0.5, 0.7, each with the Motion Loss (alpha_m as set) and without
-    (alpha_m = 0). Then Table 2's beta sweep at R = 0.5 with the Motion Loss: beta x 0.5, 1.5, 2 (beta x 1 is
-    Table 1's R = 0.5 row). Each row: the model and loss flags that differ from the sanity run."""
-    beta = args.beta if args.beta is not None else getattr(HaltingVTConfig, args.model)().beta
-    rows = []
-    for R in (None, 0.3, 0.5, 0.7):
-        for alpha_m in (args.alpha_m, 0.0):
-            rows.append(dict(setting="no Glimpser" if R is None else "Glimpser", keep_ratio=R, alpha_m=alpha_m,
-                             beta=beta, glimpser_depth=0 if R is None else args.glimpser_depth))
-    for factor in (0.5, 1.5, 2.0):
-        rows.append(dict(setting="beta sweep", keep_ratio=0.5, alpha_m=args.alpha_m, beta=beta * factor,
-                         glimpser_depth=args.glimpser_depth))
-    return rows
-
-
-def table_line(cells) -> str:
-    """One markdown table line."""
-    return "| " + " | ".join(cells) + " |"
-
-
-def table_head(columns) -> list:
-    """A markdown table's header and rule lines."""
-    return [table_line(columns), "|" + "---|" * len(columns)]
-
-
-def row_cells(row) -> list:
-    """An ablation row's setting, R, motion loss and beta, as table cells."""
-    R = "-" if row["glimpser_depth"] == 0 else f"{row['keep_ratio']:g}"
-    return [row["setting"], R, "yes" if row["alpha_m"] else "no", f"{row['beta']:g}"]
-
-
-def ablation_line(row, seed, metrics, wall_s) -> str:
-    """One markdown table line, in ABLATION_COLUMNS order."""
-    cells = [*row_cells(row), str(seed),
-             f"{metrics['val_top1']:.3f}", f"{metrics['val_gflops']:.4f}",
-             f"{metrics['val_gflops'] / metrics['dense_gflops']:.2f}", f"{metrics['halt_depth_mean']:.2f}",
-             f"{wall_s:.0f}"]
-    return table_line(cells)
-
-
-SUMMARY_COLUMNS = ("setting", "R", "motion loss", "beta", "seeds", "val top-1: mean (min-max)",
-                   "GFLOPs ratio vs dense", "mean halting depth")
-
-
-def ablation_summary(results: list) -> list:
-    """One line per row over its seeds, in SUMMARY_COLUMNS order: results are (row, seed, metrics) in row order.
-    One seed of these short runs moves top-1 by tens of points (README): compare rows by their means."""
-    by_row = {}
-    for row, seed, metrics in results:
-        by_row.setdefault(id(row), (row, []))[1].append(metrics)
-    lines = []
-    for row, runs in by_row.values():
-        top1 = [m["val_top1"] for m in runs]
-        ratio = statistics.mean(m["val_gflops"] / m["dense_gflops"] for m in runs)
-        depth = statistics.mean(m["halt_depth_mean"] for m in runs)
-        cells = [*row_cells(row), str(len(runs)), f"{statistics.mean(top1):.3f} ({min(top1):.3f}-{max(top1):.3f})",
-                 f"{ratio:.2f}", f"{depth:.2f}"]
-        lines.append(table_line(cells))
-    return lines
-
-
-def ablation(args, argv, rank, world, device) -> list:
-    """--ablation: `run` once per row of ablation_rows and seed, with the row's flags on top of the command
-    line's (so --epochs and the like apply to every row), each in OUT/<row>; OUT/ablation.md, rewritten after
-    every row so that an interrupted ablation keeps the rows it finished. Returns the table's lines."""
-    out = Path(args.out)
-    head = [f"Made by `python train.py {shlex.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
-            *table_head(ABLATION_COLUMNS)]
-    lines, results = [], []
-    for i, row in enumerate(ablation_rows(args)):
-        for seed in args.ablation_seeds:
-            name = f"{i:02d}_R{row['keep_ratio'] if row['glimpser_depth'] != 0 else 'none'}_" \
-                   f"motion{int(bool(row['alpha_m']))}_beta{row['beta']:g}_seed{seed}"
-            flags = {k: v for k, v in row.items() if k != "setting"}
-            row_args = argparse.Namespace(**{**vars(args), **flags, "seed": seed, "out": str(out / name),
-                                             "ablation": False, "resume": None, "eval_only": False})
-            log.info("ablation run %s", name)
-            t0 = time.time()
-            metrics = run(row_args, rank, world, device)
-            if metrics.get("epoch") != args.epochs:  # a stop signal, or --stop-after: the row is unfinished
-                log.warning("ablation stopped in %s; %s has the rows before it", name, out / "ablation.md")
-                return lines
-            lines.append(ablation_line(row, seed, metrics, time.time() - t0))
-            results.append((row, seed, metrics))
-            summary = []
-            if len(args.ablation_seeds) > 1:
-                summary = ["", "Over the seeds:", "", *table_head(SUMMARY_COLUMNS), *ablation_summary(results)]
-            if rank == 0:
-                (out / "ablation.md").write_text("\n".join(head + lines + summary) + "\n")
-    log.info("wrote %s", out / "ablation.md")
-    return lines
 
 
 if __name__ == "__main__":
