@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 import data
 import losses
-from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained, read_checkpoint
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained
 from losses import haltingvt_loss
 
 log = logging.getLogger("train")
@@ -288,7 +288,7 @@ def build_model(cfg: HaltingVTConfig, args, device):
             model.time_embed.normal_(0, args.embed_std)
     if args.init:
         log.info("--init %s", args.init)
-        load_pretrained(model, args.init)  # logs what it loaded, left fresh and did not use
+        load_pretrained(model, data.read_checkpoint(args.init))  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
 
@@ -407,7 +407,7 @@ def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: Halting
 
 def read_run_checkpoint(path) -> dict:
     """A checkpoint written by train.py, read with weights_only=True; SystemExit naming the file for any other."""
-    ckpt = read_checkpoint(path)
+    ckpt = data.read_checkpoint(path)
     if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
         raise SystemExit(f"{path} was not written by train.py (it has no 'model' and 'config'); to start from "
                          "other weights, pass it to --init")
@@ -472,7 +472,8 @@ def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
     ponder and depth-prior weights (halting_ramp)."""
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
     with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
-        out = model(video, drop_halted=args.train_mode == "drop")
+        beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
+        out = model(video, drop_halted=args.train_mode == "drop", beta=beta)
         prior = {}
         if args.alpha_d:  # the depth prior, off by default
             L = out.halt_scores.shape[0]
@@ -525,7 +526,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, run, args, device, num_
     for batch in single_threaded(loader):
         skipped.update(batch["skipped"])  # bad videos the dataset passed over (--on-error skip)
         ramp = halting_ramp(args, run["step"] / run["steps_per_epoch"])
-        unwrap(model).joint.beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)
         loss, parts = forward_loss(model, batch, args, device, num_classes, ramp)
         # one collective per step: did any process see a bad loss, or a stop signal?
         bad = float(not math.isfinite(parts["total"]))
