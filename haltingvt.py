@@ -300,13 +300,10 @@ def gather_patches(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class Glimpser(nn.Module):
-    """Divided space-time layers; in the last, each frame keeps its top ceil(R * S) patches (Eq. 7).
-
-    As in the authors' release, the pruning sits inside the last layer: after its spatial attention (whose
-    class-token row scores the patches) and before its MLP, which then runs on the kept tokens only. The class
-    token keeps its residual there as in every layer (the release drops it in that one layer only, which reads
-    as a slip: the class token would restart from its attention output).
-    """
+    """Divided space-time layers; in the last, each frame keeps its top ceil(R * S) patches (Eq. 7), as in the
+    authors' release after its spatial attention (whose class-token row scores them) and before its MLP. The
+    class token keeps its residual there as in every layer (the release drops it in that layer only, which reads
+    as a slip: the class token would restart from its attention output)."""
 
     def __init__(self, blocks: list, keep_ratio: float):
         super().__init__()
@@ -330,15 +327,12 @@ class Glimpser(nn.Module):
 class HaltingStage(nn.Module):
     """Joint space-time layers where every token, the class token included, halts on its own (Eqs. 2-4).
 
-    What happens to a sample's other tokens once its class token halts depends on the module's mode, never on
-    how halted tokens are executed (mask or drop), so both execution modes give the same numbers:
-      - training: every token runs on until it halts by its own scores, so its N_k and r_k are exactly those of
-        Eqs. (3) and (4) and enter the ponder loss (Eq. 5), as in the authors' release; the logits no longer
-        change, since x_o (Eq. 6) takes the class token only up to its halting layer;
-      - evaluation: the sample stops when its class token halts (that is where inference saves time); a token
-        still running then gets the class token's depth and the remainder left of its budget, 1 - its sum so far.
-    The logits are the same either way; depths, remainders and token counts report what ran.
-    """
+    After a sample's class token halts, its other tokens depend on the mode (never on mask or drop execution):
+      - training: every token runs until it halts by its own scores, so its N_k and r_k are those of Eqs. (3)
+        and (4) and enter the ponder loss (Eq. 5), as in the authors' release; x_o (Eq. 6) no longer changes;
+      - evaluation: the sample stops when its class token halts (where inference saves time); a token still
+        running gets the class token's depth and the remainder of its budget, 1 - its sum so far.
+    The logits are the same either way; depths, remainders and token counts report what ran."""
 
     def __init__(self, blocks: list, gamma: float, beta: float, eps: float, halting: bool):
         super().__init__()
@@ -355,16 +349,14 @@ class HaltingStage(nn.Module):
 
     def forward(self, x, drop: bool, beta: Optional[float] = None) -> dict:
         """x (B, K, D); drop: remove halted tokens (else mask them); beta: Eq. (2)'s beta, None = the stage's.
-
         Returns x_o (B, D) the halting-weighted class token (Eq. 6), halt_scores (L, B, K), depth (B, K),
-        remainder (B, K) and tokens (B, L), the tokens entering each layer as drop mode runs it."""
+        remainder (B, K) and tokens (B, L) entering each layer as drop mode runs it."""
         beta = self.beta if beta is None else beta
         return halting_dropped(self, x, beta) if drop else self.forward_masked(x, beta)
 
     def forward_masked(self, x, beta: float) -> dict:
         """Fixed shapes: halted tokens stay in x, frozen, and hidden from attention by a key mask."""
-        B, K, D = x.shape
-        L = len(self.blocks)
+        (B, K, D), L = x.shape, len(self.blocks)
         total = x.new_zeros(B, K)  # running sum of scores, Eq. (3)
         active = torch.ones(B, K, dtype=torch.bool, device=x.device)
         depth = torch.full((B, K), L, dtype=torch.long, device=x.device)
@@ -485,27 +477,18 @@ class HaltingVT(nn.Module):
 # GELU and additions are not counted (fvcore's convention: DeiT-S on one 224x224 image is 4.6 GFLOPs)
 # ----------------------------------------------------------------------------------------------------------
 
-def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
-    """A transformer layer over n tokens: qkv + proj (4 D^2), MLP (2 D hidden) per token; QK^T and AV."""
-    return n * (4 * dim * dim + 2 * dim * hidden) + 2 * n * n * dim
-
-
-def divided_layer_macs(T: int, S: int, dim: int, hidden: int, keep: Optional[int] = None) -> int:
-    """A divided layer: temporal attention (+ temporal_fc) over T*S patches, spatial attention over T frames of
-    1+S tokens, the MLP over 1+T*S tokens. With `keep` (the Glimpser's last layer): plus the class token's
-    attention row, and the MLP over the 1+T*keep tokens kept."""
-    temporal = T * S * 5 * dim * dim + S * 2 * T * T * dim
-    spatial = T * (1 + S) * 4 * dim * dim + T * 2 * (1 + S) ** 2 * dim + (T * (1 + S) * dim if keep else 0)
-    return temporal + spatial + (1 + T * (keep or S)) * 2 * dim * hidden
-
-
 def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S: int) -> torch.Tensor:
     """GFLOPs each sample spends, from the tokens entering each layer: (B, depth) -> (B,)."""
     D, hidden, g = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.glimpser_depth
-    macs = T * S * cfg.in_chans * cfg.patch_size ** 2 * D  # patch embedding
     keep = math.ceil(cfg.keep_ratio * S)  # patches per frame the Glimpser keeps (Eq. 7)
-    macs += sum(divided_layer_macs(T, S, D, hidden, keep if i == g - 1 else None) for i in range(g))
-    macs = macs + joint_layer_macs(tokens_per_layer[:, g:].double(), D, hidden).sum(1)
+    macs = T * S * cfg.in_chans * cfg.patch_size ** 2 * D  # patch embedding
+    for i in range(g):  # divided layers; the last also computes the class token's attention row, then prunes
+        last = i == g - 1
+        macs += T * S * 5 * D * D + S * 2 * T * T * D  # temporal: qkv, proj, temporal_fc over T*S; QK^T, AV
+        macs += T * (1 + S) * 4 * D * D + T * 2 * (1 + S) ** 2 * D + (T * (1 + S) * D if last else 0)  # spatial
+        macs += (1 + T * (keep if last else S)) * 2 * D * hidden  # the MLP
+    n = tokens_per_layer[:, g:].double()  # (B, joint layers)
+    macs = macs + (n * (4 * D * D + 2 * D * hidden) + 2 * n * n * D).sum(1)  # qkv, proj, MLP per token; QK^T, AV
     macs = macs + D * (cfg.num_classes + (2 if cfg.motion_head else 0))  # the heads
     return (macs / 1e9).float()
 
@@ -536,14 +519,13 @@ def cat(tensors: list, dim: int = 0) -> torch.Tensor:
 
 def row_groups(lengths: list, rows: int) -> list:
     """Split consecutive samples' lengths into groups of about `rows` token rows (a longer sample alone)."""
-    groups, size = [[]], 0
+    groups, size = [], 0
     for n in lengths:
-        if groups[-1] and size + n > rows:
-            groups.append([])
-            size = 0
+        if not groups or size + n > rows:
+            groups, size = groups + [[]], 0
         groups[-1].append(n)
         size += n
-    return groups if groups[0] else []
+    return groups
 
 
 def gelu(h: torch.Tensor) -> torch.Tensor:
@@ -553,11 +535,9 @@ def gelu(h: torch.Tensor) -> torch.Tensor:
 
 
 def in_chunks(fn, rows: int, x: torch.Tensor, *rest):
-    """fn(x, *rest) over about `rows` token rows at a time, split along dim 0 between whole samples (a sample of
-    x (B, K, D) is K rows, one of (N, D) one row) and concatenated again; fn returns a tensor or a tuple of
-    them, and a `rest` entry may be None. Why: a (rows, hidden) intermediate stays small enough to be reused
-    from the allocator and the cache; one (B*K, hidden) tensor at batch 8 is freshly mapped memory on every
-    call, and on a CPU that made bias + GELU a third of the forward's time."""
+    """fn(x, *rest) on parts of dim 0 of about `rows` token rows (whole samples of x (B, K, D); rows of (N, D)),
+    the outputs (tensors or tuples) concatenated; a `rest` entry may be None. Why: small (rows, hidden) buffers
+    are reused from the allocator and cache; a fresh (B*K, hidden) one made bias + GELU a third of a CPU forward."""
     step = max(1, rows // (x.shape[1] if x.dim() > 2 else 1))
     if x.shape[0] <= step:
         return fn(x, *rest)
@@ -567,12 +547,9 @@ def in_chunks(fn, rows: int, x: torch.Tensor, *rest):
 
 
 def packed_attention(attn: Attention, x: torch.Tensor, lengths: list) -> torch.Tensor:
-    """attn over x (N, D), the tokens of several samples back to back, sample i owning lengths[i] of them.
-
-    The projections run over all rows of a group of consecutive samples at once (no padding, about attn.rows
-    rows per group); attention runs per sample, so no token ever sees another sample's tokens and no FLOP is
-    spent on padding. On a GPU, padded_attention instead (one call beats one launch per sample).
-    """
+    """attn over x (N, D), several samples' tokens back to back (sample i owns lengths[i] rows): projections
+    over groups of about attn.rows rows of whole samples, attention per sample, so no token sees another
+    sample's and nothing is padded. On a GPU, padded_attention (one call beats one launch per sample)."""
     if x.is_cuda and len(lengths) > 1 and attn.pad_on_cuda:
         return padded_attention(attn, x, lengths)
     groups, out = row_groups(lengths, attn.rows), []
@@ -599,12 +576,10 @@ def padded_attention(attn: Attention, x: torch.Tensor, lengths: list) -> torch.T
 
 
 def halting_dropped(stage: HaltingStage, x: torch.Tensor, beta: float) -> dict:
-    """HaltingStage.forward_masked's halting with halted tokens removed: the samples' live tokens are packed back
-    to back in one (N, D) tensor (each sample's class token first while it runs), so no FLOP goes to padding; a
-    sample leaves the batch when its last token halts (in evaluation: when its class token does). Returns what
-    forward_masked returns. The bookkeeping stays on the device and reads back only the per-sample token counts,
-    once per layer (the attention needs them as Python ints): on a GPU each read-back stalls the queue, and a
-    boolean index (x[mask]) is one too."""
+    """HaltingStage.forward_masked with halted tokens removed: the live tokens of all samples are packed in one
+    (N, D) tensor, each sample's class token first while it runs. The bookkeeping stays on the device and reads
+    back only the token counts, once per layer (attention needs them as ints): on a GPU every read-back, a
+    boolean index x[mask] included, stalls the queue."""
     B, K, D = x.shape
     L, dev = len(stage.blocks), x.device
     sample = torch.arange(B, device=dev).repeat_interleave(K)  # (N,) sample of each packed row
@@ -744,11 +719,9 @@ def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
 
 
 def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, describe: str):
-    """Raise ValueError unless every backbone tensor was found and every file tensor inside one of the model's
-    layers was used. Not backbone: the heads, and for an image checkpoint the time embedding and each
-    `temporal_fc` (zero: the video model starts as the image one). A layer's tensor with no place in the model
-    (layer scale, a temporal part where the model has a joint layer) means that layer would compute something
-    else; layers beyond the model's depth are only reported as unused."""
+    """ValueError unless every backbone tensor (not the heads; for an image checkpoint, not the time embedding and
+    `temporal_fc`, which start at zero) was found, and no file tensor of one of the model's layers went unused
+    (layer scale, a temporal part where the model has a joint layer: the layer would compute something else)."""
     target = model.state_dict()
     fresh = lambda k: k.startswith(HEADS) or layout == "image" and (k == "time_embed" or ".temporal_fc." in k)
     missing = [k for k in target if k not in mapped and not fresh(k)]
