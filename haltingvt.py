@@ -741,16 +741,15 @@ def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, de
 
 def load_pretrained(model: HaltingVT, ckpt) -> dict:
     """Load a checkpoint's weights into the video model. ckpt: a file's contents (data.read_checkpoint reads one
-    without running code from it): a state dict, raw or in a WEIGHT_KEYS wrapper, under any prefix, in one of
-    three layouts found by their names:
-      - image: DeiT/ViT (DeiT's, timm's). Every layer gets its spatial weights; the Glimpser's temporal attention
-        and norm copy the spatial ones, `temporal_fc` and the time embedding start at zero, so the video model
-        starts as the image model; `pos_embed` is resized to the patch grid (a distillation entry dropped).
-      - video: written by train.py, loaded as it is; embeddings resized if frames or size differ.
-      - release: the authors' mmaction2 checkpoints (`backbone.model.blocks.i`, `cls_head.fc_cls`,
-        `cls_head.fc_motion`). Left different: the release drops the class token's residual in the Glimpser's
-        pruning layer, this model keeps it; a motion token and its position entry stay unused (this model's
-        motion head reads the class token). gamma, beta (Eq. 2) and R are not in the file: set them as its
+    without running code from it): a state dict, raw or in a WEIGHT_KEYS wrapper, under any prefix, of a layout
+    found by its names:
+      - image (DeiT's, timm's): every layer gets its spatial weights; the Glimpser's temporal attention and norm
+        copy the spatial ones and `temporal_fc` and the time embedding start at zero, so the video model starts
+        as the image model; `pos_embed` is resized to the patch grid (a distillation entry dropped);
+      - video (train.py's): loaded as it is; embeddings resized if frames or size differ;
+      - release (the authors' mmaction2 `backbone.model.blocks.i`, `cls_head.fc_cls`, `cls_head.fc_motion`):
+        the release drops the class token's residual in the Glimpser's pruning layer, this model keeps it; a
+        motion token stays unused (the motion head reads the class token); gamma, beta and R: set them as its
         config did.
     A head of another class count is left fresh. Raises ValueError, naming what the file holds and what was
     expected, when a backbone tensor is missing, a shape differs or a layer holds tensors the model lacks.
