@@ -376,6 +376,7 @@ def test_forward_beta_is_a_model_built_with_that_beta_and_nothing_on_the_model_c
         assert not torch.equal(default.halt_depth, got.halt_depth)  # beta did change the halting
         assert model.joint.beta == 0.0
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------------------------
