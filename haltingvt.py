@@ -1,7 +1,5 @@
-"""HaltingVT: an adaptive token halting transformer for efficient video recognition.
-
-A pure-PyTorch reading of the paper (Wu et al., "HaltingVT: Adaptive Token Halting Transformer for Efficient
-Video Recognition"), written to sit beside it. The network, top to bottom:
+"""HaltingVT (Wu et al., "HaltingVT: Adaptive Token Halting Transformer for Efficient Video Recognition") in
+pure PyTorch, written to read beside the paper:
 
     video (B, C, T, H, W)
       -> patch embedding + space and time embeddings               (Sec. 3.1)
@@ -10,29 +8,18 @@ Video Recognition"), written to sit beside it. The network, top to bottom:
       -> halting-weighted class token -> norm -> classifier          (Eq. 6)
                                           -> motion head (real/fake)  (Sec. 3.4, Eq. 8)
 
-Halted tokens really leave the computation here (the authors' release only multiplies them by zero), so time
-falls with the FLOPs. The same math runs two ways (`drop_halted`):
-  - drop: halted tokens are removed from the sequence; the samples of a batch are packed back to back with no
-    padding, so every matmul is spent on live tokens only;
-  - mask: fixed shapes (B, K, D) with a key mask; halted tokens are frozen and no one attends to them.
-What is computed depends only on the module's mode (HaltingStage): in training every token halts by its own
-scores (Eqs. 3-5; a sample's patch tokens run on after its class token halts, for the ponder loss); in
-evaluation a sample stops when its class token halts. The logits are the same either way.
+Halted tokens really leave the computation (the authors' release only multiplies them by zero), so time falls
+with the FLOPs. `drop_halted` picks one of two executions of the same math, with the same logits: drop removes
+halted tokens and packs the samples' live tokens back to back, without padding; mask keeps shapes (B, K, D) and
+hides halted tokens behind a key mask. Code that exists only for speed is in "Execution machinery", near the end.
 
-Axis letters used in shape comments:
-    B batch, C channels, T frames, H/W pixels, S patches per frame, K tokens (class token first),
-    N packed tokens of several samples, L layers, D width, h heads, d = D / h.
-Token order: index 0 is the class token, then frame-major patches: token 1 + t * S + s.
+Shapes: B batch, C channels, T frames, H/W pixels, S patches per frame, K tokens (class token first), N packed
+tokens of several samples, L layers, D width, h heads, d = D / h. Token 0 is the class token, then frame-major
+patches: token 1 + t * S + s.
 """
-import argparse
-import json
 import logging
 import math
-import os
-import pickle
-import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -63,29 +50,22 @@ class HaltingVTConfig:
     drop_path: float = 0.1  # stochastic depth of the official config
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"HaltingVTConfig.{name}={getattr(self, name)!r}: {why}")
+        def check(name, ok, why):
+            if not ok:
+                raise ValueError(f"HaltingVTConfig.{name}={getattr(self, name)!r}: {why}")
 
         for name in ("img_size", "patch_size", "num_frames", "in_chans", "embed_dim", "depth", "num_heads",
                      "num_classes"):
-            if getattr(self, name) < 1:
-                bad(name, "must be a positive integer")
-        if self.embed_dim % self.num_heads:
-            bad("embed_dim", f"must be a multiple of num_heads={self.num_heads}")
-        if self.img_size % self.patch_size:
-            bad("img_size", f"must be a multiple of patch_size={self.patch_size}")
-        if not 0 <= self.glimpser_depth < self.depth:
-            bad("glimpser_depth", f"must be in [0, depth={self.depth}): at least one joint layer must remain")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            bad("keep_ratio", "must be in (0, 1]")
-        if not 0.0 <= self.eps < 1.0:
-            bad("eps", "must be in [0, 1)")
-        if self.gamma <= 0:
-            bad("gamma", "must be > 0")
-        if self.mlp_ratio <= 0:
-            bad("mlp_ratio", "must be > 0")
-        if not 0.0 <= self.drop_path < 1.0:
-            bad("drop_path", "must be in [0, 1)")
+            check(name, getattr(self, name) >= 1, "must be a positive integer")
+        check("embed_dim", self.embed_dim % self.num_heads == 0, f"must be a multiple of num_heads={self.num_heads}")
+        check("img_size", self.img_size % self.patch_size == 0, f"must be a multiple of patch_size={self.patch_size}")
+        check("glimpser_depth", 0 <= self.glimpser_depth < self.depth,
+              f"must be in [0, depth={self.depth}): at least one joint layer must remain")
+        check("keep_ratio", 0.0 < self.keep_ratio <= 1.0, "must be in (0, 1]")
+        check("eps", 0.0 <= self.eps < 1.0, "must be in [0, 1)")
+        check("gamma", self.gamma > 0, "must be > 0")
+        check("mlp_ratio", self.mlp_ratio > 0, "must be > 0")
+        check("drop_path", 0.0 <= self.drop_path < 1.0, "must be in [0, 1)")
 
     @classmethod
     def deit_small(cls, **overrides) -> "HaltingVTConfig":
@@ -94,13 +74,9 @@ class HaltingVTConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "HaltingVTConfig":
-        """A small model that trains on 2 CPU cores in minutes on the demo dataset (data.py).
-
-        64x64 frames in 16x16 patches (S = 16 per frame, 128 per clip), width 64, 8 layers of which the first
-        2 form the Glimpser. gamma 1 and beta 2 are tuned for the demo run (README, "The sanity run"): trained
-        from scratch, x[..., 0] wanders over several units, and at gamma 10 the score is a step in it, so every
-        token halted in the same layer; at gamma 1 scores add up over a few layers and the depth follows x0.
-        """
+        """A model that trains in minutes on 2 CPU cores (the demo of data.py): 64x64 frames, S = 16, width 64,
+        8 layers of which 2 form the Glimpser. gamma 1, beta 2: from scratch x[..., 0] wanders over several units,
+        and at gamma 10 every token halted in the same layer; at gamma 1 the scores add up over a few layers."""
         base = dict(img_size=64, patch_size=16, num_frames=8, embed_dim=64, depth=8, num_heads=4,
                     num_classes=6, glimpser_depth=2, keep_ratio=0.5, gamma=1.0, beta=2.0, eps=0.01,
                     drop_path=0.0)
@@ -137,13 +113,11 @@ def halting_score(x: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
 
 
 def halting_weights(h: torch.Tensor, eps: float):
-    """The ACT bookkeeping of Eqs. (3), (4) and (6) for per-layer scores h of shape (L, ...).
+    """The ACT bookkeeping of Eqs. (3), (4), (6) for per-layer scores h (L, ...), the last one taken as 1.
 
-    The last layer's score is treated as 1, so every token halts by layer L. Returns
-      weights (L, ...): h_l before the halting layer, r at it, 0 after (they sum to 1 over L; Eq. 6),
-      depth (...): N = the first layer where the running sum of scores reaches 1 - eps (Eq. 3), in 1..L,
-      remainder (...): r = 1 - sum of the scores before layer N (Eq. 4).
-    """
+    Returns weights (L, ...): h_l before the halting layer, r at it, 0 after (summing to 1; Eq. 6); depth (...):
+    N, the first layer where the running sum reaches 1 - eps (Eq. 3), in 1..L; remainder (...): r = 1 - the sum
+    of the scores before layer N (Eq. 4)."""
     L = h.shape[0]
     h = torch.cat([h[:-1], torch.ones_like(h[-1:])])  # h^L := 1
     layer = torch.arange(1, L + 1, device=h.device).view(L, *[1] * (h.dim() - 1))  # (L, 1, ...)
@@ -172,47 +146,15 @@ class DropPath(nn.Module):
             return x
         samples = x.shape[0] if lengths is None else len(lengths)
         keep = x.new_empty(samples).bernoulli_(1 - self.p) / (1 - self.p)  # (B,)
-        if lengths is not None:  # the output size given, the GPU is not asked for it
+        if lengths is not None:  # output_size given: the GPU is not asked for it
             keep = keep.repeat_interleave(to_device(lengths, x.device), output_size=x.shape[0])  # (N,)
         return x * keep.view(-1, *[1] * (x.dim() - 1))
 
 
-def to_device(ints: list, device: torch.device) -> torch.Tensor:
-    """A list of Python ints as a tensor on `device`. To a GPU it goes from pinned memory without waiting: a
-    plain torch.tensor(ints, device=...) would first wait for every kernel queued before it."""
-    t = torch.tensor(ints)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def cat(tensors: list, dim: int = 0) -> torch.Tensor:
-    """torch.cat that returns a single tensor as it is instead of copying it (one sample, one group)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-
-
-def row_groups(lengths: list, rows: int) -> list:
-    """Split consecutive samples' lengths into groups of about `rows` token rows (a longer sample alone)."""
-    groups, size = [[]], 0
-    for n in lengths:
-        if groups[-1] and size + n > rows:
-            groups.append([])
-            size = 0
-        groups[-1].append(n)
-        size += n
-    return groups if groups[0] else []
-
-
-def gelu(h: torch.Tensor) -> torch.Tensor:
-    """GELU; without autograd, in place: no fresh (rows, hidden) buffer, about 5% of a DeiT-S forward on the CPU.
-    (With autograd the in-place op would save a copy of its input for the backward, so nothing is gained.)"""
-    return F.gelu(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h)
-
-
 class Mlp(nn.Module):
-    """The token-wise MLP. It runs over at most `rows` tokens at a time: the (rows, hidden) intermediate then
-    stays small enough to be reused from the allocator and the cache; one (B*K, hidden) tensor at batch 8 is
-    freshly mapped memory on every call, and on a CPU that made bias + GELU a third of the forward's time."""
+    """The token-wise MLP: fc1, GELU, fc2."""
 
-    rows = 2048
+    rows = 2048  # tokens per chunk (in_chunks)
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -220,17 +162,18 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])  # (..., D) -> (rows, D)
-        if flat.shape[0] <= self.rows:
-            return self.fc2(gelu(self.fc1(x)))
-        return torch.cat([self.fc2(gelu(self.fc1(part))) for part in flat.split(self.rows)]).view(x.shape)
+        """(..., D) -> (..., D)."""
+        return in_chunks(self.chunk, self.rows, x.reshape(-1, x.shape[-1])).view(x.shape)
+
+    def chunk(self, x):
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class Attention(nn.Module):
     """Multi-head self-attention, Eq. (1), through F.scaled_dot_product_attention."""
 
-    rows = 2048  # tokens per chunk, see Mlp
-    pad_on_cuda = True  # forward_packed: one padded attention call on a GPU instead of one per sample
+    rows = 2048  # tokens per chunk (in_chunks)
+    pad_on_cuda = True  # packed_attention: one padded attention call on a GPU instead of one per sample
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -239,8 +182,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x):
-        """(B, K, D) -> q, k, v, each a (B, h, K, d) view of the qkv output (no copy: the CPU attention kernel
-        takes strided heads, and copying them cost more than it saved at the Glimpser's shapes)."""
+        """(B, K, D) -> q, k, v, each a (B, h, K, d) view (not copied: the CPU kernel takes strided heads)."""
         return self.split_heads(self.qkv(x))
 
     def split_heads(self, qkv):
@@ -255,57 +197,20 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, K, h * d))
 
     def forward(self, x, key_mask: Optional[torch.Tensor] = None):
-        """x (B, K, D); key_mask (B, K) bool, True for the tokens that may be attended to.
+        """x (B, K, D) -> (B, K, D); key_mask (B, K) bool, True for the tokens that may be attended to."""
+        return in_chunks(self.chunk, self.rows, x, key_mask)
 
-        Runs over about `rows` tokens of whole samples at a time, for the reason given in Mlp."""
-        step = max(1, self.rows // x.shape[1])
-        if x.shape[0] > step:
-            masks = [None] * math.ceil(x.shape[0] / step) if key_mask is None else key_mask.split(step)
-            return torch.cat([self.forward(part, m) for part, m in zip(x.split(step), masks)])
+    def chunk(self, x, key_mask):
         q, k, v = self.heads(x)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, K)
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
-    def forward_packed(self, x, lengths: list):
-        """x (N, D): the tokens of several samples back to back, sample i owning lengths[i] of them.
-
-        The projections run over all rows of a group of consecutive samples at once (no padding, about `rows`
-        rows per group, see Mlp); attention runs per sample, so no token ever sees another sample's tokens and
-        no FLOP is spent on padding. On a GPU, forward_padded instead (one call beats one launch per sample).
-        """
-        if x.is_cuda and len(lengths) > 1 and self.pad_on_cuda:
-            return self.forward_padded(x, lengths)
-        groups, out = row_groups(lengths, self.rows), []
-        for group, part in zip(groups, x.split([sum(g) for g in groups])):
-            q, k, v = self.heads(part.unsqueeze(0))  # each (1, h, n, d), n = sum(group)
-            o = [F.scaled_dot_product_attention(*t) for t in zip(*(a.split(group, dim=2) for a in (q, k, v)))]
-            out.append(self.merge(cat(o, dim=2)).squeeze(0))  # (n, D)
-        return cat(out)  # (N, D)
-
-    def forward_padded(self, x, lengths: list):
-        """forward_packed for a GPU, where one attention call per sample costs more in launches than padding does:
-        the qkv rows are gathered into a (G, n) grid, n the longest sample, and a key mask hides the padding.
-        Padded queries are computed and dropped; the projections still run over the N real rows only."""
-        N, G, n = x.shape[0], len(lengths), max(lengths)
-        count = to_device(lengths, x.device)  # (G,)
-        pos = torch.arange(n, device=x.device)
-        valid = pos < count[:, None]  # (G, n)
-        index = ((count.cumsum(0) - count)[:, None] + pos).clamp(max=N - 1)  # (G, n) row of x; any for padding
-        q, k, v = self.split_heads(self.qkv(x)[index])  # each (G, h, n, d)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (G, h, n, d)
-        o = o.transpose(1, 2).reshape(G * n, -1)  # (G*n, D)
-        return self.proj(o[torch.nonzero_static(valid.flatten(), size=N).squeeze(1)])  # (N, D)
-
     def forward_with_cls_row(self, x):
-        """Attention as in forward, plus the class token's attention row averaged over heads (Eq. 7's w).
+        """forward, plus the class token's attention row averaged over heads (Eq. 7's w): x (B, K, D) ->
+        (B, K, D), (B, K). Only that row is computed explicitly: O(K) extra work, not O(K^2)."""
+        return in_chunks(self.chunk_with_cls_row, self.rows, x)
 
-        Only the one row is computed explicitly: O(K) extra work, not O(K^2). x (B, K, D) -> (B, K, D), (B, K).
-        Runs over about `rows` tokens at a time, as forward does.
-        """
-        step = max(1, self.rows // x.shape[1])
-        if x.shape[0] > step:
-            outs, cls_rows = zip(*(self.forward_with_cls_row(part) for part in x.split(step)))
-            return torch.cat(outs), torch.cat(cls_rows)
+    def chunk_with_cls_row(self, x):
         q, k, v = self.heads(x)
         out = self.merge(F.scaled_dot_product_attention(q, k, v))
         w = (q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, h, 1, K)
@@ -329,18 +234,15 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward_packed(self, x, lengths: list):
-        """x (N, D) packed tokens of several samples (drop mode) -> (N, D)."""
-        x = x + self.drop_path(self.attn.forward_packed(self.norm1(x), lengths), lengths)
+        """forward on x (N, D): several samples' tokens back to back, sample i owning lengths[i] rows."""
+        x = x + self.drop_path(packed_attention(self.attn, self.norm1(x), lengths), lengths)
         return x + self.drop_path(self.mlp(self.norm2(x)), lengths)
 
 
 class DividedBlock(Block):
-    """A divided space-time layer (TimeSformer): temporal attention, then spatial attention, then the MLP.
-
-    Temporal: each patch position attends over the T frames; a `temporal_fc` projects the result (zero at
-    initialisation, so an image checkpoint starts out unchanged). Spatial: each frame attends within itself,
-    with its own copy of the class token; the T class-token outputs are averaged back into one.
-    """
+    """A divided space-time layer (TimeSformer): temporal attention at each patch position over the T frames,
+    through a `temporal_fc` (zero at first, so an image checkpoint starts unchanged); spatial attention within
+    each frame, with its own copy of the class token, the T copies' outputs averaged; then the MLP."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
         super().__init__(dim, num_heads, mlp_ratio, drop_path)
@@ -353,9 +255,8 @@ class DividedBlock(Block):
         return self.feed_forward(self.attend(x, num_frames, cls_row=False)[0])
 
     def attend(self, x, num_frames: int, *, cls_row: bool):
-        """The two attentions with their residuals: x (B, 1+T*S, D) -> x (B, 1+T*S, D) and the class token's
-        spatial attention (B, T, S), or None when `cls_row` is False (the Glimpser prunes by it, in its last
-        layer only)."""
+        """Both attentions with their residuals: x (B, 1+T*S, D) -> x (B, 1+T*S, D) and, with `cls_row`, the
+        class token's spatial attention (B, T, S) that the Glimpser prunes by (else None)."""
         B, K, D = x.shape
         T, S = num_frames, (K - 1) // num_frames
         cls, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, T*S, D)
@@ -374,7 +275,7 @@ class DividedBlock(Block):
         return x, None if row is None else row[:, 1:].reshape(B, T, S)
 
     def feed_forward(self, x):
-        """The MLP with its residual, on whatever tokens are left: (B, K, D) -> (B, K, D)."""
+        """The MLP with its residual, on the tokens left: (B, K, D) -> (B, K, D)."""
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -384,10 +285,8 @@ class DividedBlock(Block):
 
 @torch.no_grad()
 def top_k_per_frame(attn: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` patches with the highest class-token attention in each frame.
-
-    attn (B, T, S) -> (B, T, keep), sorted by position so the kept tokens keep their spatial order.
-    """
+    """The `keep` patches of highest class-token attention in each frame (Eq. 7): attn (B, T, S) -> indices
+    (B, T, keep), sorted so the kept tokens keep their order."""
     return attn.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
@@ -401,13 +300,10 @@ def gather_patches(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class Glimpser(nn.Module):
-    """Divided space-time layers; in the last, each frame keeps its top ceil(R * S) patches (Eq. 7).
-
-    As in the authors' release, the pruning sits inside the last layer: after its spatial attention (whose
-    class-token row scores the patches) and before its MLP, which then runs on the kept tokens only. The class
-    token keeps its residual there as in every layer (the release drops it in that one layer only, which reads
-    as a slip: the class token would restart from its attention output).
-    """
+    """Divided space-time layers; in the last, each frame keeps its top ceil(R * S) patches (Eq. 7), as in the
+    authors' release after its spatial attention (whose class-token row scores them) and before its MLP. The
+    class token keeps its residual there as in every layer (the release drops it in that layer only, which reads
+    as a slip: the class token would restart from its attention output)."""
 
     def __init__(self, blocks: list, keep_ratio: float):
         super().__init__()
@@ -431,39 +327,36 @@ class Glimpser(nn.Module):
 class HaltingStage(nn.Module):
     """Joint space-time layers where every token, the class token included, halts on its own (Eqs. 2-4).
 
-    What happens to a sample's other tokens once its class token halts depends on the module's mode, never on
-    how halted tokens are executed (mask or drop), so both execution modes give the same numbers:
-      - training: every token runs on until it halts by its own scores, so its N_k and r_k are exactly those of
-        Eqs. (3) and (4) and enter the ponder loss (Eq. 5), as in the authors' release; the logits no longer
-        change, since x_o (Eq. 6) takes the class token only up to its halting layer;
-      - evaluation: the sample stops when its class token halts (that is where inference saves time); a token
-        still running then gets the class token's depth and the remainder left of its budget, 1 - its sum so far.
-    The logits are the same either way; depths, remainders and token counts report what ran.
-
-    Returns a dict: x_o (B, D) the halting-weighted class token (Eq. 6); halt_scores (L, B, K); depth (B, K);
-    remainder (B, K); tokens (B, L) tokens entering each layer as drop mode runs it.
-    """
+    After a sample's class token halts, its other tokens depend on the mode (never on mask or drop execution):
+      - training: every token runs until it halts by its own scores, so its N_k and r_k are those of Eqs. (3)
+        and (4) and enter the ponder loss (Eq. 5), as in the authors' release; x_o (Eq. 6) no longer changes;
+      - evaluation: the sample stops when its class token halts (where inference saves time); a token still
+        running gets the class token's depth and the remainder of its budget, 1 - its sum so far.
+    The logits are the same either way; depths, remainders and token counts report what ran."""
 
     def __init__(self, blocks: list, gamma: float, beta: float, eps: float, halting: bool):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.gamma, self.beta, self.eps, self.halting = gamma, beta, eps, halting
 
-    def scores(self, x, layer: int):
+    def scores(self, x, layer: int, beta: float):
         """h^l of every token (Eq. 2), forced to 1 at the last layer; all 0 before it without halting."""
         if layer == len(self.blocks) - 1:
             return x.new_ones(x.shape[:-1])
         if not self.halting:
             return x.new_zeros(x.shape[:-1])
-        return halting_score(x, self.gamma, self.beta)
+        return halting_score(x, self.gamma, beta)
 
-    def forward(self, x, drop: bool):
-        return self.forward_dropped(x) if drop else self.forward_masked(x)
+    def forward(self, x, drop: bool, beta: Optional[float] = None) -> dict:
+        """x (B, K, D); drop: remove halted tokens (else mask them); beta: Eq. (2)'s beta, None = the stage's.
+        Returns x_o (B, D) the halting-weighted class token (Eq. 6), halt_scores (L, B, K), depth (B, K),
+        remainder (B, K) and tokens (B, L) entering each layer as drop mode runs it."""
+        beta = self.beta if beta is None else beta
+        return halting_dropped(self, x, beta) if drop else self.forward_masked(x, beta)
 
-    def forward_masked(self, x):
+    def forward_masked(self, x, beta: float) -> dict:
         """Fixed shapes: halted tokens stay in x, frozen, and hidden from attention by a key mask."""
-        B, K, D = x.shape
-        L = len(self.blocks)
+        (B, K, D), L = x.shape, len(self.blocks)
         total = x.new_zeros(B, K)  # running sum of scores, Eq. (3)
         active = torch.ones(B, K, dtype=torch.bool, device=x.device)
         depth = torch.full((B, K), L, dtype=torch.long, device=x.device)
@@ -473,7 +366,7 @@ class HaltingStage(nn.Module):
             tokens.append(active.sum(1))
             x = torch.where(active.unsqueeze(-1), blk(x, key_mask=active), x)  # halted tokens stay frozen
             # 1) halting score, 0 for tokens that already halted
-            h = self.scores(x, l) * active
+            h = self.scores(x, l, beta) * active
             # 2) accumulate; 3) the tokens whose sum reaches 1 - eps halt here, with their remainder
             stop = active & (total + h >= 1 - self.eps)  # Eq. (3)
             if not self.training:  # evaluation: the sample is done when its class token halts
@@ -488,82 +381,6 @@ class HaltingStage(nn.Module):
         return dict(x_o=x_o, halt_scores=torch.stack(scores), depth=depth, remainder=remainder,
                     tokens=torch.stack(tokens, 1))
 
-    def forward_dropped(self, x):
-        """Halted tokens leave the sequence. The samples' live tokens are packed back to back in one (N, D)
-        tensor (each sample's class token first while it runs), so no FLOP goes to padding; a sample leaves the
-        batch when its last token halts (in evaluation: when its class token does).
-
-        The bookkeeping stays on the device and reads nothing back but the per-sample token counts, once per
-        layer (the attention needs them as Python ints): on a GPU each read-back stalls the queue, and a boolean
-        index (x[mask]) is one too."""
-        B, K, D = x.shape
-        L, dev = len(self.blocks), x.device
-        sample = torch.arange(B, device=dev).repeat_interleave(K)  # (N,) sample of each packed row
-        token = torch.arange(K, device=dev).repeat(B)  # (N,) its index among the sample's K tokens
-        x, total = x.reshape(B * K, D), x.new_zeros(B * K)
-        counts, lengths = torch.full((B,), K, device=dev), [K] * B  # rows per sample: (B,) and the non-zero ones
-        depth = torch.full((B, K), L, dtype=torch.long, device=dev)
-        remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
-        scores, tokens = x.new_zeros(L, B, K), []
-        for l, blk in enumerate(self.blocks):
-            tokens.append(counts)
-            x = blk.forward_packed(x, lengths)  # (N, D)
-            # 1) halting score; 2) accumulate; 3) halt where the sum reaches 1 - eps (Eq. 3), with remainder
-            h = self.scores(x, l)
-            stop = total + h >= 1 - self.eps
-            first = (counts.cumsum(0) - counts).clamp(max=len(x) - 1)  # (B,) first row of each sample
-            cls = (counts > 0) & (token[first] == 0)  # (B,) the class token still runs (then it is that row)
-            if not self.training:  # evaluation: a sample's tokens stop with its class token
-                stop = stop | (cls & stop[first])[sample]
-            r = 1 - total  # Eq. (4); for tokens stopped by their class token: what is left of their budget
-            at = (sample, token)
-            scores = scores.index_put((torch.full_like(token, l), *at), h)
-            depth = depth.index_put(at, torch.where(stop, l + 1, depth[at]))
-            remainder = remainder.index_put(at, torch.where(stop, r, remainder[at]))
-            w = torch.where(cls, torch.where(stop, r, h)[first], 0)  # (B,) class token weights
-            x_o = x_o + w.unsqueeze(-1) * x[first]  # Eq. (6)
-            # 4) drop the halted tokens
-            keep, total = ~stop, total + h
-            counts = torch.zeros_like(counts).index_add_(0, sample, keep.long())  # (B,)
-            lengths = [n for n in counts.tolist() if n]  # the one read-back of the layer
-            if not lengths:
-                break
-            left = sum(lengths)
-            if left < len(keep):
-                kept = torch.nonzero_static(keep, size=left).squeeze(1)  # known size: no read-back
-                x, total, sample, token = x[kept], total[kept], sample[kept], token[kept]
-        tokens += [torch.zeros_like(counts)] * (L - len(tokens))  # layers after every sample stopped
-        return dict(x_o=x_o, halt_scores=scores, depth=depth, remainder=remainder, tokens=torch.stack(tokens, 1))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# GFLOPs: one multiply-add = one FLOP; patch-embedding conv, every Linear, QK^T and AV (README, "GFLOPs convention")
-# ----------------------------------------------------------------------------------------------------------
-
-def joint_layer_macs(n: torch.Tensor, dim: int, hidden: int) -> torch.Tensor:
-    """A transformer layer over n tokens: qkv + proj (4 D^2), MLP (2 D hidden) per token; QK^T and AV."""
-    return n * (4 * dim * dim + 2 * dim * hidden) + 2 * n * n * dim
-
-
-def divided_layer_macs(T: int, S: int, dim: int, hidden: int, keep: Optional[int] = None) -> int:
-    """A divided layer: temporal attention (+ temporal_fc) over T*S patches, spatial attention over T frames of
-    1+S tokens, the MLP over 1+T*S tokens. With `keep` (the Glimpser's last layer): plus the class token's
-    attention row, and the MLP over the 1+T*keep tokens kept."""
-    temporal = T * S * 5 * dim * dim + S * 2 * T * T * dim
-    spatial = T * (1 + S) * 4 * dim * dim + T * 2 * (1 + S) ** 2 * dim + (T * (1 + S) * dim if keep else 0)
-    return temporal + spatial + (1 + T * (keep or S)) * 2 * dim * hidden
-
-
-def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S: int) -> torch.Tensor:
-    """GFLOPs each sample spends, from the tokens entering each layer: (B, depth) -> (B,)."""
-    D, hidden, g = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.glimpser_depth
-    macs = T * S * cfg.in_chans * cfg.patch_size ** 2 * D  # patch embedding
-    keep = math.ceil(cfg.keep_ratio * S)  # patches per frame the Glimpser keeps (Eq. 7)
-    macs += sum(divided_layer_macs(T, S, D, hidden, keep if i == g - 1 else None) for i in range(g))
-    macs = macs + joint_layer_macs(tokens_per_layer[:, g:].double(), D, hidden).sum(1)
-    macs = macs + D * (cfg.num_classes + (2 if cfg.motion_head else 0))  # the heads
-    return (macs / 1e9).float()
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
@@ -571,8 +388,7 @@ def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S
 
 def resize_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
     """(1, 1+S0, D) position embedding of a square grid -> (1, 1+gh*gw, D) by bicubic interpolation."""
-    S0 = pos.shape[1] - 1
-    g0 = math.isqrt(S0)
+    g0 = math.isqrt(pos.shape[1] - 1)
     if (g0, g0) == tuple(grid):
         return pos
     patch = pos[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (1, D, g0, g0)
@@ -588,6 +404,8 @@ def resize_time_embed(time: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class HaltingVT(nn.Module):
+    """The network of the module docstring, built from a HaltingVTConfig; forward returns a HaltingVTOutput."""
+
     def __init__(self, cfg: HaltingVTConfig):
         super().__init__()
         self.cfg = cfg
@@ -607,17 +425,15 @@ class HaltingVT(nn.Module):
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
         self.motion_head = nn.Linear(D, 2) if cfg.motion_head else None
-        self.apply(_init_weights)
+        for m in self.modules():  # DeiT's initialisation
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02), nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
         for blk in self.glimpser.blocks if self.glimpser else []:
             nn.init.zeros_(blk.temporal_fc.weight), nn.init.zeros_(blk.temporal_fc.bias)
-
-    def check_input(self, video: torch.Tensor):
-        c, p = self.cfg, self.cfg.patch_size
-        if video.dim() != 5 or video.shape[1] != c.in_chans or video.shape[-1] % p or video.shape[-2] % p:
-            raise ValueError(f"expected video of shape (B, C={c.in_chans}, T, H, W) with H and W multiples of "
-                             f"patch_size={p}, got {tuple(video.shape)}")
 
     def embed(self, video):
         """(B, C, T, H, W) -> tokens (B, 1+T*S, D) with space and time embeddings."""
@@ -630,26 +446,52 @@ class HaltingVT(nn.Module):
         cls = self.cls_token + pos[:, :1]  # the class token gets only its position embedding
         return torch.cat([cls.expand(B, -1, -1), x.flatten(1, 2)], 1)
 
-    def forward(self, video: torch.Tensor, drop_halted: Optional[bool] = None) -> HaltingVTOutput:
-        """video (B, C, T, H, W); drop_halted: None = drop in eval mode, mask in training."""
-        self.check_input(video)
+    def forward(self, video: torch.Tensor, drop_halted: Optional[bool] = None,
+                beta: Optional[float] = None) -> HaltingVTOutput:
+        """video (B, C, T, H, W): any T, H and W multiples of patch_size (the embeddings are resized), else
+        ValueError. drop_halted: remove halted tokens (True) or mask them (False); None = drop in evaluation,
+        mask in training. beta: Eq. (2)'s beta for this call (a halting warm-up raises it), None = cfg.beta."""
+        c, p = self.cfg, self.cfg.patch_size
+        if video.dim() != 5 or video.shape[1] != c.in_chans or video.shape[-1] % p or video.shape[-2] % p:
+            raise ValueError(f"expected video of shape (B, C={c.in_chans}, T, H, W) with H and W multiples of "
+                             f"patch_size={p}, got {tuple(video.shape)}")
         B, _, T, H, W = video.shape
-        S = (H // self.cfg.patch_size) * (W // self.cfg.patch_size)
+        S = (H // p) * (W // p)
         drop = (not self.training) if drop_halted is None else drop_halted
         x = self.embed(video)  # (B, 1+T*S, D)
         keep_index = None
         if self.glimpser is not None:
             x, keep_index = self.glimpser(x, T)  # (B, 1+T*k, D), (B, T, k)
-        out = self.joint(x, drop)
-        x_o = self.norm(out["x_o"])
-        tokens = torch.cat([out["tokens"].new_full((B, self.cfg.glimpser_depth), 1 + T * S), out["tokens"]], 1)
-        depth, remainder = out["depth"], out["remainder"]
+        out = self.joint(x, drop, beta)
+        x_o, depth, remainder = self.norm(out["x_o"]), out["depth"], out["remainder"]
+        tokens = torch.cat([out["tokens"].new_full((B, c.glimpser_depth), 1 + T * S), out["tokens"]], 1)
         return HaltingVTOutput(
-            logits=self.head(x_o),
-            motion_logits=self.motion_head(x_o) if self.motion_head is not None else None,
+            logits=self.head(x_o), motion_logits=self.motion_head(x_o) if self.motion_head is not None else None,
             halt_scores=out["halt_scores"], halt_depth=depth, remainder=remainder,
             ponder=(depth + remainder).mean(1),  # Eq. (5)
-            tokens_per_layer=tokens, keep_index=keep_index, gflops=count_gflops(self.cfg, tokens, T, S))
+            tokens_per_layer=tokens, keep_index=keep_index, gflops=count_gflops(c, tokens, T, S))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GFLOPs: one multiply-add = one FLOP; the patch-embedding conv, every Linear, QK^T and AV; norms, softmax,
+# GELU and additions are not counted (fvcore's convention: DeiT-S on one 224x224 image is 4.6 GFLOPs)
+# ----------------------------------------------------------------------------------------------------------
+
+def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """GFLOPs each sample spends, from the tokens entering each layer: (B, depth) -> (B,)."""
+    D, hidden, g = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.glimpser_depth
+    keep = math.ceil(cfg.keep_ratio * S)  # patches per frame the Glimpser keeps (Eq. 7)
+    macs = T * S * cfg.in_chans * cfg.patch_size ** 2 * D  # patch embedding
+    for i in range(g):  # divided layers; the last also computes the class token's attention row, then prunes
+        last = i == g - 1
+        macs += T * S * 5 * D * D + S * 2 * T * T * D  # temporal: qkv, proj, temporal_fc over T*S; QK^T, AV
+        macs += T * (1 + S) * 4 * D * D + T * 2 * (1 + S) ** 2 * D + (T * (1 + S) * D if last else 0)  # spatial
+        macs += (1 + T * (keep if last else S)) * 2 * D * hidden  # the MLP
+    n = tokens_per_layer[:, g:].double()  # (B, joint layers)
+    macs = macs + (n * (4 * D * D + 2 * D * hidden) + 2 * n * n * D).sum(1)  # qkv, proj, MLP per token; QK^T, AV
+    macs = macs + D * (cfg.num_classes + (2 if cfg.motion_head else 0))  # the heads
+    return (macs / 1e9).float()
+
 
 def dense_gflops(cfg: HaltingVTConfig, num_frames: Optional[int] = None, img_size: Optional[int] = None) -> float:
     """GFLOPs of the same model as a plain Joint VT: no Glimpser, no halting, every token in every layer."""
@@ -659,85 +501,140 @@ def dense_gflops(cfg: HaltingVTConfig, num_frames: Optional[int] = None, img_siz
     return count_gflops(dense, torch.full((1, cfg.depth), 1 + T * S), T, S).item()
 
 
-def _init_weights(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+# ==========================================================================================================
+# Execution machinery (for speed; the paper's math does not depend on it)
+# ==========================================================================================================
+
+def to_device(ints: list, device: torch.device) -> torch.Tensor:
+    """A list of Python ints as a tensor on `device`. To a GPU it goes from pinned memory without waiting: a
+    plain torch.tensor(ints, device=...) would first wait for every kernel queued before it."""
+    t = torch.tensor(ints)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def cat(tensors: list, dim: int = 0) -> torch.Tensor:
+    """torch.cat that returns a single tensor as it is instead of copying it (one sample, one group)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def row_groups(lengths: list, rows: int) -> list:
+    """Split consecutive samples' lengths into groups of about `rows` token rows (a longer sample alone)."""
+    groups, size = [], 0
+    for n in lengths:
+        if not groups or size + n > rows:
+            groups, size = groups + [[]], 0
+        groups[-1].append(n)
+        size += n
+    return groups
+
+
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    """GELU; without autograd, in place: no fresh (rows, hidden) buffer, about 5% of a DeiT-S forward on the CPU.
+    (With autograd the in-place op would save a copy of its input for the backward, so nothing is gained.)"""
+    return F.gelu(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h)
+
+
+def in_chunks(fn, rows: int, x: torch.Tensor, *rest):
+    """fn(x, *rest) on parts of dim 0 of about `rows` token rows (whole samples of x (B, K, D); rows of (N, D)),
+    the outputs (tensors or tuples) concatenated; a `rest` entry may be None. Why: small (rows, hidden) buffers
+    are reused from the allocator and cache; a fresh (B*K, hidden) one made bias + GELU a third of a CPU forward."""
+    step = max(1, rows // (x.shape[1] if x.dim() > 2 else 1))
+    if x.shape[0] <= step:
+        return fn(x, *rest)
+    parts = [[None] * math.ceil(x.shape[0] / step) if t is None else t.split(step) for t in (x, *rest)]
+    outs = [fn(*part) for part in zip(*parts)]
+    return torch.cat(outs) if torch.is_tensor(outs[0]) else tuple(torch.cat(o) for o in zip(*outs))
+
+
+def packed_attention(attn: Attention, x: torch.Tensor, lengths: list) -> torch.Tensor:
+    """attn over x (N, D), several samples' tokens back to back (sample i owns lengths[i] rows): projections
+    over groups of about attn.rows rows of whole samples, attention per sample, so no token sees another
+    sample's and nothing is padded. On a GPU, padded_attention (one call beats one launch per sample)."""
+    if x.is_cuda and len(lengths) > 1 and attn.pad_on_cuda:
+        return padded_attention(attn, x, lengths)
+    groups, out = row_groups(lengths, attn.rows), []
+    for group, part in zip(groups, x.split([sum(g) for g in groups])):
+        q, k, v = attn.heads(part.unsqueeze(0))  # each (1, h, n, d), n = sum(group)
+        o = [F.scaled_dot_product_attention(*t) for t in zip(*(a.split(group, dim=2) for a in (q, k, v)))]
+        out.append(attn.merge(cat(o, dim=2)).squeeze(0))  # (n, D)
+    return cat(out)  # (N, D)
+
+
+def padded_attention(attn: Attention, x: torch.Tensor, lengths: list) -> torch.Tensor:
+    """packed_attention for a GPU, where one attention call per sample costs more in launches than padding does:
+    the qkv rows are gathered into a (G, n) grid, n the longest sample, and a key mask hides the padding.
+    Padded queries are computed and dropped; the projections still run over the N real rows only."""
+    N, G, n = x.shape[0], len(lengths), max(lengths)
+    count = to_device(lengths, x.device)  # (G,)
+    pos = torch.arange(n, device=x.device)
+    valid = pos < count[:, None]  # (G, n)
+    index = ((count.cumsum(0) - count)[:, None] + pos).clamp(max=N - 1)  # (G, n) row of x; any for padding
+    q, k, v = attn.split_heads(attn.qkv(x)[index])  # each (G, h, n, d)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (G, h, n, d)
+    o = o.transpose(1, 2).reshape(G * n, -1)  # (G*n, D)
+    return attn.proj(o[torch.nonzero_static(valid.flatten(), size=N).squeeze(1)])  # (N, D)
+
+
+def halting_dropped(stage: HaltingStage, x: torch.Tensor, beta: float) -> dict:
+    """HaltingStage.forward_masked with halted tokens removed: the live tokens of all samples are packed in one
+    (N, D) tensor, each sample's class token first while it runs. The bookkeeping stays on the device and reads
+    back only the token counts, once per layer (attention needs them as ints): on a GPU every read-back, a
+    boolean index x[mask] included, stalls the queue."""
+    B, K, D = x.shape
+    L, dev = len(stage.blocks), x.device
+    sample = torch.arange(B, device=dev).repeat_interleave(K)  # (N,) sample of each packed row
+    token = torch.arange(K, device=dev).repeat(B)  # (N,) its index among the sample's K tokens
+    x, total = x.reshape(B * K, D), x.new_zeros(B * K)
+    counts, lengths = torch.full((B,), K, device=dev), [K] * B  # rows per sample: (B,) and the non-zero ones
+    depth = torch.full((B, K), L, dtype=torch.long, device=dev)
+    remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
+    scores, tokens = x.new_zeros(L, B, K), []
+    for l, blk in enumerate(stage.blocks):
+        tokens.append(counts)
+        x = blk.forward_packed(x, lengths)  # (N, D)
+        # 1) halting score; 2) accumulate; 3) halt where the sum reaches 1 - eps (Eq. 3), with remainder
+        h = stage.scores(x, l, beta)
+        stop = total + h >= 1 - stage.eps
+        first = (counts.cumsum(0) - counts).clamp(max=len(x) - 1)  # (B,) first row of each sample
+        cls = (counts > 0) & (token[first] == 0)  # (B,) the class token still runs (then it is that row)
+        if not stage.training:  # evaluation: a sample's tokens stop with its class token
+            stop = stop | (cls & stop[first])[sample]
+        r = 1 - total  # Eq. (4); for tokens stopped by their class token: what is left of their budget
+        at = (sample, token)
+        scores = scores.index_put((torch.full_like(token, l), *at), h)
+        depth = depth.index_put(at, torch.where(stop, l + 1, depth[at]))
+        remainder = remainder.index_put(at, torch.where(stop, r, remainder[at]))
+        w = torch.where(cls, torch.where(stop, r, h)[first], 0)  # (B,) class token weights
+        x_o = x_o + w.unsqueeze(-1) * x[first]  # Eq. (6)
+        # 4) drop the halted tokens
+        keep, total = ~stop, total + h
+        counts = torch.zeros_like(counts).index_add_(0, sample, keep.long())  # (B,)
+        lengths = [n for n in counts.tolist() if n]  # the one read-back of the layer
+        if not lengths:
+            break
+        left = sum(lengths)
+        if left < len(keep):
+            kept = torch.nonzero_static(keep, size=left).squeeze(1)  # known size: no read-back
+            x, total, sample, token = x[kept], total[kept], sample[kept], token[kept]
+    tokens += [torch.zeros_like(counts)] * (L - len(tokens))  # layers after every sample stopped
+    return dict(x_o=x_o, halt_scores=scores, depth=depth, remainder=remainder, tokens=torch.stack(tokens, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Pretrained weights: DeiT/timm image checkpoints, the authors' release, train.py's own video checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-# The only objects besides tensors and plain values that a checkpoint may hold: DeiT's main.py and timm's
-# train.py save their argparse.Namespace under "args". Nothing else is unpickled (weights_only=True).
-SAFE_GLOBALS = [argparse.Namespace]
-
-# Where the weights sit in the usual wrappers, in order: the raw weights before their EMA copy.
-WEIGHT_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
-
-# Every layout has this tensor; whatever precedes it in the file ("module.", "backbone.model.", ...) is a prefix.
-ANCHOR = "patch_embed.proj.weight"
-
-# The release is an mmaction2 recognizer: backbone under "backbone.model.", its heads in "cls_head.".
-RELEASE_HEADS = {"cls_head.fc_cls.": "head.", "cls_head.fc_motion.": "motion_head."}
-
+WEIGHT_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")  # wrappers; raw weights before EMA
+ANCHOR = "patch_embed.proj.weight"  # in every layout; what precedes it ("module.", "backbone.model.") is a prefix
+RELEASE_HEADS = {"cls_head.fc_cls.": "head.", "cls_head.fc_motion.": "motion_head."}  # the release's mmaction2 heads
 HEADS = ("head.", "motion_head.")  # task heads: another task's checkpoint may lack them or count other classes
-
-# safetensors' dtype names (timm's hub weights are model.safetensors files).
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint file's contents, read without running any code from it.
-
-    A `.safetensors` file is parsed as it is; anything else goes through torch.load(weights_only=True), which
-    builds tensors and plain values only, plus SAFE_GLOBALS. Raises ValueError naming the file and the object it
-    refused (a class saved by another codebase, say), FileNotFoundError for a missing file.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        what = re.search(r"GLOBAL (\S+)", str(err))
-        raise ValueError(f"{path}: refused to unpickle {what.group(1) if what else 'an object'}: only tensors, "
-                         "plain values and argparse.Namespace are read, since unpickling anything else can run "
-                         "code. If you trust the file, load it yourself and torch.save its state dict alone") from None
-
-
-def read_safetensors(path) -> dict:
-    """A .safetensors file as a state dict: an 8-byte little-endian header size, a JSON header giving each
-    tensor's dtype, shape and byte range, then the bytes (read here without the safetensors package)."""
-    raw = bytearray(Path(path).read_bytes())
-    n = int.from_bytes(raw[:8], "little")
-    header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(body[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start else \
-            torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        state[name] = flat.reshape(info["shape"])
-    return state
 
 
 def find_state_dict(ckpt) -> tuple:
     """(state dict, where it was found) in a raw state dict or any WEIGHT_KEYS wrapper; (None, None) if neither."""
-    if not isinstance(ckpt, dict):
-        return None, None
-    if any(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if isinstance(ckpt, dict) and any(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return ckpt, "the top level"
-    for key in WEIGHT_KEYS:
+    for key in WEIGHT_KEYS if isinstance(ckpt, dict) else ():
         if isinstance(ckpt.get(key), dict):
             return ckpt[key], f'"{key}"'
     return None, None
@@ -749,15 +646,13 @@ def strip_prefix(state: dict) -> Optional[dict]:
     anchors = [k for k in state if k.endswith(ANCHOR)]
     if not anchors:
         return None
-    prefix = min(anchors, key=len)[:-len(ANCHOR)]
-    out = {}
+    prefix, out = min(anchors, key=len)[:-len(ANCHOR)], {}
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
         key = key[len(prefix):] if key.startswith(prefix) else key
         for old, new in RELEASE_HEADS.items():
             key = new + key.split(old, 1)[1] if old in key else key
-        out[key] = value
+        if isinstance(value, torch.Tensor):
+            out[key] = value
     return out
 
 
@@ -765,9 +660,7 @@ def checkpoint_layout(keys) -> str:
     """"video" (train.py's own names), "release" (flat `blocks.i` with temporal layers) or "image" (DeiT/timm)."""
     if any(k.startswith(("glimpser.blocks.", "joint.blocks.")) for k in keys):
         return "video"
-    if any(k.startswith("blocks.") and ".temporal_" in k for k in keys):
-        return "release"
-    return "image"
+    return "release" if any(k.startswith("blocks.") and ".temporal_" in k for k in keys) else "image"
 
 
 def model_keys(key: str, layout: str, g: int) -> list:
@@ -777,13 +670,10 @@ def model_keys(key: str, layout: str, g: int) -> list:
     if layout == "video" or not key.startswith("blocks."):
         return [key]
     _, i, rest = key.split(".", 2)
-    i = int(i)
-    if i >= g:
-        return [f"joint.blocks.{i - g}.{rest}"]
-    names = [f"glimpser.blocks.{i}.{rest}"]
-    if layout == "image" and rest.startswith(("attn.", "norm1.")):
-        names.append(f"glimpser.blocks.{i}.temporal_{rest}")
-    return names
+    if int(i) >= g:
+        return [f"joint.blocks.{int(i) - g}.{rest}"]
+    temporal = layout == "image" and rest.startswith(("attn.", "norm1."))
+    return [f"glimpser.blocks.{i}.{rest}"] + ([f"glimpser.blocks.{i}.temporal_{rest}"] if temporal else [])
 
 
 def adapt_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
@@ -817,8 +707,7 @@ def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
         if w in mapped and mapped[w].shape != target[w].shape:
             notes.append(f"{head[:-1]}: {mapped[w].shape[0]} outputs in the file, {target[w].shape[0]} in the "
                          "model: left fresh")
-            for name in (w, head + "bias"):
-                mapped.pop(name, None)
+            mapped.pop(w), mapped.pop(head + "bias", None)
     if "dist_token" in unused:
         notes.append("dist_token: a distilled DeiT's distillation token is not used, so the class token's features "
                      "differ a little from the image model's")
@@ -829,20 +718,13 @@ def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
     return mapped, unused, notes
 
 
-def starts_fresh(key: str, layout: str) -> bool:
-    """Whether a model tensor may be absent from a checkpoint of this layout: the heads (another task's), and for
-    an image checkpoint the time embedding and each `temporal_fc` (zero: the video model starts as the image one)."""
-    return key.startswith(HEADS) or (layout == "image" and (key == "time_embed" or ".temporal_fc." in key))
-
-
 def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, describe: str):
-    """Raise ValueError unless every backbone tensor was found and every tensor of a layer the model has was used.
-
-    The backbone: every tensor but those of starts_fresh. A file tensor inside one of the model's layers with no
-    place there (layer scale, or a temporal part where the model has a joint layer) means that the layer would
-    compute something else. Layers beyond the model's depth are only reported as unused."""
+    """ValueError unless every backbone tensor (not the heads; for an image checkpoint, not the time embedding and
+    `temporal_fc`, which start at zero) was found, and no file tensor of one of the model's layers went unused
+    (layer scale, a temporal part where the model has a joint layer: the layer would compute something else)."""
     target = model.state_dict()
-    missing = [k for k in target if k not in mapped and not starts_fresh(k, layout)]
+    fresh = lambda k: k.startswith(HEADS) or layout == "image" and (k == "time_embed" or ".temporal_fc." in k)
+    missing = [k for k in target if k not in mapped and not fresh(k)]
     layers = {".".join(k.split(".")[:3]) for k in target if k.startswith(("glimpser.blocks.", "joint.blocks."))}
     misfits = [k for k in unused for n in model_keys(k, layout, model.cfg.glimpser_depth)
                if ".".join(n.split(".")[:3]) in layers]
@@ -857,41 +739,28 @@ def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, de
                          f"{describe}")
 
 
-def describe_checkpoint(ckpt, state) -> str:
-    """What a file holds, for error messages: its top-level keys and a few tensor names."""
-    top = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-    names = [k for k, v in (state or {}).items() if isinstance(v, torch.Tensor)][:5]
-    return f"the file's top-level keys: {top}; tensors such as {names}"
-
-
-def load_pretrained(model: HaltingVT, src) -> dict:
-    """Load pretrained weights into the video model: src is a path (any torch.save file, or .safetensors) or an
-    already loaded checkpoint. Three layouts, found by their names, in any wrapper of WEIGHT_KEYS and under any
-    prefix (`module.` of DDP, ...):
-
-      - image: a DeiT/ViT checkpoint (DeiT's releases and main.py, timm's weights and train.py). Every layer gets
-        its spatial weights; the Glimpser's divided layers copy their temporal attention and norm from the
-        spatial ones and get a zero `temporal_fc`, and the time embedding starts at zero, so the video model
-        starts as the image model; `pos_embed` is resized to the model's patch grid (a distillation token's
-        entry dropped).
-      - video: a checkpoint written by train.py, loaded as it is (time embedding and every `temporal_fc`
-        included); embeddings resized if the frame count or size differ.
-      - release: the authors' mmaction2 checkpoints (`backbone.model.blocks.i`, `cls_head.fc_cls`,
-        `cls_head.fc_motion`). Left different: in the Glimpser's pruning layer the release drops the class
-        token's residual and this model keeps it; a release model with a motion token has its token and
-        position entry left unused (this model's motion head reads the class token). Eq. (2)'s gamma and beta and
-        R are not in the file: set them as its config did.
-
-    A head whose class count differs is left fresh. Raises ValueError (naming what the file holds and what was
-    expected) when any backbone tensor is missing, a shape differs, or a layer holds tensors the model lacks.
-    Returns a report, also logged: {"layout", "weights" (where they were found), "loaded" (tensors filled),
-    "share" (fraction of the model's parameter elements filled), "missing" (model tensors left as
-    initialised), "unused" (file tensors not used), "notes"}.
+def load_pretrained(model: HaltingVT, ckpt) -> dict:
+    """Load a checkpoint's weights into the video model. ckpt: a file's contents (data.read_checkpoint reads one
+    without running code from it): a state dict, raw or in a WEIGHT_KEYS wrapper, under any prefix, of a layout
+    found by its names:
+      - image (DeiT's, timm's): every layer gets its spatial weights; the Glimpser's temporal attention and norm
+        copy the spatial ones and `temporal_fc` and the time embedding start at zero, so the video model starts
+        as the image model; `pos_embed` is resized to the patch grid (a distillation entry dropped);
+      - video (train.py's): loaded as it is; embeddings resized if frames or size differ;
+      - release (the authors' mmaction2 `backbone.model.blocks.i`, `cls_head.fc_cls`, `cls_head.fc_motion`):
+        the release drops the class token's residual in the Glimpser's pruning layer, this model keeps it; a
+        motion token stays unused (the motion head reads the class token); gamma, beta and R: set them as its
+        config did.
+    A head of another class count is left fresh. Raises ValueError, naming what the file holds and what was
+    expected, when a backbone tensor is missing, a shape differs or a layer holds tensors the model lacks.
+    Returns a report, also logged: {"layout", "weights" (where found), "loaded" (tensors filled), "share"
+    (fraction of parameter elements filled), "missing" (left as initialised), "unused" (file tensors), "notes"}.
     """
-    ckpt = read_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src
     state, where = find_state_dict(ckpt)
     keys = strip_prefix(state) if state is not None else None
-    describe = describe_checkpoint(ckpt, state)
+    top = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+    names = [k for k, v in (state or {}).items() if isinstance(v, torch.Tensor)][:5]
+    describe = f"the file's top-level keys: {top}; tensors such as {names}"
     if keys is None:
         raise ValueError(f"no ViT weights found (no tensor named *{ANCHOR}): {describe}. Expected a state dict, "
                          f"raw or under one of {list(WEIGHT_KEYS)}")

@@ -349,6 +349,33 @@ def test_mask_and_drop_modes_agree_on_halting_and_gradients(training):
             assert out.halt_depth[b, k].item() == n and out.remainder[b, k].item() == pytest.approx(r, abs=1e-6)
 
 
+def module_state(model):
+    """Every module's attribute names, its public attribute values, and a copy of every tensor."""
+    attrs = [(name, set(vars(m)), {k: v for k, v in vars(m).items() if not k.startswith("_")})
+             for name, m in model.named_modules()]
+    return attrs, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_forward_beta_is_a_model_built_with_that_beta_and_nothing_on_the_model_changes():
+    """forward(beta=b) gives what the same weights give with cfg.beta = b, in training and evaluation, masked
+    and dropped; no forward writes anything on any module (attributes and tensors as they were before)."""
+    model, video = diverse_model()  # cfg.beta = 0
+    other = HaltingVT(HaltingVTConfig(**{**model.cfg.to_dict(), "beta": 1.5}))
+    other.load_state_dict(model.state_dict())
+    for training, drop in [(True, False), (True, True), (False, False), (False, True)]:
+        model.train(training), other.train(training)
+        before = module_state(model)
+        with torch.no_grad():
+            got, want = model(video, drop_halted=drop, beta=1.5), other(video, drop_halted=drop)
+            default = model(video, drop_halted=drop)
+        attrs, tensors = module_state(model)
+        assert attrs == before[0] and all(torch.equal(tensors[k], v) for k, v in before[1].items())
+        for name in ("logits", "halt_scores", "halt_depth", "remainder", "ponder", "tokens_per_layer", "gflops"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert not torch.equal(default.halt_depth, got.halt_depth)  # beta did change the halting
+        assert model.joint.beta == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------------------------
@@ -373,9 +400,8 @@ def test_ponder_gradient_reaches_halting_scores_through_remainders():
     """beta moves only the scores, not the token states, so Eqs. (4)-(5) give d ponder / d beta exactly:
     dr_k/d beta = -sum_{l < N_k} dh_k^l/d beta = sum_{l < N_k} h (1 - h), averaged over the K tokens."""
     model, video = diverse_model()
-    beta = torch.tensor(model.joint.beta, requires_grad=True)
-    model.joint.beta = beta
-    out = model(video[:2], drop_halted=False)
+    beta = torch.tensor(model.cfg.beta, requires_grad=True)
+    out = model(video[:2], drop_halted=False, beta=beta)
     (grad,) = torch.autograd.grad(out.ponder.sum(), beta)
     h = out.halt_scores.detach()  # (L, B, K)
     layer = torch.arange(1, h.shape[0] + 1).view(-1, 1, 1)
@@ -473,7 +499,7 @@ def test_load_pretrained_resizes_pos_embed_skips_a_foreign_head_and_reports_keys
     model = HaltingVT(cfg)
     with torch.no_grad():
         model.time_embed.fill_(1.0)
-    report = load_pretrained(model, str(path))
+    report = load_pretrained(model, data.read_checkpoint(str(path)))
     assert report["unused"] == ["dist_token"]
     assert {"head.weight", "head.bias", "time_embed"} <= set(report["missing"])
     assert model.pos_embed.shape == (1, 1 + 16, 64)
@@ -547,7 +573,7 @@ def test_load_pretrained_image_checkpoint_forms(tmp_path, form):
     path = tmp_path / "ckpt.pth"
     torch.save(image_checkpoints(state)[form], path)
     model = small_deit_model()
-    report = load_pretrained(model, path)
+    report = load_pretrained(model, data.read_checkpoint(path))
     assert_deit_arrived(model, state)
     fresh = {"time_embed", "head.weight", "head.bias", "motion_head.weight", "motion_head.bias",
              "glimpser.blocks.0.temporal_fc.weight", "glimpser.blocks.0.temporal_fc.bias"}
@@ -570,21 +596,21 @@ def write_safetensors(path, state):
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
 
 
-def test_load_pretrained_reads_safetensors(tmp_path):
+def test_read_checkpoint_reads_safetensors(tmp_path):
     state = fake_deit_state(**SMALL_DEIT)
     write_safetensors(tmp_path / "model.safetensors", state)
     model = small_deit_model()
-    assert load_pretrained(model, tmp_path / "model.safetensors")["layout"] == "image"
+    assert load_pretrained(model, data.read_checkpoint(tmp_path / "model.safetensors"))["layout"] == "image"
     assert_deit_arrived(model, state)
 
 
-def test_load_pretrained_refuses_a_class_it_does_not_allow(tmp_path):
+def test_read_checkpoint_refuses_a_class_it_does_not_allow(tmp_path):
     path = tmp_path / "hooked.pth"
     torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
     model = small_deit_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
-        load_pretrained(model, path)
+        load_pretrained(model, data.read_checkpoint(path))
     assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -655,7 +681,7 @@ def test_load_pretrained_release_checkpoint_maps_every_tensor(tmp_path):
             "state_dict": dict(reversed(names.items()))}  # temporal tensors first: no order may matter
     torch.save(ckpt, tmp_path / "release.pth")
     model = HaltingVT(source.cfg)
-    report = load_pretrained(model, tmp_path / "release.pth")
+    report = load_pretrained(model, data.read_checkpoint(tmp_path / "release.pth"))
     assert report["layout"] == "release" and report["missing"] == [] and report["unused"] == []
     assert report["share"] == 1.0
     for name, value in source.state_dict().items():
@@ -2045,16 +2071,16 @@ def test_ablation_stale_demo_folder_is_rebuilt(demo, monkeypatch):
 
 
 def test_attention_padded_matches_per_sample_attention():
-    """forward_padded (the GPU's packed attention: one call over a padded grid) gives forward_packed's per-sample
-    result, values and gradients, for samples of different lengths."""
+    """padded_attention (the GPU's packed attention: one call over a padded grid) gives packed_attention's
+    per-sample result, values and gradients, for samples of different lengths."""
     torch.manual_seed(0)
     attn = Attention(16, 4)
     lengths = [5, 1, 9, 3]
     x = torch.randn(sum(lengths), 16, requires_grad=True)
     grad = torch.randn(sum(lengths), 16)
     out = []
-    for fn in (attn.forward_packed, attn.forward_padded):
-        y = fn(x, lengths)
+    for fn in (haltingvt.packed_attention, haltingvt.padded_attention):
+        y = fn(attn, x, lengths)
         (g,) = torch.autograd.grad(y, x, grad)
         out.append((y, g))
     (y_ref, g_ref), (y_pad, g_pad) = out

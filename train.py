@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 import data
-import haltingvt
 import losses
 from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained
 from losses import haltingvt_loss
@@ -275,7 +274,7 @@ def build_model(cfg: HaltingVTConfig, args, device):
             model.time_embed.normal_(0, args.embed_std)
     if args.init:
         log.info("--init %s", args.init)
-        load_pretrained(model, args.init)  # logs what it loaded, left fresh and did not use
+        load_pretrained(model, data.read_checkpoint(args.init))  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
 
@@ -316,7 +315,7 @@ def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: Halting
 
 def read_run_checkpoint(path) -> dict:
     """A checkpoint written by train.py, read with weights_only=True; SystemExit naming the file for any other."""
-    ckpt = haltingvt.read_checkpoint(path)
+    ckpt = data.read_checkpoint(path)
     if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
         raise SystemExit(f"{path} was not written by train.py (it has no 'model' and 'config'); to start from "
                          "other weights, pass it to --init")
@@ -421,7 +420,6 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     or gradient norm."""
     model, args, device, num_classes = s.model, s.args, s.device, s.num_classes
     ramp = halting_ramp(args, s.step / s.steps_per_epoch)
-    unwrap(model).joint.beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)
     loss, parts = forward_loss(model, batch, args, device, num_classes, ramp)
     # one collective per step: did any process see a bad loss, or a stop signal?
     bad = float(not math.isfinite(parts["total"]))
@@ -449,7 +447,8 @@ def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
     ponder and depth-prior weights (halting_ramp)."""
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
     with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
-        out = model(video, drop_halted=args.train_mode == "drop")
+        beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
+        out = model(video, drop_halted=args.train_mode == "drop", beta=beta)
         prior = {}
         if args.alpha_d:  # the depth prior, off by default
             L = out.halt_scores.shape[0]
@@ -463,8 +462,8 @@ def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
 def halting_ramp(args, epochs_done: float) -> float:
     """How far halting is switched on, 0..1 (the halting warm-up, not in the paper; 1 without it).
 
-    0 for the first half of --halting-warmup epochs, then a linear rise to 1. The training loop sets beta to
-    --beta + BETA_OFF * (1 - ramp) and scales the ponder and depth-prior weights by the ramp. Why: from scratch
+    0 for the first half of --halting-warmup epochs, then a linear rise to 1. forward_loss passes the model
+    beta = --beta + BETA_OFF * (1 - ramp) and scales the ponder and depth-prior weights by the ramp. Why: from scratch
     at lr 1e-3, a class token that halts at the first joint layer while the later layers are still noise never
     comes back (its score saturates and the later layers stop receiving gradient); and Adam rescales even the
     ponder loss's tiny gradient on a near-zero score to full-size steps, so the ponder weight must be off too.
