@@ -1,8 +1,9 @@
 """Tests for haltingvt: shapes, then gradients, then parity with slow, obviously-correct references.
 
-Sections: the network (halting math, Glimpser, mask/drop modes, gradients, GFLOPs, DeiT loading, inputs), the
-losses and video data, training, the benchmark helpers, pictures and ablations. No wall-clock thresholds:
-timings are benchmark figures (bench.py, the sanity run), not tests.
+Sections follow the files: haltingvt.py (the network, its execution machinery, checkpoint loading), losses.py,
+data.py, train.py, bench.py. No wall-clock thresholds: timings are benchmark figures (bench.py, the sanity run),
+not tests. Tests marked `slow` (a few seconds each: several processes, whole training runs) are left out by
+`python -m pytest -q -m "not slow" test_haltingvt.py`; CI runs them all.
 """
 import argparse
 import json
@@ -37,7 +38,7 @@ from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dens
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Slow references
+# haltingvt.py: the network (slow references, halting math, Glimpser, mask/drop modes, gradients, GFLOPs, inputs)
 # ----------------------------------------------------------------------------------------------------------
 
 def slow_halting(h, eps):
@@ -92,10 +93,6 @@ def diverse_model(beta=0.0, batch=6, **overrides):
             return model.eval(), video
     raise AssertionError("no seed in 0..19 gives a model whose halting depends on the input")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Halting math
-# ----------------------------------------------------------------------------------------------------------
 
 def test_halting_weights_matches_slow_loop_on_random_scores():
     torch.manual_seed(0)
@@ -172,10 +169,6 @@ def test_halted_tokens_take_no_part_in_later_layers():
     assert torch.equal(poked.halt_depth, ref.halt_depth)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Glimpser
-# ----------------------------------------------------------------------------------------------------------
-
 def test_top_k_per_frame_matches_sort():
     torch.manual_seed(0)
     attn = torch.rand(3, 4, 20)
@@ -238,10 +231,6 @@ def test_keep_ratio_one_keeps_every_token():
     assert torch.equal(out.keep_index[0], torch.arange(S).expand(cfg.num_frames, S))
     assert (out.tokens_per_layer == 1 + cfg.num_frames * S).all()
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Mask and drop modes
-# ----------------------------------------------------------------------------------------------------------
 
 def identity_stage(L, dim=8):
     """A joint stage of L layers that leave x unchanged (zero output projections), with gamma 1 and beta 0, so a
@@ -376,10 +365,6 @@ def test_forward_beta_is_a_model_built_with_that_beta_and_nothing_on_the_model_c
         assert model.joint.beta == 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Gradients
-# ----------------------------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("drop", [False, True])
 def test_every_parameter_gets_a_finite_gradient(drop):
     torch.manual_seed(0)
@@ -410,10 +395,6 @@ def test_ponder_gradient_reaches_halting_scores_through_remainders():
     assert grad.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# GFLOPs
-# ----------------------------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("keep_ratio, gflops", [(0.3, 17.63), (0.5, 26.53), (0.7, 37.21)])
 def test_gflops_paper_scale_figures(keep_ratio, gflops):
     """DeiT-S at 8x224^2 without halting: the Glimpser's last MLP and the 10 joint layers run on 1 + 8 ceil(R S)
@@ -435,8 +416,157 @@ def test_gflops_match_flop_counter_on_a_drop_mode_forward():
     assert len(out.gflops.unique()) > 1  # samples really spent different amounts
 
 
+def test_other_frame_counts_and_sizes_resize_the_embeddings():
+    cfg = HaltingVTConfig.tiny()
+    model = HaltingVT(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 5, 96, 80))
+    S = 6 * 5
+    assert out.keep_index.shape == (1, 5, math.ceil(0.5 * S))
+    assert out.tokens_per_layer[0, 0] == 1 + 5 * S
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 64), (1, 1, 8, 64, 64), (1, 3, 8, 60, 64), (1, 3, 8, 64, 70)])
+def test_bad_video_shapes_raise(shape):
+    model = HaltingVT(HaltingVTConfig.tiny())
+    with pytest.raises(ValueError, match=r"expected video of shape \(B, C=3, T, H, W\).*got"):
+        model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("keep_ratio", 0.0), ("keep_ratio", 1.5), ("embed_dim", 130), ("glimpser_depth", 9), ("glimpser_depth", 8),
+    ("eps", 1.0), ("eps", -0.1), ("gamma", 0.0), ("img_size", 70), ("depth", 0), ("drop_path", 1.0),
+])
+def test_bad_settings_raise(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        HaltingVTConfig.tiny(**{field: value})
+
+
+def test_plain_joint_vt_and_no_halting():
+    cfg = HaltingVTConfig.tiny(glimpser_depth=0, halting=False)
+    model = HaltingVT(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size))
+    assert out.keep_index is None
+    assert (out.halt_depth == cfg.depth).all() and (out.remainder == 1).all()
+    assert out.gflops[0].item() == pytest.approx(dense_gflops(cfg), rel=1e-6)
+    assert out.halt_scores.shape == (cfg.depth, 2, 1 + cfg.num_frames * 16)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# DeiT-S initialisation
+# haltingvt.py: execution machinery (row chunks, in-place GELU, packed and padded attention, read-backs)
+# ----------------------------------------------------------------------------------------------------------
+
+def test_bench_row_groups_keep_order_and_bound_the_rows():
+    lengths = [5, 3, 9, 1, 1, 4, 12]
+    groups = row_groups(lengths, rows=8)
+    assert [n for g in groups for n in g] == lengths  # consecutive samples, none lost or moved
+    assert all(sum(g) <= 8 or len(g) == 1 for g in groups)  # a longer sample stands alone
+    assert row_groups([], rows=8) == []
+
+
+def test_gelu_matches_exact_gelu_and_is_in_place_only_without_autograd():
+    h = torch.randn(7, 11, requires_grad=True)
+    out = gelu(h)
+    assert torch.equal(out, F.gelu(h)) and out.data_ptr() != h.data_ptr()  # autograd: h is left as it was
+    with torch.no_grad():
+        expected, g = F.gelu(h), h.detach().clone()
+        out = gelu(g)
+    assert torch.equal(out, expected) and out.data_ptr() == g.data_ptr()
+
+
+def test_bench_row_chunks_do_not_change_outputs():
+    """Running Attention and Mlp over small chunks of rows gives what one pass over all rows gives."""
+    model, video = diverse_model(batch=4)  # samples keep different token counts
+    chunked = [m for m in model.modules() if hasattr(m, "rows")]
+    assert chunked
+    with torch.no_grad():
+        whole = [model(video, drop_halted=d) for d in (True, False)]
+        for m in chunked:
+            m.rows = 40  # fewer rows than one sample: chunks of single samples, and of 40 MLP rows
+        parts = [model(video, drop_halted=d) for d in (True, False)]
+    for a, b in zip(whole, parts):
+        assert torch.allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.tokens_per_layer, b.tokens_per_layer)
+
+
+def test_attention_padded_matches_per_sample_attention():
+    """padded_attention (the GPU's packed attention: one call over a padded grid) gives packed_attention's
+    per-sample result, values and gradients, for samples of different lengths."""
+    torch.manual_seed(0)
+    attn = Attention(16, 4)
+    lengths = [5, 1, 9, 3]
+    x = torch.randn(sum(lengths), 16, requires_grad=True)
+    grad = torch.randn(sum(lengths), 16)
+    out = []
+    for fn in (haltingvt.packed_attention, haltingvt.padded_attention):
+        y = fn(attn, x, lengths)
+        (g,) = torch.autograd.grad(y, x, grad)
+        out.append((y, g))
+    (y_ref, g_ref), (y_pad, g_pad) = out
+    assert torch.allclose(y_pad, y_ref, atol=1e-6) and torch.allclose(g_pad, g_ref, atol=1e-6)
+    # and per sample, against plain attention over that sample alone
+    for part, n in zip(y_pad.split(lengths), x.split(lengths)):
+        assert torch.allclose(part, attn(n.unsqueeze(0)).squeeze(0), atol=1e-6)
+
+
+class DataDependentOps(TorchDispatchMode):
+    """Records the ops whose result a GPU would have to send back to the host before the next launch: shapes
+    that depend on values (nonzero, boolean indexing, unique, repeat_interleave without its output size),
+    Python scalars (item, bool(tensor)) and tensors built from host data (torch.tensor(list), which then goes
+    to the device; haltingvt.to_device, which sends it from pinned memory without waiting, is let through).
+    `.tolist()` does not pass through this mode."""
+
+    SYNCING = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
+               "aten.masked_select.default", "aten.unique_consecutive.default", "aten._unique2.default",
+               "aten.unique_dim.default", "aten.lift_fresh.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.trusted = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        unsized = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        if (str(func) in self.SYNCING or bool_index or unsized) and not self.trusted:
+            self.seen.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_drop_mode_reads_nothing_back_but_the_token_counts(monkeypatch):
+    """Drop mode's bookkeeping stays on the device: no value-dependent shape, no Python scalar, no host-built
+    tensor in a whole forward, nor in training with stochastic depth and the backward (its one read-back per
+    layer, the token counts, goes through .tolist()). On a GPU each of these drains the launch queue: eight of
+    them per layer halved the speed on an H200 (README)."""
+    model, video = diverse_model()
+    ops = DataDependentOps()
+
+    def trusted(ints, device):
+        ops.trusted = True
+        try:
+            return to_device(ints, device)
+        finally:
+            ops.trusted = False
+    monkeypatch.setattr(haltingvt, "to_device", trusted)
+    with torch.no_grad(), ops:
+        out = model(video, drop_halted=True)
+    assert (out.tokens_per_layer[:, -1] < out.tokens_per_layer[:, 2]).all()  # tokens did halt and leave
+    assert ops.seen == []
+    # training: stochastic depth on packed rows, and the backward
+    model.train()
+    for blk in model.joint.blocks:
+        blk.drop_path.p = 0.1
+    ops.seen = []
+    with ops:
+        out = model(video, drop_halted=True)
+        (out.logits.sum() + out.ponder.sum()).backward()
+    assert ops.seen == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# haltingvt.py: checkpoint loading (image, release and train.py layouts)
 # ----------------------------------------------------------------------------------------------------------
 
 def fake_deit_state(D=384, depth=12, grid=14, classes=1000, seed=0):
@@ -596,24 +726,6 @@ def write_safetensors(path, state):
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
 
 
-def test_read_checkpoint_reads_safetensors(tmp_path):
-    state = fake_deit_state(**SMALL_DEIT)
-    write_safetensors(tmp_path / "model.safetensors", state)
-    model = small_deit_model()
-    assert load_pretrained(model, data.read_checkpoint(tmp_path / "model.safetensors"))["layout"] == "image"
-    assert_deit_arrived(model, state)
-
-
-def test_read_checkpoint_refuses_a_class_it_does_not_allow(tmp_path):
-    path = tmp_path / "hooked.pth"
-    torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
-    model = small_deit_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
-        load_pretrained(model, data.read_checkpoint(path))
-    assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
 def test_load_pretrained_that_matches_too_little_raises_saying_what_the_file_holds():
     model = small_deit_model()
     with pytest.raises(ValueError, match=r"no ViT weights found.*'state_dict', 'epoch'.*'encoder\.weight'"):
@@ -702,52 +814,8 @@ def test_load_pretrained_video_state_dict_loads_as_it_is_and_a_foreign_head_stay
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Inputs and settings
+# losses.py
 # ----------------------------------------------------------------------------------------------------------
-
-def test_other_frame_counts_and_sizes_resize_the_embeddings():
-    cfg = HaltingVTConfig.tiny()
-    model = HaltingVT(cfg).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 5, 96, 80))
-    S = 6 * 5
-    assert out.keep_index.shape == (1, 5, math.ceil(0.5 * S))
-    assert out.tokens_per_layer[0, 0] == 1 + 5 * S
-
-
-@pytest.mark.parametrize("shape", [(1, 3, 8, 64), (1, 1, 8, 64, 64), (1, 3, 8, 60, 64), (1, 3, 8, 64, 70)])
-def test_bad_video_shapes_raise(shape):
-    model = HaltingVT(HaltingVTConfig.tiny())
-    with pytest.raises(ValueError, match=r"expected video of shape \(B, C=3, T, H, W\).*got"):
-        model(torch.randn(*shape))
-
-
-@pytest.mark.parametrize("field, value", [
-    ("keep_ratio", 0.0), ("keep_ratio", 1.5), ("embed_dim", 130), ("glimpser_depth", 9), ("glimpser_depth", 8),
-    ("eps", 1.0), ("eps", -0.1), ("gamma", 0.0), ("img_size", 70), ("depth", 0), ("drop_path", 1.0),
-])
-def test_bad_settings_raise(field, value):
-    with pytest.raises(ValueError, match=f"{field}={value!r}"):
-        HaltingVTConfig.tiny(**{field: value})
-
-
-def test_plain_joint_vt_and_no_halting():
-    cfg = HaltingVTConfig.tiny(glimpser_depth=0, halting=False)
-    model = HaltingVT(cfg).eval()
-    with torch.no_grad():
-        out = model(torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size))
-    assert out.keep_index is None
-    assert (out.halt_depth == cfg.depth).all() and (out.remainder == 1).all()
-    assert out.gflops[0].item() == pytest.approx(dense_gflops(cfg), rel=1e-6)
-    assert out.halt_scores.shape == (cfg.depth, 2, 1 + cfg.num_frames * 16)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Losses and data (losses.py, data.py)
-# ----------------------------------------------------------------------------------------------------------
-
-# ------------------------------------------------------------------------------------------------- losses
-
 
 def _out(logits, motion_logits=None, ponder=None):
     ponder = torch.zeros(logits.shape[0]) if ponder is None else ponder
@@ -855,7 +923,27 @@ def test_loss_bad_labels_raise_with_value():
         losses.task_loss(torch.zeros(1, 3), torch.tensor([[0.0, 1.0]]), multi_label=True)
 
 
-# ------------------------------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------------------------------------
+# data.py: reading videos, transforms, datasets, the demo set, pictures, checkpoint files
+# ----------------------------------------------------------------------------------------------------------
+
+def test_read_checkpoint_reads_safetensors(tmp_path):
+    state = fake_deit_state(**SMALL_DEIT)
+    write_safetensors(tmp_path / "model.safetensors", state)
+    model = small_deit_model()
+    assert load_pretrained(model, data.read_checkpoint(tmp_path / "model.safetensors"))["layout"] == "image"
+    assert_deit_arrived(model, state)
+
+
+def test_read_checkpoint_refuses_a_class_it_does_not_allow(tmp_path):
+    path = tmp_path / "hooked.pth"
+    torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
+    model = small_deit_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
+        load_pretrained(model, data.read_checkpoint(path))
+    assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
 
 GREY_STEP = 12  # frame k of a test video is grey level 12 * k, so a decoded frame tells its index
 
@@ -1436,8 +1524,76 @@ def test_data_demo_mover_stays_in_view_and_paired_classes_share_positions():
         assert np.allclose(path("move up-left", seed), path("move down-right", seed)[::-1])
 
 
+def loop_masks(keep_index, halt_depth, S, layers):
+    """The obviously-correct reference: token 1 + t*k + j is frame t, patch keep_index[t][j], with depth N."""
+    T = len(keep_index) if keep_index is not None else (len(halt_depth) - 1) // S
+    kept = [[keep_index[t][j] for j in range(len(keep_index[t]))] if keep_index is not None else list(range(S))
+            for t in range(T)]
+    masks = torch.zeros(1 + len(layers), T, S, dtype=torch.bool)
+    for t in range(T):
+        for j, s in enumerate(kept[t]):
+            n = int(halt_depth[1 + t * len(kept[t]) + j])
+            masks[0, t, s] = True
+            for i, layer in enumerate(layers, start=1):
+                masks[i, t, s] = n >= layer
+    return masks
+
+
+def test_map_active_token_masks_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    T, S, k, L = 3, 16, 6, 4
+    keep = torch.stack([torch.randperm(S, generator=g)[:k] for _ in range(T)])  # (T, k)
+    depth = torch.randint(1, L + 1, (1 + T * k,), generator=g)
+    got = data.active_token_masks(keep, depth, S, [1, 2, 4])
+    assert torch.equal(got, loop_masks(keep.tolist(), depth.tolist(), S, [1, 2, 4]))
+    assert got[0].sum() == T * k and torch.equal(got[1], got[0])  # every kept token runs joint layer 1
+    depth = torch.randint(1, L + 1, (1 + T * S,), generator=g)  # no Glimpser
+    assert torch.equal(data.active_token_masks(None, depth, S, [3]), loop_masks(None, depth.tolist(), S, [3]))
+
+
+def test_map_darkens_exactly_the_pruned_and_halted_tokens():
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(embed_dim=32, depth=6, num_heads=2, num_frames=4, beta=1.0)
+    model = HaltingVT(cfg).eval()
+    clip = torch.randint(40, 256, (4, 64, 64, 3), dtype=torch.uint8)  # >= 40: darkening changes every pixel
+    video = data.eval_transform(clip, 64, 64)  # (C, T, H, W)
+    layers = [2, 3, 4]
+    with torch.no_grad():
+        out = model(video.unsqueeze(0), drop_halted=True)
+    p, S = cfg.patch_size, 16
+    expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
+    assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
+    image = data.halting_map(data.display_frames(video), data.token_masks(model, video, layers), p, scale=2)
+    tile_h, tile_w = 2 * 64 + data.GAP, 2 * 64 + data.GAP
+    assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
+
+    def patch(row, t, s):
+        top, left = row * tile_h + 2 * p * (s // 4), t * tile_w + 2 * p * (s % 4)
+        return image[top:top + 2 * p, left:left + 2 * p].astype(np.float64)
+
+    for t in range(4):
+        for s in range(S):
+            original = patch(0, t, s)
+            assert np.array_equal(original, np.repeat(np.repeat(clip[t, 16 * (s // 4):16 * (s // 4 + 1),
+                                  16 * (s % 4):16 * (s % 4 + 1)].numpy(), 2, 0), 2, 1))  # the input row
+            for r in range(len(expected)):
+                shown = patch(1 + r, t, s)
+                if expected[r, t, s]:
+                    assert np.array_equal(shown, original), (r, t, s)
+                else:
+                    assert np.array_equal(shown, np.round(original * data.DARKEN)), (r, t, s)
+
+
+def test_map_png_round_trips_through_pyav(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (70, 130, 3), dtype=np.uint8)
+    data.write_png(tmp_path / "x.png", image)
+    with av.open(str(tmp_path / "x.png")) as container:
+        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Training (train.py)
+# train.py: training, evaluation, checkpoints, prediction, the halting map
 # ----------------------------------------------------------------------------------------------------------
 
 # A model far smaller than tiny() and a demo set of 12 training and 6 validation videos: each run takes seconds.
@@ -1543,6 +1699,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
     assert again["val_top1"] == metrics["val_top1"] and again["val_gflops"] == pytest.approx(metrics["val_gflops"])
 
 
+@pytest.mark.slow
 def test_train_resume_is_exact(demo, tmp_path):
     train.main(small_run(demo, tmp_path / "straight", "--epochs", "2"))
     train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--stop-after", "1"))
@@ -1572,6 +1729,7 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
         train.load_checkpoint(tmp_path / "deit.pth", model)  # what --resume and --eval-only call
 
 
+@pytest.mark.slow
 def test_train_two_stage_recipe_base_video_model_then_haltingvt(demo, tmp_path):
     """Sec. 4.1: stage 1 trains a Base Video Model (halting off, no Glimpser pruning); stage 2 starts HaltingVT
     from it with --init and its own settings. At lr 0, every stage-1 tensor must reach stage 2's checkpoint."""
@@ -1624,6 +1782,7 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
     assert text[1] == f"  {best['prob']:.3f}  {best['label']}" and len(text) == 6  # indices without names
 
 
+@pytest.mark.slow
 def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
     train.main(small_run(demo, tmp_path / "straight", "--epochs", "1"))
     calls = []
@@ -1645,6 +1804,7 @@ def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
 
 
+@pytest.mark.slow
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(demo, tmp_path, monkeypatch):
     calls = []
     loss_fn = train.haltingvt_loss
@@ -1664,6 +1824,7 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(demo, tmp_path, mon
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(Path(train.__file__)), *small_run(demo, tmp_path, "--epochs", "1", "--batch-size", "2",
@@ -1694,6 +1855,7 @@ def test_train_best_checkpoint_waits_for_the_halting_warmup(tmp_path, monkeypatc
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
 
 
+@pytest.mark.slow
 def test_train_class_folders_and_multi_label(demo, tmp_path):
     folders = ["--train", str(demo / "videos/train"), "--val", str(demo / "videos/val"), "--preset", "demo"]
     metrics = train.main(folders + small_run(demo, tmp_path / "folders", "--epochs", "1"))
@@ -1804,6 +1966,7 @@ def _evaluate_in_process(rank, world, init_file, lists, out_dir):
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(results))
 
 
+@pytest.mark.slow
 def test_train_evaluate_with_more_processes_than_videos(tmp_path, videos):
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     v20, v5 = videos["v20"], videos["v5"]
@@ -1833,6 +1996,7 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text
 
 
+@pytest.mark.slow
 def test_train_depth_prior_flag(demo, tmp_path):
     if not hasattr(train.losses, "depth_prior"):
         pytest.skip("losses.py has no depth prior yet")
@@ -1841,42 +2005,25 @@ def test_train_depth_prior_flag(demo, tmp_path):
     assert len(metrics["halt_depth_hist"]) == 3
 
 
+def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
+    train.main(small_run(demo, tmp_path / "run", "--epochs", "1"))
+    video = demo / "videos/val/move left/0000.mp4"
+    result = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1"])
+    assert result["path"] == str(tmp_path / "run/halting_map.png")  # default: next to the checkpoint
+    assert list(result["active"]) == ["Glimpser", "joint layer 2"]  # 2 joint layers: the default shows layer 2
+    assert result["active"]["Glimpser"] == pytest.approx(0.5)  # R = 0.5 of every frame's patches
+    with av.open(result["path"]) as container:
+        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3)  # input, Glimpser, layer 2; 4 frames
+    again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
+                        "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
+    assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
+    assert again["active"]["joint layer 1"] == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark helpers (bench.py) and the drop path's row chunking
+# bench.py: speed, video reading and the ablation
 # ----------------------------------------------------------------------------------------------------------
-
-def test_bench_row_groups_keep_order_and_bound_the_rows():
-    lengths = [5, 3, 9, 1, 1, 4, 12]
-    groups = row_groups(lengths, rows=8)
-    assert [n for g in groups for n in g] == lengths  # consecutive samples, none lost or moved
-    assert all(sum(g) <= 8 or len(g) == 1 for g in groups)  # a longer sample stands alone
-    assert row_groups([], rows=8) == []
-
-
-def test_gelu_matches_exact_gelu_and_is_in_place_only_without_autograd():
-    h = torch.randn(7, 11, requires_grad=True)
-    out = gelu(h)
-    assert torch.equal(out, F.gelu(h)) and out.data_ptr() != h.data_ptr()  # autograd: h is left as it was
-    with torch.no_grad():
-        expected, g = F.gelu(h), h.detach().clone()
-        out = gelu(g)
-    assert torch.equal(out, expected) and out.data_ptr() == g.data_ptr()
-
-
-def test_bench_row_chunks_do_not_change_outputs():
-    """Running Attention and Mlp over small chunks of rows gives what one pass over all rows gives."""
-    model, video = diverse_model(batch=4)  # samples keep different token counts
-    chunked = [m for m in model.modules() if hasattr(m, "rows")]
-    assert chunked
-    with torch.no_grad():
-        whole = [model(video, drop_halted=d) for d in (True, False)]
-        for m in chunked:
-            m.rows = 40  # fewer rows than one sample: chunks of single samples, and of 40 MLP rows
-        parts = [model(video, drop_halted=d) for d in (True, False)]
-    for a, b in zip(whole, parts):
-        assert torch.allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
-        assert torch.equal(a.tokens_per_layer, b.tokens_per_layer)
-
 
 def test_bench_json_last_line_has_the_required_keys(capsys):
     bench.main(["--json", "--quick", "--tiny", "--batch", "1", "--repeats", "1", "--matmul-size", "128"])
@@ -1924,94 +2071,6 @@ def test_bench_train_step_rows():
     assert all(r["ms_per_step"] > 0 for r in rows)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pictures and ablations
-# ----------------------------------------------------------------------------------------------------------
-
-def loop_masks(keep_index, halt_depth, S, layers):
-    """The obviously-correct reference: token 1 + t*k + j is frame t, patch keep_index[t][j], with depth N."""
-    T = len(keep_index) if keep_index is not None else (len(halt_depth) - 1) // S
-    kept = [[keep_index[t][j] for j in range(len(keep_index[t]))] if keep_index is not None else list(range(S))
-            for t in range(T)]
-    masks = torch.zeros(1 + len(layers), T, S, dtype=torch.bool)
-    for t in range(T):
-        for j, s in enumerate(kept[t]):
-            n = int(halt_depth[1 + t * len(kept[t]) + j])
-            masks[0, t, s] = True
-            for i, layer in enumerate(layers, start=1):
-                masks[i, t, s] = n >= layer
-    return masks
-
-
-def test_map_active_token_masks_match_a_loop():
-    g = torch.Generator().manual_seed(0)
-    T, S, k, L = 3, 16, 6, 4
-    keep = torch.stack([torch.randperm(S, generator=g)[:k] for _ in range(T)])  # (T, k)
-    depth = torch.randint(1, L + 1, (1 + T * k,), generator=g)
-    got = data.active_token_masks(keep, depth, S, [1, 2, 4])
-    assert torch.equal(got, loop_masks(keep.tolist(), depth.tolist(), S, [1, 2, 4]))
-    assert got[0].sum() == T * k and torch.equal(got[1], got[0])  # every kept token runs joint layer 1
-    depth = torch.randint(1, L + 1, (1 + T * S,), generator=g)  # no Glimpser
-    assert torch.equal(data.active_token_masks(None, depth, S, [3]), loop_masks(None, depth.tolist(), S, [3]))
-
-
-def test_map_darkens_exactly_the_pruned_and_halted_tokens():
-    torch.manual_seed(0)
-    cfg = HaltingVTConfig.tiny(embed_dim=32, depth=6, num_heads=2, num_frames=4, beta=1.0)
-    model = HaltingVT(cfg).eval()
-    clip = torch.randint(40, 256, (4, 64, 64, 3), dtype=torch.uint8)  # >= 40: darkening changes every pixel
-    video = data.eval_transform(clip, 64, 64)  # (C, T, H, W)
-    layers = [2, 3, 4]
-    with torch.no_grad():
-        out = model(video.unsqueeze(0), drop_halted=True)
-    p, S = cfg.patch_size, 16
-    expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
-    assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
-    image = data.halting_map(data.display_frames(video), data.token_masks(model, video, layers), p, scale=2)
-    tile_h, tile_w = 2 * 64 + data.GAP, 2 * 64 + data.GAP
-    assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
-
-    def patch(row, t, s):
-        top, left = row * tile_h + 2 * p * (s // 4), t * tile_w + 2 * p * (s % 4)
-        return image[top:top + 2 * p, left:left + 2 * p].astype(np.float64)
-
-    for t in range(4):
-        for s in range(S):
-            original = patch(0, t, s)
-            assert np.array_equal(original, np.repeat(np.repeat(clip[t, 16 * (s // 4):16 * (s // 4 + 1),
-                                  16 * (s % 4):16 * (s % 4 + 1)].numpy(), 2, 0), 2, 1))  # the input row
-            for r in range(len(expected)):
-                shown = patch(1 + r, t, s)
-                if expected[r, t, s]:
-                    assert np.array_equal(shown, original), (r, t, s)
-                else:
-                    assert np.array_equal(shown, np.round(original * data.DARKEN)), (r, t, s)
-
-
-def test_map_png_round_trips_through_pyav(tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, (70, 130, 3), dtype=np.uint8)
-    data.write_png(tmp_path / "x.png", image)
-    with av.open(str(tmp_path / "x.png")) as container:
-        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
-
-
-def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
-    train.main(small_run(demo, tmp_path / "run", "--epochs", "1"))
-    video = demo / "videos/val/move left/0000.mp4"
-    result = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1"])
-    assert result["path"] == str(tmp_path / "run/halting_map.png")  # default: next to the checkpoint
-    assert list(result["active"]) == ["Glimpser", "joint layer 2"]  # 2 joint layers: the default shows layer 2
-    assert result["active"]["Glimpser"] == pytest.approx(0.5)  # R = 0.5 of every frame's patches
-    with av.open(result["path"]) as container:
-        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3)  # input, Glimpser, layer 2; 4 frames
-    again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
-                        "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
-    assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
-    assert again["active"]["joint layer 1"] == pytest.approx(0.5)
-
-
 def test_ablation_rows_are_tables_1_and_2():
     rows = bench.ablation_rows(train.parse_args([]))
     table1 = [(r["glimpser_depth"] == 0, r["keep_ratio"], r["alpha_m"] > 0) for r in rows[:8]]
@@ -2023,6 +2082,7 @@ def test_ablation_rows_are_tables_1_and_2():
     assert all(r["keep_ratio"] == 0.5 and r["alpha_m"] > 0 for r in rows[8:])
 
 
+@pytest.mark.slow
 def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
     rows = bench.ablation_rows
     monkeypatch.setattr(bench, "ablation_rows", lambda args: rows(args)[1:3])  # no Glimpser w/o motion; R=0.3
@@ -2052,6 +2112,7 @@ def test_ablation_summary_averages_each_row_over_its_seeds():
     assert second == ["no Glimpser", "-", "no", beta, "1", "0.900 (0.900-0.900)", "0.50", "4.00"]
 
 
+@pytest.mark.slow
 def test_ablation_with_seeds_writes_their_summary(demo, tmp_path, monkeypatch):
     rows = bench.ablation_rows
     monkeypatch.setattr(bench, "ablation_rows", lambda args: rows(args)[2:3])  # R = 0.3 with the Motion Loss
@@ -2068,81 +2129,6 @@ def test_ablation_stale_demo_folder_is_rebuilt(demo, monkeypatch):
     assert f"version={data.DEMO_VERSION} " in (demo / "DONE").read_text()
     monkeypatch.setattr(data, "DEMO_VERSION", data.DEMO_VERSION + 1)  # the generator changed
     assert not data.demo_dataset_ready(demo, num_train=2, num_val=1)
-
-
-def test_attention_padded_matches_per_sample_attention():
-    """padded_attention (the GPU's packed attention: one call over a padded grid) gives packed_attention's
-    per-sample result, values and gradients, for samples of different lengths."""
-    torch.manual_seed(0)
-    attn = Attention(16, 4)
-    lengths = [5, 1, 9, 3]
-    x = torch.randn(sum(lengths), 16, requires_grad=True)
-    grad = torch.randn(sum(lengths), 16)
-    out = []
-    for fn in (haltingvt.packed_attention, haltingvt.padded_attention):
-        y = fn(attn, x, lengths)
-        (g,) = torch.autograd.grad(y, x, grad)
-        out.append((y, g))
-    (y_ref, g_ref), (y_pad, g_pad) = out
-    assert torch.allclose(y_pad, y_ref, atol=1e-6) and torch.allclose(g_pad, g_ref, atol=1e-6)
-    # and per sample, against plain attention over that sample alone
-    for part, n in zip(y_pad.split(lengths), x.split(lengths)):
-        assert torch.allclose(part, attn(n.unsqueeze(0)).squeeze(0), atol=1e-6)
-
-
-class DataDependentOps(TorchDispatchMode):
-    """Records the ops whose result a GPU would have to send back to the host before the next launch: shapes
-    that depend on values (nonzero, boolean indexing, unique, repeat_interleave without its output size),
-    Python scalars (item, bool(tensor)) and tensors built from host data (torch.tensor(list), which then goes
-    to the device; haltingvt.to_device, which sends it from pinned memory without waiting, is let through).
-    `.tolist()` does not pass through this mode."""
-
-    SYNCING = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
-               "aten.masked_select.default", "aten.unique_consecutive.default", "aten._unique2.default",
-               "aten.unique_dim.default", "aten.lift_fresh.default"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen, self.trusted = [], False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        bool_index = func is torch.ops.aten.index.Tensor and any(
-            i is not None and i.dtype == torch.bool for i in args[1])
-        unsized = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
-        if (str(func) in self.SYNCING or bool_index or unsized) and not self.trusted:
-            self.seen.append(str(func))
-        return func(*args, **kwargs)
-
-
-def test_drop_mode_reads_nothing_back_but_the_token_counts(monkeypatch):
-    """Drop mode's bookkeeping stays on the device: no value-dependent shape, no Python scalar, no host-built
-    tensor in a whole forward, nor in training with stochastic depth and the backward (its one read-back per
-    layer, the token counts, goes through .tolist()). On a GPU each of these drains the launch queue: eight of
-    them per layer halved the speed on an H200 (README)."""
-    model, video = diverse_model()
-    ops = DataDependentOps()
-
-    def trusted(ints, device):
-        ops.trusted = True
-        try:
-            return to_device(ints, device)
-        finally:
-            ops.trusted = False
-    monkeypatch.setattr(haltingvt, "to_device", trusted)
-    with torch.no_grad(), ops:
-        out = model(video, drop_halted=True)
-    assert (out.tokens_per_layer[:, -1] < out.tokens_per_layer[:, 2]).all()  # tokens did halt and leave
-    assert ops.seen == []
-    # training: stochastic depth on packed rows, and the backward
-    model.train()
-    for blk in model.joint.blocks:
-        blk.drop_path.p = 0.1
-    ops.seen = []
-    with ops:
-        out = model(video, drop_halted=True)
-        (out.logits.sum() + out.ponder.sum()).backward()
-    assert ops.seen == []
 
 
 def test_bench_profile_sorts_ops_by_kind(capsys):
