@@ -1706,6 +1706,11 @@ def test_train_resume_is_exact(demo, tmp_path):
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
     train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--resume", str(tmp_path / "split/last.pt")))
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+    # a bare --resume takes the run's own flags (data, epochs, out, seed...) from the checkpoint
+    train.main(small_run(demo, tmp_path / "bare", "--epochs", "2", "--stop-after", "1"))
+    train.main(["--resume", str(tmp_path / "bare/last.pt")])
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "bare/last.pt"))
+    assert len((tmp_path / "bare/metrics.jsonl").read_text().splitlines()) == 2
 
 def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))

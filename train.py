@@ -27,6 +27,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,14 +92,31 @@ class NonFiniteLoss(RuntimeError):
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, every unset optimisation value filled in from the preset (apply_preset)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py).")
     for add_flags in (data_flags, model_flags, optimisation_flags, run_flags):
         add_flags(p)
     args = p.parse_args(argv)
+    if args.resume and not (args.predict or args.halting_map):
+        resume_run_args(args, given_flags(p, sys.argv[1:] if argv is None else argv))
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.halting_map and args.resume else "runs/sanity"
     return apply_preset(args)
+
+
+def given_flags(p: argparse.ArgumentParser, argv: list) -> set:
+    """The dests of the flags written in `argv` (abbreviations are off, so each is spelt out)."""
+    used = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {action.dest for action in p._actions if used & set(action.option_strings)}
+
+
+def resume_run_args(args, given: set):
+    """--resume (and --eval-only --resume) go on with the run the checkpoint holds: its saved flags (data, out,
+    epochs, seed, ...), except those given again. Without this, a bare `--resume run/last.pt` would train the
+    demo preset into runs/sanity."""
+    for key, value in read_run_checkpoint(args.resume).get("args", {}).items():
+        if key not in given and key not in ("resume", "eval_only", "init") and hasattr(args, key):
+            setattr(args, key, value)
 
 
 def data_flags(p: argparse.ArgumentParser):
@@ -246,7 +264,7 @@ def build_data(args, rank):
     common = dict(root=args.root, num_frames=frames, img_size=size, multi_label=args.multi_label,
                   num_classes=args.num_classes, on_error=args.on_error, seed=args.seed, cache=args.cache,
                   short_side=args.eval_short_side, scale=args.train_scale)
-    train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment, **common)
+    train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only, **common)
     # validation: each video's real clip and its static fake, for the motion accuracy; labelled with the
     # training set's classes (class folders by name)
     common["num_classes"] = train.num_classes
@@ -654,7 +672,7 @@ def start(s: RunState):
         for key, value in load_checkpoint(s.args.resume, s.model, s.optimizer, s.scheduler).items():
             setattr(s, key, value)
         s.start_step = s.step
-        log.info("resumed from %s at epoch %d, step %d", s.args.resume, s.epoch, s.step)
+        log.info("resumed from %s in epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
     if s.world > 1:
         # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
         # batch halted earlier, and without the motion term the motion head gets no gradient.
