@@ -772,7 +772,57 @@ def single_threaded(loader):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoint files: plain values that torch.load(weights_only=True) reads, written whole or not at all
+# Checkpoint files: read without running code from them (haltingvt.load_pretrained maps what they hold);
+# written as plain values that torch.load(weights_only=True) reads, whole or not at all
+
+# The only objects besides tensors and plain values that a checkpoint may hold: DeiT's main.py and timm's
+# train.py save their argparse.Namespace under "args". Nothing else is unpickled (weights_only=True).
+SAFE_GLOBALS = [argparse.Namespace]
+
+# safetensors' dtype names (timm's hub weights are model.safetensors files).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint file's contents, read without running any code from it.
+
+    A `.safetensors` file is parsed as it is; anything else goes through torch.load(weights_only=True), which
+    builds tensors and plain values only, plus SAFE_GLOBALS. Raises ValueError naming the file and the object it
+    refused (a class saved by another codebase, say), FileNotFoundError for a missing file.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        what = re.search(r"GLOBAL (\S+)", str(err))
+        raise ValueError(f"{path}: refused to unpickle {what.group(1) if what else 'an object'}: only tensors, "
+                         "plain values and argparse.Namespace are read, since unpickling anything else can run "
+                         "code. If you trust the file, load it yourself and torch.save its state dict alone") from None
+
+
+def read_safetensors(path) -> dict:
+    """A .safetensors file as a state dict: an 8-byte little-endian header size, a JSON header giving each
+    tensor's dtype, shape and byte range, then the bytes (read here without the safetensors package)."""
+    raw = bytearray(Path(path).read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
+        start, end = info["data_offsets"]
+        flat = torch.frombuffer(body[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start else \
+            torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        state[name] = flat.reshape(info["shape"])
+    return state
+
 
 def rng_states() -> dict:
     """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
@@ -1031,58 +1081,6 @@ def write_png(path, image):
     tmp.write_bytes(b"".join(bytes(p) for p in packets))
     tmp.replace(path)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint files: read without running code from them (haltingvt.load_pretrained maps what they hold)
-# ----------------------------------------------------------------------------------------------------------------
-
-# The only objects besides tensors and plain values that a checkpoint may hold: DeiT's main.py and timm's
-# train.py save their argparse.Namespace under "args". Nothing else is unpickled (weights_only=True).
-SAFE_GLOBALS = [argparse.Namespace]
-
-# safetensors' dtype names (timm's hub weights are model.safetensors files).
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint file's contents, read without running any code from it.
-
-    A `.safetensors` file is parsed as it is; anything else goes through torch.load(weights_only=True), which
-    builds tensors and plain values only, plus SAFE_GLOBALS. Raises ValueError naming the file and the object it
-    refused (a class saved by another codebase, say), FileNotFoundError for a missing file.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        what = re.search(r"GLOBAL (\S+)", str(err))
-        raise ValueError(f"{path}: refused to unpickle {what.group(1) if what else 'an object'}: only tensors, "
-                         "plain values and argparse.Namespace are read, since unpickling anything else can run "
-                         "code. If you trust the file, load it yourself and torch.save its state dict alone") from None
-
-
-def read_safetensors(path) -> dict:
-    """A .safetensors file as a state dict: an 8-byte little-endian header size, a JSON header giving each
-    tensor's dtype, shape and byte range, then the bytes (read here without the safetensors package)."""
-    raw = bytearray(Path(path).read_bytes())
-    n = int.from_bytes(raw[:8], "little")
-    header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(body[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start else \
-            torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        state[name] = flat.reshape(info["shape"])
-    return state
 
 
 if __name__ == "__main__":
