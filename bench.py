@@ -30,6 +30,7 @@ import platform
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -430,6 +431,119 @@ def data_main(args, result: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The sanity run's training step by part (--step) and on a busy machine (--busy)
+# ----------------------------------------------------------------------------------------------------------
+
+STEP_PARTS = ("data", "forward: embedding", "forward: Glimpser", "forward: joint layers", "forward: heads, loss",
+              "backward: heads, joint layers", "backward: Glimpser", "backward: embedding", "optimiser")
+
+
+def demo_step(folder: Path, flags=()):
+    """One step of `python train.py` (and train.py `flags`) to time: a function that builds a batch from a small
+    demo set (written to `folder`, cached as the sanity run caches it) and trains on it (train.forward_loss,
+    clipping, AdamW) with halting held off, as in the warm-up, the dearest step; it returns {part: seconds}
+    (STEP_PARTS)."""
+    args = train.parse_args(["--demo-root", str(folder / "demo"), "--demo-videos", "6", "1", *flags])
+    train_set, _, num_classes = train.build_data(args, 0)
+    model = train.build_model(train.model_config(args, num_classes), args, torch.device("cpu")).train()
+    optimizer = train.build_optimizer(model, args, 100)[0]
+    marks = {}
+
+    def mark(name):
+        return lambda *_: marks.__setitem__(name, time.perf_counter())
+
+    def watch(stage, arrived, gradient_done):
+        """Mark when `stage`'s input arrives and, in the backward pass, when the gradient of it is complete."""
+        def pre_hook(module, inputs):
+            mark(arrived)()
+            inputs[0].register_hook(mark(gradient_done))
+        stage.register_forward_pre_hook(pre_hook)
+    watch(model.glimpser, "embedded", "bw glimpser")
+    watch(model.joint, "glimpsed", "bw joint")
+    model.joint.register_forward_hook(mark("joint"))
+
+    def step():
+        t0 = time.perf_counter()
+        batch = next(data.single_threaded(data.epoch_loader(train_set, args.batch_size, random.randrange(99))))
+        t1 = time.perf_counter()
+        loss = train.forward_loss(model, batch, args, torch.device("cpu"), num_classes, ramp=0.0)[0]
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        m = marks
+        return dict(zip(STEP_PARTS, (t1 - t0, m["embedded"] - t1, m["glimpsed"] - m["embedded"],
+                                     m["joint"] - m["glimpsed"], t2 - m["joint"], m["bw joint"] - t2,
+                                     m["bw glimpser"] - m["bw joint"], t3 - m["bw glimpser"],
+                                     time.perf_counter() - t3)))
+    return step
+
+
+def step_main(args, result: dict) -> dict:
+    """--step: the median ms of each part of the sanity run's step over --repeats steps (after one warm-up)."""
+    step = demo_step(args.data_dir)
+    step()
+    runs = [step() for _ in range(args.repeats or 5)]
+    ms = {part: statistics.median(r[part] for r in runs) * 1e3 for part in STEP_PARTS}
+    result["step_ms"] = {**ms, "total": statistics.median(sum(r.values()) for r in runs) * 1e3}
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"the sanity run's step (no halting: the warm-up's), OMP_WAIT_POLICY {result['omp_wait_policy']}:")
+    for part, t in result["step_ms"].items():
+        print(f"  {part:<32}{t:>8.1f} ms {t / result['step_ms']['total']:>5.0%}")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+# (name, torch threads, OMP_WAIT_POLICY or None for OpenMP's default, which spins before it sleeps)
+BUSY_SETTINGS = [("2 threads, spinning waits", 2, None), ("2 threads, passive waits", 2, "PASSIVE"),
+                 ("1 thread", 1, "PASSIVE")]
+
+
+def step_ms_in_child(threads: int, policy, repeats: int, folder: Path) -> float:
+    """The sanity run's median step (--step) in a fresh process: OpenMP reads its waiting policy once, at start."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env.update({"OMP_WAIT_POLICY": policy} if policy else {})
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", "--json", "--threads", str(threads),
+           "--repeats", str(repeats), "--data-dir", str(folder)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["step_ms"]["total"]
+
+
+@contextlib.contextmanager
+def busy(processes: int):
+    """`processes` CPU-bound Python loops running beside the block (`python -c "while True: pass"`)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
+def busy_main(args, result: dict) -> dict:
+    """--busy: the sanity run's step under each BUSY_SETTINGS, quiet and then beside two CPU-bound processes;
+    the ratio busy / quiet is what a shared machine costs each setting."""
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    repeats = args.repeats or 5
+    quiet = {name: step_ms_in_child(n, policy, repeats, args.data_dir) for name, n, policy in BUSY_SETTINGS}
+    with busy(2):
+        loaded = {name: step_ms_in_child(n, policy, repeats, args.data_dir) for name, n, policy in BUSY_SETTINGS}
+    result["busy"] = [dict(setting=name, quiet_ms=quiet[name], busy_ms=loaded[name], ratio=loaded[name] / quiet[name])
+                      for name, _, _ in BUSY_SETTINGS]
+    print(f"{'the sanity run step':<28}{'quiet ms':>10}{'busy ms':>10}{'ratio':>7}   (busy: beside 2 CPU-bound "
+          "processes)")
+    for r in result["busy"]:
+        print(f"{r['setting']:<28}{r['quiet_ms']:>10.0f}{r['busy_ms']:>10.0f}{r['ratio']:>7.2f}")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Ablations (paper Tables 1 and 2) at laptop scale
 # ----------------------------------------------------------------------------------------------------------
 
@@ -591,6 +705,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="where --data writes (and then reuses) its videos")
     a("--data-video", nargs="+", default=list(DATA_VIDEOS),
       help=f"--data on these videos: paths, or the generated {' and '.join(DATA_VIDEOS)} (default)")
+    a("--step", action="store_true", help="instead: the sanity run's training step by part, data included")
+    a("--busy", action="store_true", help="instead: the sanity run's step at 1 and 2 threads, quiet and beside two "
+                                          "CPU-bound processes (each setting in a fresh process)")
     a("--ablation", action="store_true", help="instead: paper Tables 1 and 2, one train.py run per row "
                                               "(bench.py --ablation --help)")
     a("--repeats", type=int, default=None, help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run "
@@ -622,6 +739,8 @@ def main(argv=None):
     base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
     if args.data:
         return data_main(args, result)
+    if args.step or args.busy:
+        return (step_main if args.step else busy_main)(args, result)
     if args.profile:
         mm_seconds = profile_main(args, result, base, device, repeats, mm, mm_flops)
     elif args.train:

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 import weakref
 from pathlib import Path
@@ -1426,6 +1427,16 @@ def test_data_transforms_by_hand():
     assert data.resize_short_side(torch.zeros(1, 3, 30, 60), 20).shape == (1, 3, 20, 40)
 
 
+def test_data_clip_is_resized_in_one_call_as_frame_by_frame():
+    # the transforms resize the whole clip at once; each frame must come out as if resized alone (no frame mixed
+    # into another, the same crop window in every frame): the reference resizes frame by frame
+    clip = torch.randint(0, 256, (5, 72, 90, 3), dtype=torch.uint8)
+    out = data._resized_crop(clip, 54, 3, 11, 48)  # (T, 3, 48, 48)
+    for t in range(5):
+        frame = clip[t].permute(2, 0, 1)[None].contiguous()  # (1, 3, 72, 90)
+        assert torch.equal(out[t], data.resize_short_side(frame, 54)[0, :, 3:51, 11:59])
+
+
 def test_data_motion_pair_and_collate(videos):
     clip = data.read_clip(videos["v20"], 8)
     rng = random.Random(0)
@@ -1633,6 +1644,35 @@ def test_train_demo_preset_is_the_only_difference():
     assert train.parse_args(["--lr", "0.5"]).lr == 0.5  # a flag beats the preset
 
 
+def test_train_threads_come_from_the_flag_then_the_environment_then_the_cores(monkeypatch, caplog):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train.cpu_threads(train.parse_args(["--threads", "5"]), world=1) == (5, "--threads")
+    assert train.cpu_threads(train.parse_args([]), world=1) == (3, "OMP_NUM_THREADS")
+    # torchrun sets OMP_NUM_THREADS=1 for each process it starts: several processes share the cores instead
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train.cpu_threads(train.parse_args([]), world=2)[0] == max(1, os.cpu_count() // 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert train.cpu_threads(train.parse_args([]), world=2)[0] == max(1, os.cpu_count() // 2)
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.log_threads(train.parse_args(["--threads", "1"]), 1, torch.device("cpu"))
+    assert "CPU: 1 torch threads (--threads), OMP_WAIT_POLICY=" in caplog.text
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_train_sets_openmp_waiting_before_torch_loads_and_the_environment_wins(given):
+    # OpenMP reads OMP_WAIT_POLICY once, as torch loads it: record the value at torch's own import
+    probe = ("import builtins, os; real = builtins.__import__; seen = []\n"
+             "def spy(name, *a, **k):\n"
+             "    if name == 'torch' and not seen: seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+             "    return real(name, *a, **k)\n"
+             "builtins.__import__ = spy; import train; print(seen[0])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_WAIT_POLICY": given} if given else {})
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(train.__file__).parent)
+    assert out.stdout.strip() == (given or "PASSIVE")
+
+
 def test_train_randaugment_on_for_real_data_off_in_the_demo_and_the_flag_wins(demo, monkeypatch):
     real = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt")]
     assert train.parse_args(real).randaugment is True and train.parse_args([]).randaugment is False
@@ -1769,7 +1809,7 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
     assert "broken.mp4" in lines[1]["error"] and "top5" not in lines[1]
     model, _ = train.load_trained_model(ckpt_path, "cpu")
     for path, result in zip(good, lines[::2]):
-        clip = data.eval_transform(data.read_clip(path, 4, train=False), 64, data.DEMO_EVAL_SHORT_SIDE)
+        clip = data.eval_transform(data.read_clip(path, 4, train=False), model.cfg.img_size, data.DEMO_EVAL_SHORT_SIDE)
         with torch.no_grad():
             out = model(clip.unsqueeze(0), drop_halted=True)
         probs = out.logits[0].softmax(0)
@@ -2074,6 +2114,36 @@ def test_bench_train_step_rows():
     rows = list(bench.train_rows(quick=True, device=torch.device("cpu"), warmup=0, repeats=1, batch=2))
     assert [(r["name"], r["mode"]) for r in rows] == [("tiny", "mask"), ("tiny", "drop")]
     assert all(r["ms_per_step"] > 0 for r in rows)
+
+
+def test_bench_step_by_part_covers_the_whole_step(tmp_path):
+    step = bench.demo_step(tmp_path, ["--embed-dim", "32", "--depth", "4", "--heads", "2", "--batch-size", "4"])
+    step()  # the first fills the cache
+    start = time.perf_counter()
+    parts = step()
+    total = time.perf_counter() - start
+    assert list(parts) == list(bench.STEP_PARTS)
+    assert all(t > 0 for t in parts.values()), parts  # every hook fired, in the order the parts assume
+    assert sum(parts.values()) == pytest.approx(total, rel=0.05)
+
+
+def test_bench_busy_processes_run_beside_the_block_and_end_with_it():
+    with bench.busy(2):
+        spinners = [p for p in child_commands() if "while True" in p]
+        assert len(spinners) == 2
+    assert not [p for p in child_commands() if "while True" in p]
+
+
+def child_commands() -> list:
+    """The command lines of this process's children (from /proc: Linux)."""
+    me, out = str(os.getpid()), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                out.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError):
+            pass  # a process that ended while we looked
+    return out
 
 
 def test_ablation_rows_are_tables_1_and_2():

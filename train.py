@@ -33,14 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-import torch.distributed as dist
+# OpenMP reads its waiting policy once, when torch loads it, so it is chosen here, before the import (a value in
+# the environment wins). PASSIVE: a thread waiting for work sleeps instead of spinning. On a shared CPU the
+# default spinning burns the cycles the working thread needs (bench.py --busy: "The sanity run" in README).
+OMP_WAIT_POLICY_GIVEN = os.environ.get("OMP_WAIT_POLICY")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import data
-import losses
-from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained
-from losses import haltingvt_loss
+import numpy as np  # noqa: E402 (after the OpenMP setting above)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import data  # noqa: E402
+import losses  # noqa: E402
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained  # noqa: E402
+from losses import haltingvt_loss  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -57,22 +63,28 @@ REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay
                      embed_std=None, task_on_fakes=True, randaugment=True)
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
-# cores in about 3 minutes. Each choice below was measured on this setting (README, "The sanity run"):
+# cores in about 1.5 minutes. Each choice below was measured on this setting (README, "The sanity run"):
+# - 48 x 48 frames (img_size; data.DEMO_TRAIN_SCALE and DEMO_EVAL_SHORT_SIDE scale the 72 x 72 videos to match):
+#   9 patches a frame instead of 64 x 64's 16, so a step costs about half (bench.py --step) and 30 epochs fit
+#   where 22 did; at 4 frames instead of 8 the model learnt more slowly per step than the cost fell.
 # - AdamW at lr 1e-3, weight decay 0.05, 32 videos (64 clips) a step: the usual from-scratch ViT recipe; at
 #   lr 1e-5 nothing moves, at 2e-3 it stalled, and 16 videos a step needed about twice the steps.
-# - embed_std 0.3: position and time embeddings that start distinct; at DeiT's 0.02 (and the paper's zero time
-#   embedding) the model sat at chance for most of the run.
+# - embed_std 1.0: position and time embeddings that start distinct and strong beside the patch content; the
+#   model must combine where and when the mover is, and at 0.3 it sat at chance for a third of the run or more
+#   (at DeiT's 0.02, and the paper's zero time embedding, for most of it).
 # - task_on_fakes False: a static fake clip of the demo cannot tell its class by construction, so the task loss
 #   on it is noise (at 16 videos a step it kept the run at chance); the Motion Loss still sees both clips.
 # - alpha_p 0.05 (the paper: 5e-4): from scratch, at 5e-4 the scores never rose and nothing halted.
-# - halting_warmup: no halting for the first 7 epochs, then a ramp (halting_ramp): started at once, halting
+# - halting_warmup: no halting for the first 10 epochs, then a ramp (halting_ramp): started at once, halting
 #   took the class token out at the first joint layer before the later layers had learnt anything.
+# - alpha_d 0.1, depth_prior (2, 1): the ponder loss alone sent nearly every token out at the same joint layer;
+#   the prior spreads them over the first few (losses.depth_prior_loss), GFLOPs staying under half the dense.
 # - randaugment off: the demo runs without torchvision, and its few synthetic clips need no more variety.
 # Decoded demo videos are tiny, so they are cached in RAM after the first epoch.
-DEMO_PRESET = dict(model="tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=22, warmup_epochs=1,
-                   batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=0.3, task_on_fakes=False,
-                   halting_warmup=14, alpha_p=0.05, train_scale=data.DEMO_TRAIN_SCALE,
-                   eval_short_side=data.DEMO_EVAL_SHORT_SIDE, randaugment=False)
+DEMO_PRESET = dict(model="tiny", img_size=48, optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=30,
+                   warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
+                   task_on_fakes=False, halting_warmup=20, alpha_p=0.05, alpha_d=0.1, depth_prior=(2.0, 1.0),
+                   train_scale=data.DEMO_TRAIN_SCALE, eval_short_side=data.DEMO_EVAL_SHORT_SIDE, randaugment=False)
 
 # How much higher beta starts during --halting-warmup: sigmoid(gamma * x0 - beta - 20) is ~0 for any
 # x0 a fresh model has, so every token runs through every joint layer while the layers learn something.
@@ -181,7 +193,8 @@ def run_flags(p: argparse.ArgumentParser):
     r("--seed", type=int, default=0)
     r("--device", help="default: cuda if available, else cpu")
     r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    r("--threads", type=int, help="torch CPU threads per process (default: cores / local processes)")
+    r("--threads", type=int, help="torch CPU threads per process (default: OMP_NUM_THREADS for one process, else "
+                                  "cores / local processes)")
     r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only)")
     r("--eval-only", action="store_true")
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
@@ -226,9 +239,28 @@ def setup_distributed(args):
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cpu_threads(args, world)[0])
     return rank, world, device
+
+
+def cpu_threads(args, world: int) -> tuple:
+    """(torch threads per process, where the number came from): --threads; else OMP_NUM_THREADS for a single
+    process (torchrun sets it to 1 for every process it starts); else the cores shared by the local processes."""
+    if args.threads:
+        return args.threads, "--threads"
+    if world == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return max(1, (os.cpu_count() or 1) // local_world), f"{os.cpu_count()} cores / {local_world} process(es)"
+
+
+def log_threads(args, world: int, device):
+    """The log's first line on a CPU: the threads and OpenMP's waiting policy, and who chose each."""
+    if device.type == "cpu":
+        threads, source = cpu_threads(args, world)
+        given = "from the environment" if OMP_WAIT_POLICY_GIVEN else "train.py's default; the environment's wins"
+        log.info("CPU: %d torch threads (%s), OMP_WAIT_POLICY=%s (%s)", threads, source,
+                 os.environ.get("OMP_WAIT_POLICY"), given)
 
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -623,6 +655,7 @@ def processes(args):
     rank, world, device = setup_distributed(args)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log_threads(args, world, device)
     try:
         yield rank, world, device
         if dist.is_initialized():
