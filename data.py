@@ -308,9 +308,8 @@ class _Clip:
         are still missing were lost: the nearer of the previous frame and this one stands in for each."""
         if k is None:
             return
-        if k in self.slots:
+        if k in self.slots and k not in self.done:
             self._store(k, frame)
-            self.lost.discard(k)  # (came late after all)
         while self.pending and (self.pending[0] in self.done or self.pending[0] < k):
             m = self.pending.popleft()
             if m not in self.done:
@@ -356,7 +355,7 @@ def read_all_frames(path, *, short_side=None):
     return _read(path, range, short_side)
 
 
-_WARNED = set()  # the damaged files already named in a warning
+_WARNED = set()  # the damaged files already named in a warning: one line per file and process, not per epoch
 
 
 def _read(path, choose, short_side, stats=None):
@@ -369,7 +368,7 @@ def _read(path, choose, short_side, stats=None):
                 raise VideoDecodeError(f"no video frames in {path}")
             make = functools.partial(_Clip, short_side=short_side, sar=stream.sample_aspect_ratio)
             indices = choose(n)
-            clip, decoded, good = make(indices), None, None
+            clip, decoded, good = make(indices), None, n
             if index is not None:
                 stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
                 try:
@@ -377,32 +376,24 @@ def _read(path, choose, short_side, stats=None):
                 except (_SeekMissed, av.error.FFmpegError) as err:  # damage seeking cannot pass: read it all
                     logging.info("%s: reading from the start after: %s", path, err)
         if decoded is None:
-            clip, decoded, good = _read_from_start(path, stream_index, index, make, indices, choose)
-        notes = [f"nothing decodes after frame {good - 1} of {n}, so the video ends there"] if good else []
-        notes += [f"{len(clip.lost)} of the {len(clip.slots)} frames read could not be decoded and show their nearest"
-                  f" decodable neighbour ({clip.damaged} damaged packets skipped)"] if clip.lost else []
-        if notes and str(path) not in _WARNED:  # one line per file and process, not one per epoch
+            clip = make(indices)
+            decoded = _decode(path, stream_index, index, clip)
+            if len(clip.done) < len(clip.slots):  # nothing decodes after clip.last: the video ends there
+                if clip.last is None:
+                    raise VideoDecodeError(f"no decodable frame in {path}")
+                good = clip.last[0] + 1
+                clip = make(choose(good))
+                decoded += _decode(path, stream_index, index, clip)
+        notes = [f"{len(clip.lost)} of the {len(clip.slots)} frames read could not be decoded and show their "
+                 f"nearest decodable neighbour ({clip.damaged} damaged packets skipped)"] if clip.lost else []
+        notes += [f"nothing decodes after frame {good - 1} of {n}, so the video ends there"] if good < n else []
+        if notes and str(path) not in _WARNED:
             _WARNED.add(str(path))
             logging.warning("%s: %s", path, "; ".join(notes))
         if stats is not None:
             stats.update(frames=n, decoded=decoded, lost=sum(len(clip.slots[k]) for k in clip.lost),
                          minimum=None if index is None else _seek_minimum(index, indices))
         return clip.tensor()
-
-
-def _read_from_start(path, stream_index, index, make, indices, choose):
-    """(clip, packets decoded, frames the video has) by a sequential decode into make(indices). When nothing
-    decodes after some frame (a truncated or damaged tail), the video ends at that frame: the clip is sampled
-    again from the frames before, and their number is returned (else None)."""
-    clip = make(indices)
-    decoded = _decode(path, stream_index, index, clip)
-    if len(clip.done) == len(clip.slots):
-        return clip, decoded, None
-    if clip.last is None:
-        raise VideoDecodeError(f"no decodable frame in {path}")
-    good = clip.last[0] + 1
-    clip = make(choose(good))
-    return clip, decoded + _decode(path, stream_index, index, clip), good
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,25 +570,19 @@ def read_class_folders(root, classes=None):
 
 
 def find_listed_files(source, samples, on_error="skip"):
-    """The `samples` of the list file `source` whose files exist, each with its path as on disk.
+    """The `samples` of the list file `source` whose files exist, each with its path as on disk (`_respelled`).
 
-    A path that does not exist as written is tried as a list file written on another system may spell it
-    (`_respelled`). The files still missing are reported together, count and first names, in one warning and
-    left out, or raise a FileNotFoundError with on_error="raise" (or when none is left): a missing file is not
-    a damaged video, and a wrong --root should stop a run before it starts rather than skip every video.
+    The missing ones are reported together (count, first names) in one warning and left out, or raise a
+    FileNotFoundError with on_error="raise" or when none is left: not a damaged video each, so that a wrong
+    --root stops a run at once rather than skipping every video.
     """
-    found, missing, respelled, listings = [], [], [], {}
+    found, missing, listings = [], [], {}
     for path, labels in samples:
         on_disk = path if path.exists() else _respelled(path, listings)
         if on_disk is None:
             missing.append(path)
-            continue
-        found.append((on_disk, labels))
-        if on_disk != path:
-            respelled.append((path, on_disk))
-    if respelled:
-        logging.info("%s: %d listed paths found under another spelling, e.g. %s -> %s", source, len(respelled),
-                     *respelled[0])
+        else:
+            found.append((on_disk, labels))
     if missing:
         message = (f"{source}: {len(missing)} of the {len(samples)} listed files do not exist, e.g. "
                    f"{[str(path) for path in missing[:5]]}")
@@ -608,28 +593,21 @@ def find_listed_files(source, samples, on_error="skip"):
 
 
 def _respelled(path, listings):
-    """The file that `path`, as written on another system, names here, or None: backslashes read as folder
-    separators, and each part that does not exist matched to the one name in its folder that is the same in
-    Unicode NFC form (macOS writes NFD) or, failing that, the same ignoring case. `listings` caches folders."""
+    """The file `path` names as a list file written on another system spells it, or None: backslashes read as
+    separators, each part that does not exist matched to the one name in its folder that equals it in Unicode
+    NFC form (macOS writes NFD) or, failing that, ignoring case. `listings` caches folder listings."""
     path = Path(str(path).replace("\\", "/"))
-    at = Path(path.anchor)
+    at, nfc = Path(path.anchor), functools.partial(unicodedata.normalize, "NFC")
     for part in path.parts[1 if path.anchor else 0:]:
         if not (at / part).exists():
             if at not in listings:
                 listings[at] = os.listdir(at) if at.is_dir() else []
-            for key in (_nfc, lambda name: _nfc(name).casefold()):
-                hits = [name for name in listings[at] if key(name) == key(part)]
-                if len(hits) == 1:
-                    part = hits[0]
-                    break
-            else:
+            hits = [[n for n in listings[at] if key(n) == key(part)] for key in (nfc, lambda x: nfc(x).casefold())]
+            part = next((h[0] for h in hits if len(h) == 1), None)
+            if part is None:
                 return None  # none, or several that differ only in case
         at = at / part
     return at
-
-
-def _nfc(name):
-    return unicodedata.normalize("NFC", name)
 
 
 def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None):
