@@ -696,8 +696,8 @@ def image_checkpoints(state):
                           "optimizer": {"state": {}, "param_groups": []}, "args": namespace, "version": 2,
                           "metric": 71.2},
         # pytorch/examples' ImageNet main.py (and MoCo v3's main_lincls.py): a 0-dim tensor beside the weights
-        "imagenet main.py": {"epoch": 90, "arch": "vit_small", "state_dict": {f"module.{k}": v for k, v in state.items()},
-                             "best_acc1": torch.tensor(73.2), "optimizer": {"state": {}, "param_groups": []}},
+        "imagenet main.py": {"epoch": 90, "arch": "vit_small", "best_acc1": torch.tensor(73.2),
+                             "state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}},
         "raw, a note under model": {**state, "model": {"name": "deit_small"}},  # the top level is the weights
     }
 
@@ -1418,7 +1418,8 @@ def test_data_class_folders_sorted_with_spaces(tmp_path, videos):
 
 def test_data_class_folders_take_every_file_and_the_decoder_decides(tmp_path, videos, caplog):
     caplog.set_level(logging.INFO)
-    files = {"clapping": ["0.mp4", "1.MTS", "2.m2ts", "3.3gp", ".DS_Store", "._0.mp4"], "jumping": ["0.wmv", "Thumbs.db"]}
+    files = {"clapping": ["0.mp4", "1.MTS", "2.m2ts", "3.3gp", ".DS_Store", "._0.mp4"],
+             "jumping": ["0.wmv", "Thumbs.db"]}
     for name, names in files.items():
         (tmp_path / name / "sub").mkdir(parents=True)  # a folder inside a class is not a video
         for f in names:  # every one a video but the two hidden files and Thumbs.db, whatever the extension
