@@ -338,6 +338,112 @@ def test_mask_and_drop_modes_agree_on_halting_and_gradients(training):
             assert out.halt_depth[b, k].item() == n and out.remainder[b, k].item() == pytest.approx(r, abs=1e-6)
 
 
+def plain_attention(attn, x, heads):
+    """Softmax attention of x (n, D) over itself, every token a key, one query row at a time: (n, D) and the
+    head-averaged attention rows (n, n)."""
+    n, D = x.shape
+    d = D // heads
+    q, k, v = attn.qkv(x).view(n, 3, heads, d).unbind(1)  # each (n, h, d)
+    outs, rows = [], []
+    for i in range(n):
+        w = torch.einsum("hd,khd->hk", q[i], k).mul(d ** -0.5).softmax(-1)  # (h, n)
+        outs.append(attn.proj(torch.einsum("hk,khd->hd", w, v).reshape(D)))
+        rows.append(w.mean(0))
+    return torch.stack(outs), torch.stack(rows)
+
+
+def release_glimpser(model, x, T):
+    """The release's Glimpser (glimpser_helpers.py) on one sample's tokens x (1 + T*S, D): in the pruning layer
+    the class token is the mean of its per-frame attention outputs, without its residual."""
+    cfg, D = model.cfg, x.shape[1]
+    S, blocks = (x.shape[0] - 1) // T, model.glimpser.blocks
+    for i, blk in enumerate(blocks):
+        cls, patches = x[0], x[1:].view(T, S, D)
+        temporal = [plain_attention(blk.temporal_attn, blk.temporal_norm1(patches[:, s]), cfg.num_heads)[0]
+                    for s in range(S)]
+        patches = patches + blk.temporal_fc(torch.stack(temporal, 1))  # (T, S, D)
+        spatial = [plain_attention(blk.attn, blk.norm1(torch.cat([cls[None], patches[t]])), cfg.num_heads)
+                   for t in range(T)]
+        cls_out = torch.stack([out[0] for out, _ in spatial]).mean(0)
+        patches = patches + torch.stack([out[1:] for out, _ in spatial])
+        if i == len(blocks) - 1 and cfg.keep_ratio < 1:
+            cls, keep = cls_out, math.ceil(cfg.keep_ratio * S)
+            patches = torch.stack([patches[t, rows[0, 1:].topk(keep).indices] for t, (_, rows) in enumerate(spatial)])
+        else:
+            cls = cls + cls_out
+        x = torch.cat([cls[None], patches.reshape(-1, D)])
+        x = x + blk.mlp(blk.norm2(x))
+    return x
+
+
+def release_joint(model, x):
+    """The release's halting loop (haltingvt_model.py) on one sample's tokens x (K, D), token by token and layer
+    by layer: halted tokens enter each layer as zeros and stay keys and values; `>` for reached, `<` for not
+    reached. Returns x_o (D,) and the ponder cost, the mean of rho."""
+    cfg, K, blocks = model.cfg, x.shape[0], model.joint.blocks
+    c, R, rho, mask = [0.0] * K, [1.0] * K, [0.0] * K, [True] * K
+    out, x_o = x, torch.zeros(x.shape[1])
+    for l, blk in enumerate(blocks):
+        y = torch.stack([out[k] if mask[k] else torch.zeros_like(out[k]) for k in range(K)])
+        y = y + plain_attention(blk.attn, blk.norm1(y), cfg.num_heads)[0]
+        y = y + blk.mlp(blk.norm2(y))
+        for k in range(K):
+            h = 1.0 if l == len(blocks) - 1 else torch.sigmoid(cfg.gamma * y[k, 0] - cfg.beta).item()
+            c[k], running = c[k] + h, mask[k]
+            rho[k] += running
+            if c[k] > 1 - cfg.eps and running:  # case 1: the threshold is passed here
+                rho[k] += R[k]
+                x_o = x_o + R[k] * y[0] if k == 0 else x_o
+            if c[k] < 1 - cfg.eps:  # case 2: not reached
+                R[k] -= h
+                x_o = x_o + h * y[0] if k == 0 else x_o
+            mask[k] = c[k] < 1 - cfg.eps
+        out = y
+    return x_o, sum(rho) / K
+
+
+@pytest.mark.slow
+def test_release_compat_matches_the_releases_loop_token_by_token():
+    """release_compat against the release's forward written out per token and layer, in training and evaluation:
+    logits, motion logits and ponder agree; the same weights with the flag off give other logits."""
+    model, video = diverse_model()
+    video = video[:4]
+    compat = HaltingVT(HaltingVTConfig(**{**model.cfg.to_dict(), "release_compat": True}))
+    compat.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        x = compat.embed(video)
+        ref = [release_joint(compat, release_glimpser(compat, x[b], video.shape[2])) for b in range(len(video))]
+        x_o = compat.norm(torch.stack([x_o for x_o, _ in ref]))
+        ponder = torch.tensor([p for _, p in ref])
+        for training in (True, False):
+            out = compat.train(training)(video)
+            assert torch.allclose(out.logits, compat.head(x_o), atol=1e-5)
+            assert torch.allclose(out.motion_logits, compat.motion_head(x_o), atol=1e-5)
+            assert torch.allclose(out.ponder, ponder, atol=1e-5)
+            assert (model.train(training)(video, drop_halted=False).logits - out.logits).abs().max() > 1e-2
+    assert (out.halt_depth[:, 0] < len(model.joint.blocks)).any()  # class tokens halted early: the case at stake
+    with pytest.raises(ValueError, match="drop_halted=True with release_compat"):
+        compat(video, drop_halted=True)
+
+
+def test_release_compat_counts_gflops_both_ways():
+    """With release_compat the output counts GFLOPs as the release does (every token until its own halt) and as
+    drop mode would spend them (a sample stops with its class token); without it there is one count."""
+    model, video = diverse_model()
+    compat = HaltingVT(HaltingVTConfig(**{**model.cfg.to_dict(), "release_compat": True}))
+    compat.load_state_dict(model.state_dict())
+    cfg, g, L = compat.cfg, compat.cfg.glimpser_depth, len(compat.joint.blocks)
+    T, S = video.shape[2], (cfg.img_size // cfg.patch_size) ** 2
+    with torch.no_grad():
+        out = compat.eval()(video)
+    assert model(video).gflops_release is None
+    depth, glimpsed = out.halt_depth, out.tokens_per_layer[:, :g]  # each token's own N_k: no stop in evaluation
+    for counted, stop in ((out.gflops_release, depth), (out.gflops, torch.minimum(depth, depth[:, :1]))):
+        joint = torch.tensor([[int((row >= l).sum()) for l in range(1, L + 1)] for row in stop])  # a loop
+        assert torch.allclose(counted, count_gflops(cfg, torch.cat([glimpsed, joint], 1), T, S))
+    assert (out.gflops <= out.gflops_release).all() and (out.gflops < out.gflops_release).any()
+
+
 def module_state(model):
     """Every module's attribute names, its public attribute values, and a copy of every tensor."""
     attrs = [(name, set(vars(m)), {k: v for k, v in vars(m).items() if not k.startswith("_")})
