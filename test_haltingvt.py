@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tracemalloc
 import weakref
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1094,6 +1095,31 @@ def test_data_sample_indices_by_hand():
     assert len(draws) > 5  # training really is random
 
 
+def mmaction_sample_frames(n, T, I, test_mode, offset=None):
+    """mmaction2's SampleFrames(clip_len=T, frame_interval=I, num_clips=1), its 'loop' rule, by its own steps:
+    the indices for the clip start `offset` (training) and the starts training may draw."""
+    if test_mode:
+        offsets = [max(n - ((T - 1) * I + 1), 0) // 2]
+    else:
+        avg = n - T * I + 1  # (num_frames - ori_clip_len + 1) // num_clips
+        offsets = list(range(avg)) if avg > 0 else [0]  # randint(avg); avg == 0: around(0 * ratio) = 0; else 0
+    offset = offsets[0] if offset is None else offset
+    return [int(i) for i in np.mod(offset + np.arange(T) * I, n)], offsets
+
+
+@pytest.mark.parametrize("n, T, I", [(300, 8, 32), (256, 8, 32), (255, 8, 32), (250, 8, 32), (225, 8, 32),
+                                     (100, 8, 32), (1, 8, 32), (700, 10, 64), (20, 4, 5), (3, 4, 1)])
+def test_data_strided_sampler_is_mmaction_sample_frames(n, T, I):
+    assert data.sample_indices(n, T, False, frame_interval=I) == mmaction_sample_frames(n, T, I, True)[0]
+    drawn = set()
+    for seed in range(200):
+        got = data.sample_indices(n, T, True, random.Random(seed), frame_interval=I)
+        starts = mmaction_sample_frames(n, T, I, False)[1]
+        assert got in [mmaction_sample_frames(n, T, I, False, o)[0] for o in starts]
+        drawn.add(tuple(got))
+    assert len(drawn) >= min(len(starts), 10)  # training draws the start at random
+
+
 def test_data_read_clip_eval_takes_segment_centres(videos):
     clip = data.read_clip(videos["v20"], 8)
     assert clip.dtype == torch.uint8 and clip.shape == (8, 32, 48, 3)
@@ -1456,6 +1482,65 @@ def test_data_list_file_with_a_bom_and_windows_line_ends(tmp_path, videos):
     (tmp_path / "multi.txt").write_bytes(b"\xef\xbb\xbfclip 1.mp4 0 3\r\ny.mp4 2\r\n")
     assert data.read_list_file(tmp_path / "multi.txt", multi_label=True) == [(tmp_path / "clip 1.mp4", [0, 3]),
                                                                               (tmp_path / "y.mp4", [2])]
+
+
+def write_jpeg_frames(folder, frames, start_index=1):
+    """uint8 (n, H, W, 3) frames as folder/img_00001.jpg, ... (mmaction2's layout), encoded with PyAV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(frames):
+        codec = av.CodecContext.create("mjpeg", "w")
+        codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
+        codec.time_base = Fraction(1, 25)
+        packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+        (folder / data.FRAME_TEMPLATE.format(start_index + k)).write_bytes(
+            b"".join(bytes(p) for p in packets + codec.encode(None)))
+    return folder
+
+
+@pytest.mark.parametrize("interval", [None, 3])
+def test_data_frame_folder_gives_the_videos_frames(tmp_path, interval):
+    """A video's frames written as JPEG come back, at the sampled indices, within 3 grey levels of the video."""
+    video = tmp_path / "v.mp4"
+    data.write_video(video, data.render_demo_video(2, np.random.default_rng(0)))
+    frames = data.read_all_frames(video)  # (16, 72, 72, 3)
+    folder = write_jpeg_frames(tmp_path / "frames", frames.numpy())
+    for train, rng in ((False, None), (True, random.Random(1))):
+        want = data.sample_indices(16, 8, train, random.Random(1) if train else None, interval)
+        got = data.read_frames(folder, 8, train, rng, frame_interval=interval)
+        assert got.shape == (8, 72, 72, 3)
+        assert (got.float() - frames[want].float()).abs().mean(dim=(1, 2, 3)).max() < 3
+        assert (got.float() - frames[want[::-1]].float()).abs().mean() > 3  # the frames differ: order tells
+    clip = data.eval_clip(folder, 8, 64, frame_interval=interval)  # --predict and --halting-map take folders
+    assert (clip - data.eval_clip(video, 8, 64, frame_interval=interval)).abs().mean() * data.STD < 3
+
+
+def test_data_rawframe_lists_missing_frames_and_counts(tmp_path, caplog):
+    frames = np.stack([np.full((32, 32, 3), GREY_STEP * k, np.uint8) for k in range(12)])
+    write_jpeg_frames(tmp_path / "a b", frames)
+    write_jpeg_frames(tmp_path / "short", frames[:6])
+    gap = write_jpeg_frames(tmp_path / "gap", frames)
+    (gap / "img_00005.jpg").unlink()  # frame 4, which the evaluation samples
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "img_00001.jpg").write_bytes(b"not a jpeg")
+    listed = _write(tmp_path / "list.txt", "a b 12 0 3\nshort 12 1\ngap 12 2\nbroken 1 1\nnone 5 0\n")
+    common = dict(num_frames=4, img_size=32, train=False, short_side=32, multi_label=True, num_classes=4,
+                  rawframes=True, frame_interval=3)
+    ds = data.VideoDataset(listed, **common)
+    assert ds.samples[0] == (tmp_path / "a b", [0, 3]) and ds.frame_counts[tmp_path / "a b"] == 12
+    assert _frame_ids(data.display_frames(ds[0]["video"])) == [1, 4, 7, 10]  # the centred start, (12 - 10) // 2
+    assert ds[0]["label"].tolist() == [1, 0, 0, 1]
+    with caplog.at_level(logging.WARNING):
+        ids = [_frame_ids(data.display_frames(ds[1]["video"])) for _ in range(2)]
+    assert ids == [[0, 3, 0, 3]] * 2  # sampled within the 6 frames there are (wrapping), said once
+    assert caplog.text.count("the list says 12 frames, the folder holds 6") == 1
+    bad = ((2, "gap", "gap/img_00005.jpg"), (3, "broken", "broken/img_00001.jpg"), (4, "none", "none"))
+    for i, folder, name in bad:
+        assert ds[i] == {"skipped": [str(tmp_path / folder)]}  # a bad video: left out of an evaluation
+        with pytest.raises(data.VideoDecodeError, match=name):  # the file named
+            data.VideoDataset(listed, **common, on_error="raise")[i]
+    assert data.count_frame_files(tmp_path / "a b") == 12  # no list: counted from the files
+    with pytest.raises(ValueError, match="frame_template"):
+        data.VideoDataset(listed, **common, frame_template="img_{:05}_{}.jpg")
 
 
 def _class_folders(root, names, video):
