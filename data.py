@@ -7,8 +7,9 @@ A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per cli
 Pipeline of one training sample (paper Sec. 4.1 and 3.4):
  1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video (or the
     release's T frames I apart);
- 2) `read_clip` (`read_frames` for a folder of JPEG frames): decode just those frames with PyAV (seeking to the keyframe before each), upright, in the
-    video's own colours, scaled down in FFmpeg's scaler to the largest short side step 3 needs;
+ 2) `read_clip` (`read_frames` for a folder of JPEG frames): decode just those frames with PyAV (seeking to the
+    keyframe before each), upright, in the video's own colours, scaled down in FFmpeg's scaler to the largest
+    short side step 3 needs;
  3) `train_transform`: random short-side rescale, one random crop for all frames (in uint8, frame by frame),
     optional RandAugment, normalise to [-1, 1];
  4) `make_motion_pair`: the real clip (motion label 1) and a fake clip, one of its frames repeated T times and
