@@ -1136,9 +1136,10 @@ def active_token_masks(keep_index, halt_depth, num_patches, layers):
 
 @torch.no_grad()
 def token_masks(model, video, layers):
-    """Run one clip (C, T, H, W) through a HaltingVT in drop mode: bool masks (1 + len(layers), T, S) of the
-    patches the Glimpser kept and of those still active at each joint layer (active_token_masks)."""
-    out = model(video.unsqueeze(0), drop_halted=True)
+    """Run one clip (C, T, H, W) through a HaltingVT in drop mode (mask mode when release-compatible): bool
+    masks (1 + len(layers), T, S) of the patches the Glimpser kept and of those still active at each joint layer
+    (active_token_masks)."""
+    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
     keep_index = out.keep_index[0] if out.keep_index is not None else None
     S = (model.cfg.img_size // model.cfg.patch_size) ** 2
     return active_token_masks(keep_index, out.halt_depth[0], S, layers)

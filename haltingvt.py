@@ -696,6 +696,13 @@ def checkpoint_layout(keys) -> str:
     return "release" if any(k.startswith("blocks.") and ".temporal_" in k for k in keys) else "image"
 
 
+def checkpoint_file_layout(ckpt) -> Optional[str]:
+    """The layout (checkpoint_layout) of a checkpoint file's contents, or None where no ViT weights are found."""
+    state = find_state_dict(ckpt)[0]
+    keys = strip_prefix(state) if state is not None else None
+    return None if keys is None else checkpoint_layout(keys)
+
+
 def model_keys(key: str, layout: str, g: int) -> list:
     """The model's names for one file key. Flat `blocks.i` (image, release): the first g layers are the
     Glimpser's, the rest joint.blocks.(i-g); an image layer also lends its attention and norm1 to the

@@ -1844,6 +1844,35 @@ def test_train_mode_default_follows_amp_and_a_flag_beats_it():
     assert train.parse_args(["--train-mode", "mask"]).train_mode == "mask"
 
 
+@pytest.mark.slow
+def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog):
+    """--eval-only --init of a release-layout checkpoint on an mmaction2 frame-folder list, with no training set:
+    the release-compatible forward comes on (logged) and both GFLOPs counts are reported; --no-release-compat
+    and any other layout leave it off; --train-mode drop with it is an error."""
+    source = random_video_model()
+    torch.save({"state_dict": release_names(source.state_dict(), g=2)}, tmp_path / "release.pth")
+    torch.save({"model": source.state_dict()}, tmp_path / "video.pth")
+    lines = []
+    for i in range(3):
+        frames = data.render_demo_video(i, np.random.default_rng(i))  # (16, 72, 72, 3)
+        write_jpeg_frames(tmp_path / "frames" / f"v{i}", frames)
+        lines.append(f"frames/v{i} 16 {i}\n")
+    val = _write(tmp_path / "val.txt", "".join(lines))
+    flags = ["--eval-only", "--val", str(val), "--rawframes", "--frame-interval", "2", "--model", "tiny",
+             "--embed-dim", "32", "--depth", "4", "--heads", "2", "--num-classes", "6", "--beta", "0",
+             "--out", str(tmp_path / "run"), "--threads", "1"]
+    with caplog.at_level(logging.INFO, logger="train"):
+        compat = train.main(flags + ["--init", str(tmp_path / "release.pth")])
+    assert "has the release's layout: release-compatible forward on" in caplog.text
+    assert compat["val_videos"] == 3 and compat["val_gflops"] <= compat["val_gflops_release"]
+    for init, extra in (("release.pth", ["--no-release-compat"]), ("video.pth", [])):
+        plain = train.main(flags + ["--init", str(tmp_path / init), *extra])
+        assert "val_gflops_release" not in plain and plain["val_top1"] >= 0
+    with pytest.raises(SystemExit, match="mask mode only"):
+        train.parse_args(flags + ["--release-compat", "--train-mode", "drop"])
+    assert train.parse_args(flags + ["--release-compat"]).train_mode == "mask"
+
+
 def test_train_optimizer_groups_and_schedule():
     args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
     model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
