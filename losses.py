@@ -95,8 +95,9 @@ def haltingvt_loss(out, labels, motion_labels=None, *, num_classes=None, alpha_p
 
     alpha_p = 5e-4 and alpha_m = 0.01 are the paper's values (Sec. 4.1). The authors' release config sets the
     motion weight to 0.001, but its loss code only uses that number to switch the term on and then adds the
-    motion cross-entropy unweighted; we follow the paper. The motion term is left out entirely (not computed)
-    when alpha_m == 0, when the model gives no motion logits, or when no motion labels are given (evaluation).
+    motion cross-entropy unweighted (alpha_m = 1 in effect); we follow the paper. The motion term is left out
+    entirely (not computed) when alpha_m == 0, when the model gives no motion logits, or when no motion labels
+    are given (evaluation).
     task_on_fakes=False applies the task loss to the real clips only (motion label 1); the release applies it to
     both clips of a pair, which helps where one frame shows the scene (Kinetics), and only adds noise where a
     static clip cannot tell the class by construction (the demo dataset).

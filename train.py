@@ -79,7 +79,8 @@ DEMO_PRESET = dict(model="tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, 
 # x0 a fresh model has, so every token runs through every joint layer while the layers learn something.
 BETA_OFF = 20.0
 
-# Parameters without weight decay: the embeddings and class token (as in the release), norms and biases.
+# Parameters without weight decay: the embeddings and class token (the release's config means to spare them, but
+# its keys match no parameter, so it decays everything), norms and biases.
 NO_DECAY = ("cls_token", "pos_embed", "time_embed")
 
 
@@ -172,7 +173,7 @@ def optimisation_flags(p: argparse.ArgumentParser):
     o("--batch-size", type=int, help="videos per process; each gives a real and a fake clip")
     o("--clip-grad", type=float, help="max gradient norm")
     o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
-    o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's; see losses.py)")
+    o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's 0.01; 1 is the release's in effect)")
     o("--alpha-d", type=float, help="halting-depth prior weight (not in the paper: losses.depth_prior_loss); 0 off")
     o("--depth-prior", type=float, nargs=2, metavar=("MEAN", "STD"),
       help="the prior's Gaussian over joint layers 1..L (default: the middle layer, std L/4)")
@@ -328,7 +329,8 @@ def build_optimizer(model, args, steps_per_epoch):
     """Adam(W) with no weight decay on the embeddings, class token, norms and biases; warm-up then cosine.
 
     The schedule is stepped every iteration (not every epoch), so warm-up is smooth even for short runs:
-    LinearLR from 0.1 x lr over the warm-up iterations, then CosineAnnealingLR to 0 (release config).
+    LinearLR from 0.1 x lr over the warm-up iterations, then CosineAnnealingLR to 0. (The release's config steps
+    per epoch, its cosine's T_max all 20 epochs from epoch 5 on, so its last epoch runs near 0.2 x lr.)
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
