@@ -1999,6 +1999,13 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
         assert [c["prob"] for c in result["top5"]] == pytest.approx(probs[order].tolist())
         assert result["gflops"] == pytest.approx(out.gflops[0].item())
         assert result["halt_depth_mean"] == pytest.approx(out.halt_depth[0].float().mean().item())
+    folder = write_jpeg_frames(tmp_path / "frames", data.read_all_frames(good[0]).numpy())  # a frame folder too
+    train.main(["--predict", str(folder), "--resume", str(ckpt_path), "--json", "--threads", "1"])
+    clip = data.eval_transform(data.read_frames(folder, 4), 64, data.DEMO_EVAL_SHORT_SIDE)
+    with torch.no_grad():
+        probs = model(clip.unsqueeze(0), drop_halted=True).logits[0].softmax(0)
+    result = json.loads(capsys.readouterr().out)
+    assert [c["prob"] for c in result["top5"]] == pytest.approx(probs.sort(descending=True).values[:5].tolist())
     torch.save({**ckpt, "classes": None}, tmp_path / "unnamed.pt")
     train.main(["--predict", str(good[0]), "--resume", str(tmp_path / "unnamed.pt"), "--threads", "1"])
     text = capsys.readouterr().out.splitlines()
