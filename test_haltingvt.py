@@ -403,7 +403,6 @@ def release_joint(model, x):
     return x_o, sum(rho) / K
 
 
-@pytest.mark.slow
 def test_release_compat_matches_the_releases_loop_token_by_token():
     """release_compat against the release's forward written out per token and layer, in training and evaluation:
     logits, motion logits and ponder agree; the same weights with the flag off give other logits."""
@@ -1844,7 +1843,6 @@ def test_train_mode_default_follows_amp_and_a_flag_beats_it():
     assert train.parse_args(["--train-mode", "mask"]).train_mode == "mask"
 
 
-@pytest.mark.slow
 def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog):
     """--eval-only --init of a release-layout checkpoint on an mmaction2 frame-folder list, with no training set:
     the release-compatible forward comes on (logged) and both GFLOPs counts are reported; --no-release-compat
