@@ -2149,7 +2149,8 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
     assert "broken.mp4" in lines[1]["error"] and "top5" not in lines[1]
     model, _ = train.load_trained_model(ckpt_path, "cpu")
     for path, result in zip(good, lines[::2]):
-        clip = data.eval_transform(data.read_clip(path, 4, train=False), model.cfg.img_size, data.DEMO_EVAL_SHORT_SIDE)
+        clip = data.eval_transform(data.read_clip(path, 4, train=False), model.cfg.img_size,
+                                   data.DEMO_EVAL_SHORT_SIDE)
         with torch.no_grad():
             out = model(clip.unsqueeze(0), drop_halted=True)
         probs = out.logits[0].softmax(0)
@@ -2161,7 +2162,7 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
         assert result["halt_depth_mean"] == pytest.approx(out.halt_depth[0].float().mean().item())
     folder = write_jpeg_frames(tmp_path / "frames", data.read_all_frames(good[0]).numpy())  # a frame folder too
     train.main(["--predict", str(folder), "--resume", str(ckpt_path), "--json", "--threads", "1"])
-    clip = data.eval_transform(data.read_frames(folder, 4), 64, data.DEMO_EVAL_SHORT_SIDE)
+    clip = data.eval_transform(data.read_frames(folder, 4), model.cfg.img_size, data.DEMO_EVAL_SHORT_SIDE)
     with torch.no_grad():
         probs = model(clip.unsqueeze(0), drop_halted=True).logits[0].softmax(0)
     result = json.loads(capsys.readouterr().out)
@@ -2404,14 +2405,18 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
     result = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1"])
     assert result["path"] == str(tmp_path / "run/halting_map.png")  # default: next to the checkpoint
     assert list(result["active"]) == ["Glimpser", "joint layer 2"]  # 2 joint layers: the default shows layer 2
-    assert result["active"]["Glimpser"] == pytest.approx(0.5)  # R = 0.5 of every frame's patches
+    cfg = HaltingVTConfig(**torch.load(tmp_path / "run/last.pt", weights_only=True)["config"])
+    S = (cfg.img_size // cfg.patch_size) ** 2
+    kept = math.ceil(cfg.keep_ratio * S) / S  # ceil(R S) of every frame's patches
+    assert result["active"]["Glimpser"] == pytest.approx(kept)
     with av.open(result["path"]) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3)  # input, Glimpser, layer 2; 4 frames
+    side = 2 * cfg.img_size + data.GAP  # tiles drawn at twice the size
+    assert decoded.shape == (3 * side, 4 * side, 3)  # input, Glimpser, layer 2; 4 frames
     again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
                         "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
     assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
-    assert again["active"]["joint layer 1"] == pytest.approx(0.5)
+    assert again["active"]["joint layer 1"] == pytest.approx(kept)
 
 
 # ----------------------------------------------------------------------------------------------------------
