@@ -12,6 +12,8 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py --train    # training steps, mask vs drop (--train-batch N for DeiT-S, --amp for bf16)
     python bench.py --profile  # where a forward's time goes, by kind of op: dense and one drop row
     python bench.py --data     # training samples per second from a short and a long video, frames decoded per clip
+    python bench.py --step     # the sanity run's training step by part (data, forward, backward, optimiser)
+    python bench.py --busy     # that step at 1 and 2 threads, quiet and beside two CPU-bound processes
     python bench.py --ablation [train.py flags]   # Tables 1 and 2 on the demo set: runs/ablation/ablation.md
 
 Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
@@ -488,7 +490,8 @@ def step_main(args, result: dict) -> dict:
     runs = [step() for _ in range(args.repeats or 5)]
     ms = {part: statistics.median(r[part] for r in runs) * 1e3 for part in STEP_PARTS}
     result["step_ms"] = {**ms, "total": statistics.median(sum(r.values()) for r in runs) * 1e3}
-    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+    # what OpenMP read as torch loaded: bench.py loads torch before train.py can set its default
+    result["omp_wait_policy"] = train.OMP_WAIT_POLICY_GIVEN or "unset (OpenMP's default: spin, then sleep)"
     print(f"the sanity run's step (no halting: the warm-up's), OMP_WAIT_POLICY {result['omp_wait_policy']}:")
     for part, t in result["step_ms"].items():
         print(f"  {part:<32}{t:>8.1f} ms {t / result['step_ms']['total']:>5.0%}")

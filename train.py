@@ -1,6 +1,6 @@
 """Train and evaluate HaltingVT: the one-command sanity run, and the real loop (CPU or CUDA, one GPU or many).
 
-    python train.py                                   # the sanity run: demo dataset, tiny model, a few minutes
+    python train.py                                   # the sanity run: demo dataset, tiny model, under 2 minutes
     python train.py --halting-map VIDEO --resume runs/sanity/best.pt   # Fig. 4: runs/sanity/halting_map.png
     python train.py --predict VIDEO [VIDEO ...] --resume runs/sanity/best.pt   # top-5, GFLOPs, halting depth
     python train.py --train k200_train.txt --val k200_val.txt --root /data/kinetics --num-classes 200 \
