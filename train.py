@@ -65,7 +65,7 @@ REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay
                      embed_std=None, task_on_fakes=True, randaugment=True)
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
-# cores in about 1.5 minutes. Each choice below was measured on this setting (README, "The sanity run"):
+# cores in under 2 minutes. Each choice below was measured on this setting (README, "The sanity run"):
 # - 48 x 48 frames (img_size; data.DEMO_TRAIN_SCALE and DEMO_EVAL_SHORT_SIDE scale the 72 x 72 videos to match):
 #   9 patches a frame instead of 64 x 64's 16, so a step costs about half as much (bench.py --step); at 4 frames
 #   instead of 8 the model learnt more slowly per step than the cost fell.
