@@ -78,8 +78,8 @@ REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay
 #   (at DeiT's 0.02, and the paper's zero time embedding, for most of it).
 # - task_on_fakes False: a static fake clip of the demo cannot tell its class by construction, so the task loss
 #   on it is noise (at 16 videos a step it kept the run at chance); the Motion Loss still sees both clips.
-# - alpha_p 0.03 (the paper: 5e-4): from scratch, at 5e-4 the scores never rose and nothing halted; at 0.05
-#   nearly every token halted at the same joint layer.
+# - alpha_p 0.03 (the paper: 5e-4): from scratch, at 5e-4 the scores never rose and nothing halted; at 0.01
+#   (halting warm-up 24) tokens halted later, spending up to 0.50x the dense GFLOPs, and top-1 was no better.
 # - halting_warmup: no halting for the first 10 epochs, then a ramp (halting_ramp): started at once, halting
 #   took the class token out at the first joint layer before the later layers had learnt anything.
 # - randaugment off: the demo runs without torchvision, and its few synthetic clips need no more variety.
