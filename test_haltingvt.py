@@ -119,6 +119,30 @@ def test_halting_weights_edge_cases(scores, eps, depth):
     assert weights.sum().item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("eps, depth, remainder", [(0.5, 1, 1.0), (0.0, 2, 0.5)])
+def test_model_halts_where_the_sum_is_exactly_1_minus_eps(eps, depth, remainder):
+    """The model's own halting path at a tie: every token scores exactly 0.5 in every layer (channel 0 is 0.75
+    everywhere, layers that leave x unchanged, gamma 2 and beta 1.5: sigmoid(0)), so the running sum lands on
+    1 - eps exactly, at layer 1 for eps 0.5 and at layer 2 for eps 0. Eq. (3) halts there (>=, not >)."""
+    cfg = HaltingVTConfig.tiny(glimpser_depth=0, depth=3, gamma=2.0, beta=1.5, eps=eps)
+    model = HaltingVT(cfg)
+    with torch.no_grad():
+        for blk in model.joint.blocks:
+            for layer in (blk.attn.proj, blk.mlp.fc2):
+                layer.weight.zero_(), layer.bias.zero_()
+        model.patch_embed.proj.weight[0] = 0.0
+        model.patch_embed.proj.bias[0] = 0.75
+        model.cls_token[..., 0] = 0.75
+        model.pos_embed[..., 0] = 0.0
+    video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    for training, drop in [(True, False), (True, True), (False, False), (False, True)]:
+        with torch.no_grad():
+            out = model.train(training)(video, drop_halted=drop)
+        assert (out.halt_scores[0] == 0.5).all()
+        assert (out.halt_depth == depth).all() and (out.remainder == remainder).all(), (training, drop)
+        assert torch.equal(out.ponder, torch.full((2,), depth + remainder))  # Eq. (5)
+
+
 def test_model_halting_invariants_and_loop_agrees_with_halting_weights():
     model, video = diverse_model()
     model.train()  # every token halts on its own scores (Eqs. 3, 4)
@@ -167,6 +191,162 @@ def test_halted_tokens_take_no_part_in_later_layers():
     handle.remove()
     assert torch.allclose(poked.logits, ref.logits, atol=1e-6)
     assert torch.equal(poked.halt_depth, ref.halt_depth)
+
+
+# A slow, obviously-correct HaltingVT written out from the paper: one sample at a time, attention as the softmax
+# of Eq. (1) per head, the halting of Eqs. (2)-(6) as a loop over tokens. It reads the model's weights and
+# nothing else of the library.
+
+def ref_layer_norm(norm, x):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def ref_attention(attn, x):
+    """Eq. (1) on one sequence x (n, D), head by head: (n, D), and the class token's row of the attention
+    weights averaged over the heads (n,) (Eq. 7's w)."""
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).chunk(3, -1)
+    h, d = attn.num_heads, x.shape[-1] // attn.num_heads
+    outs, rows = [], []
+    for i in range(h):
+        part = slice(i * d, (i + 1) * d)
+        w = torch.softmax(q[:, part] @ k[:, part].T / math.sqrt(d), -1)  # (n, n)
+        outs.append(w @ v[:, part])
+        rows.append(w[0])
+    return torch.cat(outs, -1) @ attn.proj.weight.T + attn.proj.bias, torch.stack(rows).mean(0)
+
+
+def ref_mlp(blk, x):
+    """The MLP of a pre-norm layer with its residual: x (n, D) -> (n, D)."""
+    hidden = ref_layer_norm(blk.norm2, x) @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
+    return x + hidden @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias
+
+
+def ref_joint_layer(blk, x):
+    """A pre-norm layer over the tokens x (n, D) of one sample."""
+    return ref_mlp(blk, x + ref_attention(blk.attn, ref_layer_norm(blk.norm1, x))[0])
+
+
+def ref_divided_layer(blk, x, T, keep=None):
+    """A divided space-time layer on one sample's x (1 + T*S, D): temporal attention at each patch position and
+    temporal_fc, spatial attention per frame with a copy of the class token (the T outputs averaged), then the
+    MLP; with `keep`, each frame first keeps its `keep` patches of highest class-token attention (Eq. 7).
+    Returns x and the kept patch indices (T, keep) or None."""
+    S = (len(x) - 1) // T
+    cls, patches = x[0], x[1:].reshape(T, S, -1).clone()
+    for s in range(S):
+        out, _ = ref_attention(blk.temporal_attn, ref_layer_norm(blk.temporal_norm1, patches[:, s]))
+        patches[:, s] = patches[:, s] + out @ blk.temporal_fc.weight.T + blk.temporal_fc.bias
+    cls_out, spatial, kept = [], [], []
+    for t in range(T):
+        out, row = ref_attention(blk.attn, ref_layer_norm(blk.norm1, torch.cat([cls[None], patches[t]])))
+        cls_out.append(out[0])
+        spatial.append(patches[t] + out[1:])
+        kept.append(sorted(sorted(range(S), key=lambda s: -row[1 + s].item())[:keep or S]))
+    tokens = [cls + torch.stack(cls_out).mean(0)] + [spatial[t][s] for t in range(T) for s in kept[t]]
+    return ref_mlp(blk, torch.stack(tokens)), torch.tensor(kept) if keep else None
+
+
+def ref_embed(model, video, pos=None, time=None):
+    """One clip (C, T, H, W) -> (1 + T*S, D): patches projected, plus the spatial position embedding of their
+    place and the time embedding of their frame; the class token gets its position embedding only. pos (1+S, D)
+    and time (T, D): the embeddings for this size, the model's own by default."""
+    conv, p = model.patch_embed.proj, model.cfg.patch_size
+    C, T, H, W = video.shape
+    pos = model.pos_embed[0] if pos is None else pos
+    time = model.time_embed[0] if time is None else time
+    tokens = [model.cls_token[0, 0] + pos[0]]
+    for t in range(T):
+        for i in range(H // p):
+            for j in range(W // p):
+                pixels = video[:, t, i * p:(i + 1) * p, j * p:(j + 1) * p]
+                s = i * (W // p) + j
+                tokens.append((conv.weight * pixels).sum((1, 2, 3)) + conv.bias + pos[1 + s] + time[t])
+    return torch.stack(tokens)
+
+
+def ref_halting(model, x, beta, training):
+    """Eqs. (2)-(6) for one sample's tokens x (K, D) entering the joint stage, token by token. Returns x_o (D,),
+    the scores (L, K), N (K,) and r (K,). A halted token leaves: later layers run on the others only. In
+    evaluation the sample stops when its class token halts; its running tokens take that layer as N and 1 - their
+    sum so far as r."""
+    cfg, blocks = model.cfg, model.joint.blocks
+    L, K = len(blocks), len(x)
+    live, total = list(range(K)), [0.0] * K
+    N, r, scores, x_o = [L] * K, [1.0] * K, torch.zeros(L, K, dtype=x.dtype), 0
+    for l, blk in enumerate(blocks):
+        if not live:
+            break
+        x = x.clone()
+        x[live] = ref_joint_layer(blk, x[live])
+        for k in live:
+            scores[l, k] = 1.0 if l == L - 1 else torch.sigmoid(cfg.gamma * x[k, 0] - beta).item()  # Eq. (2)
+        halt = [k for k in live if total[k] + scores[l, k].item() >= 1 - cfg.eps]  # Eq. (3)
+        if 0 in live:  # Eq. (6): the class token's score before its halting layer, its remainder at it
+            x_o = x_o + (1 - total[0] if 0 in halt else scores[l, 0].item()) * x[0]
+        if not training and 0 in halt:
+            halt = live
+        for k in halt:
+            N[k], r[k] = l + 1, 1 - total[k]  # Eq. (4)
+        for k in live:
+            total[k] += scores[l, k].item()
+        live = [k for k in live if k not in halt]
+    return x_o, scores, torch.tensor(N), torch.tensor(r, dtype=x.dtype)
+
+
+@torch.no_grad()
+def ref_forward(model, video, beta, training, pos=None, time=None):
+    """The reference HaltingVT on a batch (B, C, T, H, W): a dict of the outputs it checks. pos, time: as
+    ref_embed."""
+    cfg, T = model.cfg, video.shape[2]
+    S = (video.shape[3] // cfg.patch_size) * (video.shape[4] // cfg.patch_size)
+    outs = []
+    for clip in video:
+        x, kept = ref_embed(model, clip, pos, time), None
+        for i, blk in enumerate(model.glimpser.blocks):
+            last = i == len(model.glimpser.blocks) - 1
+            x, kept = ref_divided_layer(blk, x, T, math.ceil(cfg.keep_ratio * S) if last else None)
+        x_o, scores, N, r = ref_halting(model, x, beta, training)
+        x_o = ref_layer_norm(model.norm, x_o)
+        outs.append(dict(logits=x_o @ model.head.weight.T + model.head.bias, keep_index=kept, halt_scores=scores,
+                         motion_logits=x_o @ model.motion_head.weight.T + model.motion_head.bias,
+                         halt_depth=N, remainder=r, ponder=(N + r).mean()))
+    return {k: torch.stack([o[k] for o in outs], 1 if k == "halt_scores" else 0) for k in outs[0]}
+
+
+def reference_model():
+    """diverse_model(), in float64, with everything the paper's equations could get wrong made to matter: a
+    non-zero time embedding and temporal_fc, gamma 5 and beta 0.5 (Eq. 2), and class tokens that halt where
+    their remainder differs from their score (Eq. 6)."""
+    model, video = diverse_model(beta=0.5, batch=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.time_embed.normal_(0, 0.05)
+        for blk in model.glimpser.blocks:
+            blk.temporal_fc.weight.normal_(0, 0.05), blk.temporal_fc.bias.normal_(0, 0.05)
+    return model.double(), video.double()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_model_matches_a_reference_written_from_the_paper(training):
+    """Every output the paper defines, in mask and drop mode, against ref_forward on the same weights."""
+    model, video = reference_model()
+    model.train(training)
+    ref = ref_forward(model, video, model.cfg.beta, training)
+    N, r, h = ref["halt_depth"], ref["remainder"], ref["halt_scores"]
+    # a real test: class tokens halt at two or more layers, one where r and h differ (Eq. 6), and blocks change x
+    assert len(N[:, 0].unique()) > 1 and (N[:, 0] < len(model.joint.blocks)).any()
+    at = h[N[:, 0] - 1, torch.arange(len(N)), 0]  # (B,) the class token's score at its halting layer
+    assert ((r[:, 0] - at).abs() > 0.05).any()
+    for drop in (False, True):
+        with torch.no_grad():
+            out = model(video, drop_halted=drop)
+        assert torch.equal(out.keep_index, ref["keep_index"])
+        assert torch.equal(out.halt_depth, N), drop
+        for name in ("logits", "motion_logits", "remainder", "ponder", "halt_scores"):
+            assert torch.allclose(getattr(out, name), ref[name], rtol=0, atol=1e-9), (name, drop)
 
 
 def test_top_k_per_frame_matches_sort():
@@ -416,14 +596,48 @@ def test_gflops_match_flop_counter_on_a_drop_mode_forward():
     assert len(out.gflops.unique()) > 1  # samples really spent different amounts
 
 
+def ref_resize_time(time, T):
+    """Linear interpolation of rows (T0, D) -> (T, D), sample centres aligned (align_corners=False), by hand."""
+    T0, rows = len(time), []
+    for i in range(T):
+        src = min(max((i + 0.5) * T0 / T - 0.5, 0.0), T0 - 1)
+        lo = math.floor(src)
+        hi = min(lo + 1, T0 - 1)
+        rows.append((1 - (src - lo)) * time[lo] + (src - lo) * time[hi])
+    return torch.stack(rows)
+
+
+def test_resized_embeddings_by_hand():
+    torch.manual_seed(0)
+    time = torch.randn(1, 4, 3)
+    assert haltingvt.resize_time_embed(time, 4) is time
+    for T in (2, 5, 8):
+        assert torch.allclose(haltingvt.resize_time_embed(time, T)[0], ref_resize_time(time[0], T), atol=1e-6)
+    # channel 0 holds the patch's row, channel 1 its column: the resized grid keeps rows as rows
+    row, col = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    pos = torch.cat([torch.tensor([[7.0, 8.0, 9.0]]), torch.stack([row, col, torch.randn(4, 4)], -1).view(16, 3)])
+    out = haltingvt.resize_pos_embed(pos[None], (6, 5))[0]  # (1 + 30, 3)
+    assert torch.equal(out[0], pos[0])  # the class token's entry is kept as it is
+    grid = out[1:].view(6, 5, 3)
+    assert torch.allclose(grid[..., 0], grid[:, :1, 0].expand(6, 5), atol=1e-5)  # row index: constant along rows
+    assert torch.allclose(grid[..., 1], grid[:1, :, 1].expand(6, 5), atol=1e-5)
+    assert (grid[1:, 0, 0] > grid[:-1, 0, 0]).all() and (grid[0, 1:, 1] > grid[0, :-1, 1]).all()
+    assert torch.equal(haltingvt.resize_pos_embed(pos[None], (4, 4)), pos[None])
+
+
 def test_other_frame_counts_and_sizes_resize_the_embeddings():
-    cfg = HaltingVTConfig.tiny()
-    model = HaltingVT(cfg).eval()
+    """5 frames of 96 x 80 on a model of 8 frames of 64 x 64: the reference with the time embedding
+    interpolated by hand and the position embedding resized to the 6 x 5 grid."""
+    model, _ = reference_model()
+    video = torch.randn(2, 3, 5, 96, 80, dtype=torch.float64)
+    pos = haltingvt.resize_pos_embed(model.pos_embed, (6, 5))[0]
+    ref = ref_forward(model, video, model.cfg.beta, False, pos, ref_resize_time(model.time_embed[0].detach(), 5))
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 5, 96, 80))
+        out = model(video)
     S = 6 * 5
-    assert out.keep_index.shape == (1, 5, math.ceil(0.5 * S))
+    assert out.keep_index.shape == (2, 5, math.ceil(0.5 * S)) and torch.equal(out.keep_index, ref["keep_index"])
     assert out.tokens_per_layer[0, 0] == 1 + 5 * S
+    assert torch.allclose(out.logits, ref["logits"], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 8, 64), (1, 1, 8, 64, 64), (1, 3, 8, 60, 64), (1, 3, 8, 64, 70)])
@@ -842,7 +1056,7 @@ def test_loss_multi_label_is_bce_by_hand():
 
 
 def test_loss_total_is_eq9_by_hand():
-    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, 1.0]]
+    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, -1.0]]  # labels matter
     out = _out(torch.tensor(rows), torch.tensor(motion_rows), torch.tensor([6.0, 8.0]))
     total, parts = losses.haltingvt_loss(out, torch.tensor([1, 0]), torch.tensor([1, 0]))
     task, motion = _hand_ce(rows, [1, 0]), _hand_ce(motion_rows, [1, 0])
@@ -852,6 +1066,18 @@ def test_loss_total_is_eq9_by_hand():
     assert total.item() == pytest.approx(task + 5e-4 * 7.0 + 0.01 * motion, rel=1e-6)
     assert parts["total"] == pytest.approx(total.item())
     assert all(type(v) is float for v in parts.values())
+
+
+def test_loss_motion_is_cross_entropy_with_real_as_class_1():
+    """Eq. (8): logit 1 of the motion head means real (label 1), logit 0 fake (label 0). Logits that favour
+    "real" cost less on a real clip than on a fake one, so swapped labels give another loss."""
+    rows = [[-1.0, 2.0], [0.3, 0.1], [1.5, -0.5]]
+    got = losses.motion_loss(torch.tensor(rows), torch.tensor([1, 0, 0]))
+    assert got.item() == pytest.approx(_hand_ce(rows, [1, 0, 0]), rel=1e-6)
+    real = losses.motion_loss(torch.tensor([[-1.0, 2.0]]), torch.tensor([1])).item()
+    fake = losses.motion_loss(torch.tensor([[-1.0, 2.0]]), torch.tensor([0])).item()
+    assert real == pytest.approx(math.log(1 + math.exp(-3.0)), rel=1e-6) and fake == pytest.approx(
+        math.log(1 + math.exp(3.0)), rel=1e-6)
 
 
 def test_loss_task_on_real_clips_only():
@@ -1424,6 +1650,11 @@ def test_data_transforms_by_hand():
     assert torch.equal(pix, grid[top:top + 4, left:left + 4].float())
     assert torch.equal(out[:, 0], out[:, 2])  # the same crop for every frame
     assert data.resize_short_side(torch.zeros(1, 3, 30, 60), 20).shape == (1, 3, 20, 40)
+    # channels and frames keep their places: (T, H, W, 3) -> (C, T, H, W), channel c of frame t is 40 t + 10 c
+    clip = (torch.arange(2)[:, None] * 40 + torch.arange(3)[None, :] * 10).view(2, 1, 1, 3).expand(2, 8, 8, 3)
+    out = data.eval_transform(clip.to(torch.uint8).contiguous(), size=4, short_side=8)
+    for t, c in np.ndindex(2, 3):
+        assert torch.equal(out[c, t], torch.full((4, 4), (40 * t + 10 * c - 127.5) / 127.5))
 
 
 def test_data_motion_pair_and_collate(videos):
@@ -1433,6 +1664,11 @@ def test_data_motion_pair_and_collate(videos):
     assert real.shape == fake.shape == (3, 8, 24, 24) and real.dtype == fake.dtype == torch.float32
     assert -1 <= fake.min() and fake.max() <= 1 and -1 <= real.min() and real.max() <= 1
     assert all(torch.equal(fake[:, t], fake[:, 0]) for t in range(8))  # static: every frame the same
+    pixels = lambda c: data.eval_transform(c, 32, 32)  # no crop: the fake's frame is one of the sampled frames
+    frames = [pixels(clip)[:, t] for t in range(8)]
+    shown = {next(t for t in range(8) if torch.equal(data.make_motion_pair(clip, pixels, random.Random(s))[1][:, 0],
+                                                     frames[t])) for s in range(12)}
+    assert len(shown) > 2  # a random one
     assert not torch.equal(real[:, 0], real[:, 7])  # the real clip moves (grey level changes)
     batch = data.collate([{"video": real, "fake": fake, "label": 4, "skipped": []},
                           {"video": real + 1, "fake": fake + 1, "label": 2, "skipped": ["x.mp4"]}])
@@ -2002,26 +2238,71 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_train_depth_prior_flag(demo, tmp_path):
-    if not hasattr(train.losses, "depth_prior"):
-        pytest.skip("losses.py has no depth prior yet")
+def test_train_depth_prior_flag(demo, tmp_path, monkeypatch):
+    """--alpha-d 0.1 --depth-prior 2 1 on 3 joint layers: every step's loss gets alpha_d 0.1 (no halting warm-up)
+    and the Gaussian over layers 1..3 with mean 2 and std 1 as its target, and the total includes the term."""
+    calls = []
+
+    def spy(out, *args, **kwargs):
+        total, parts = losses.haltingvt_loss(out, *args, **kwargs)
+        calls.append((kwargs, parts))
+        return total, parts
+
+    monkeypatch.setattr(train, "haltingvt_loss", spy)
     metrics = train.main(small_run(demo, tmp_path, "--epochs", "1", "--depth", "5", "--alpha-d", "0.1",
-                                   "--depth-prior", "2", "1"))
-    assert len(metrics["halt_depth_hist"]) == 3
+                                   "--depth-prior", "2", "1", "--halting-warmup", "0"))
+    gauss = [math.exp(-0.5 * (l - 2) ** 2) for l in (1, 2, 3)]
+    assert calls
+    for kwargs, parts in calls:
+        assert kwargs["alpha_d"] == 0.1
+        assert kwargs["depth_target"].tolist() == pytest.approx([g / sum(gauss) for g in gauss], rel=1e-6)
+        assert parts["depth"] > 0 and parts["total"] == pytest.approx(
+            parts["task"] + kwargs["alpha_p"] * parts["ponder"] + kwargs["alpha_m"] * parts["motion"]
+            + 0.1 * parts["depth"], rel=1e-5)
+    assert len(metrics["halt_depth_hist"]) == 3 and sum(metrics["halt_depth_hist"]) == pytest.approx(1.0)
 
 
 def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
+    """The map shows what the checkpoint's own weights do with the video. The run's checkpoint gets gamma 20 and a
+    beta between its class token's channel 0 after joint layer 1 and its highest patch's, so some patches halt at
+    joint layer 1 and the class token runs on: a picture that other weights would not give."""
     train.main(small_run(demo, tmp_path / "run", "--epochs", "1"))
-    video = demo / "videos/val/move left/0000.mp4"
-    result = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1"])
+    video_path = demo / "videos/val/move left/0000.mp4"
+    ckpt = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    model = HaltingVT(HaltingVTConfig(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    video = data.eval_clip(video_path, model.cfg.num_frames, model.cfg.img_size, ckpt["args"]["eval_short_side"])
+    with torch.no_grad():  # channel 0 after joint layer 1: gamma 1, beta 0 make the score sigmoid(x0)
+        x0 = torch.logit(model.train()(video[None], drop_halted=False, beta=0.0).halt_scores[0, 0].double())
+    assert ckpt["config"]["gamma"] == 1.0 and x0[1:].max() > x0[0] + 0.1
+    threshold = (x0[0] + x0[1:].max()).item() / 2
+    ckpt["config"].update(gamma=20.0, beta=20 * threshold - math.log(0.995 / 0.005))  # x0 > threshold halts
+    data.write_checkpoint(tmp_path / "run/last.pt", ckpt)
+    expected = {}
+    for from_file in (True, False):
+        torch.manual_seed(0)
+        model = HaltingVT(HaltingVTConfig(**ckpt["config"])).eval()
+        if from_file:
+            model.load_state_dict(ckpt["model"])
+        with torch.no_grad():
+            out = model(video[None], drop_halted=True)
+        expected[from_file] = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), 16, [1, 2])
+    masks = expected[True]
+    assert masks[2].any() and (masks[1] & ~masks[2]).any()  # some kept patches halt at joint layer 1, not all
+    assert not torch.equal(masks, expected[False])  # fresh weights would draw another map
+
+    result = train.main(["--halting-map", str(video_path), "--resume", str(tmp_path / "run/last.pt"),
+                         "--threads", "1"])
     assert result["path"] == str(tmp_path / "run/halting_map.png")  # default: next to the checkpoint
     assert list(result["active"]) == ["Glimpser", "joint layer 2"]  # 2 joint layers: the default shows layer 2
     assert result["active"]["Glimpser"] == pytest.approx(0.5)  # R = 0.5 of every frame's patches
+    assert result["active"]["joint layer 2"] == pytest.approx(masks[2].float().mean().item())
     with av.open(result["path"]) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3)  # input, Glimpser, layer 2; 4 frames
-    again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
-                        "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
+    picture = data.halting_map(data.display_frames(video), masks[[0, 2]], model.cfg.patch_size)  # input, rows
+    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3) and np.array_equal(decoded, picture)
+    again = train.main(["--halting-map", str(video_path), "--resume", str(tmp_path / "run/last.pt"), "--threads",
+                        "1", "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
     assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
     assert again["active"]["joint layer 1"] == pytest.approx(0.5)
 
