@@ -445,6 +445,22 @@ def test_halting_by_hand_a_class_token_that_halts_first(drop):
     assert out["tokens"].tolist() == [[3, 0, 0, 0]] and torch.allclose(out["x_o"], x[:, 0])
 
 
+@pytest.mark.parametrize("drop", [False, True])
+def test_halting_by_hand_a_class_token_that_runs_on_alone(drop):
+    """Training, 3 joint layers, 2 samples of 3 tokens. Sample 0: every token scores 0.2 (all run to the end).
+    Sample 1: its patches halt at once (score 1.0), its class token scores 0.3, 0.3 and then 1 (forced), so
+    from layer 2 it is the last sample's only token: r = 0.4 and x_o = 0.3 x + 0.3 x + 0.4 x = x (Eq. 6)."""
+    stage = identity_stage(3)
+    x = torch.randn(2, 3, 8)
+    x[:, :, 0] = math.log(0.2 / 0.8)
+    x[1, 0, 0], x[1, 1:, 0] = math.log(0.3 / 0.7), 50.0
+    with torch.no_grad():
+        out = stage.train()(x, drop)
+    assert out["depth"].tolist() == [[3, 3, 3], [3, 1, 1]] and out["tokens"].tolist() == [[3, 3, 3], [3, 1, 1]]
+    assert out["remainder"][1].tolist() == pytest.approx([0.4, 1.0, 1.0], abs=1e-6)
+    assert torch.allclose(out["x_o"], x[:, 0], atol=1e-5)
+
+
 def test_mask_and_drop_modes_agree_and_batches_are_independent():
     model, video = diverse_model()
     with torch.no_grad():
@@ -543,6 +559,29 @@ def test_forward_beta_is_a_model_built_with_that_beta_and_nothing_on_the_model_c
             assert torch.equal(getattr(got, name), getattr(want, name)), name
         assert not torch.equal(default.halt_depth, got.halt_depth)  # beta did change the halting
         assert model.joint.beta == 0.0
+
+
+def test_stochastic_depth_drops_whole_samples_in_drop_mode_as_in_mask_mode():
+    """Training with drop_path 0.5 and no halting, the same seed: drop mode (packed rows) skips a layer's
+    branch for the same whole samples as mask mode, so the logits agree; and the branches really were dropped."""
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(drop_path=0.5, halting=False)
+    model = HaltingVT(cfg).train()
+    video = torch.randn(3, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    logits = []
+    for drop in (False, True):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            logits.append(model(video, drop_halted=drop).logits)
+    assert torch.allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(video).logits, logits[1], atol=1e-3)
+
+
+def test_halting_weights_stay_on_the_scores_device():
+    """On the meta device (a stand-in for a GPU: no data, but a device of its own) nothing is made on the CPU."""
+    weights, depth, remainder = halting_weights(torch.rand(4, 2, 3).to("meta"), 0.01)
+    assert weights.device.type == depth.device.type == remainder.device.type == "meta"
 
 
 @pytest.mark.parametrize("drop", [False, True])
@@ -1053,6 +1092,11 @@ def test_loss_multi_label_is_bce_by_hand():
     hand = -sum(y * math.log(s) + (1 - y) * math.log(1 - s) for s, y in zip(sig, targets[0])) / 3
     got = losses.task_loss(torch.tensor(rows), torch.tensor(targets), multi_label=True)
     assert got.item() == pytest.approx(hand, rel=1e-6)
+    # integer multi-hot targets (as a list file gives them), and through Eq. (9)
+    got = losses.task_loss(torch.tensor(rows), torch.tensor([[1, 0, 1]]), multi_label=True)
+    assert got.item() == pytest.approx(hand, rel=1e-6)
+    _, parts = losses.haltingvt_loss(_out(torch.tensor(rows)), torch.tensor([[1, 0, 1]]), multi_label=True)
+    assert parts["task"] == pytest.approx(hand, rel=1e-6)
 
 
 def test_loss_total_is_eq9_by_hand():
@@ -1078,6 +1122,27 @@ def test_loss_motion_is_cross_entropy_with_real_as_class_1():
     fake = losses.motion_loss(torch.tensor([[-1.0, 2.0]]), torch.tensor([0])).item()
     assert real == pytest.approx(math.log(1 + math.exp(-3.0)), rel=1e-6) and fake == pytest.approx(
         math.log(1 + math.exp(3.0)), rel=1e-6)
+
+
+def test_loss_total_with_the_depth_prior_by_hand():
+    """Eq. (9) plus alpha_d times the depth prior's KL (losses.depth_prior_loss), written out."""
+    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, -1.0]]
+    scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [1.0, 1.0]]).view(3, 1, 2)  # (L, B, K)
+    out = SimpleNamespace(logits=torch.tensor(rows), motion_logits=torch.tensor(motion_rows),
+                          ponder=torch.tensor([6.0, 8.0]), halt_scores=scores)
+    target = torch.tensor([0.2, 0.5, 0.3])
+    total, parts = losses.haltingvt_loss(out, torch.tensor([1, 0]), torch.tensor([1, 0]), alpha_d=0.1,
+                                         depth_target=target)
+    p = [0.3, 0.2, 1.0]
+    kl = sum(t * math.log(t / (q / sum(p))) for t, q in zip([0.2, 0.5, 0.3], p))
+    task, motion = _hand_ce(rows, [1, 0]), _hand_ce(motion_rows, [1, 0])
+    assert parts["depth"] == pytest.approx(kl, rel=1e-5)
+    assert total.item() == pytest.approx(task + 5e-4 * 7.0 + 0.01 * motion + 0.1 * kl, rel=1e-6)
+
+
+def test_loss_num_classes_must_match_the_logits():
+    with pytest.raises(ValueError, match="logits have 6 classes but num_classes is 5"):
+        losses.haltingvt_loss(_out(torch.zeros(2, 6)), torch.tensor([0, 1]), num_classes=5)
 
 
 def test_loss_task_on_real_clips_only():
@@ -1117,8 +1182,8 @@ def test_loss_ponder_gradient_raises_halting_score():
 
 
 def test_loss_depth_prior_is_kl_by_hand_and_zero_at_the_target():
-    target = losses.depth_prior(4, mean=2.0, std=1.0)
-    g = [math.exp(-0.5 * (l - 2.0) ** 2) for l in (1, 2, 3, 4)]
+    target = losses.depth_prior(4, mean=2.0, std=0.8)
+    g = [math.exp(-0.5 * ((l - 2.0) / 0.8) ** 2) for l in (1, 2, 3, 4)]
     assert target.tolist() == pytest.approx([v / sum(g) for v in g], rel=1e-6)
     scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [0.0, 0.0], [1.0, 1.0]]).view(4, 1, 2)  # (L, B, K)
     p = [0.3, 0.2, 0.0, 1.0]
