@@ -635,6 +635,20 @@ def test_gflops_match_flop_counter_on_a_drop_mode_forward():
     assert len(out.gflops.unique()) > 1  # samples really spent different amounts
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(glimpser_depth=1), dict(glimpser_depth=3),  # the pruning layer first, or third of three
+    dict(embed_dim=4, num_heads=1, img_size=32, num_frames=2, depth=3, mlp_ratio=1.0, num_classes=2),  # one MAC shows
+])
+def test_gflops_match_flop_counter_for_other_shapes(overrides):
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(**overrides)
+    model = HaltingVT(cfg).eval()
+    video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(video, drop_halted=True)
+    assert out.gflops.sum().item() == pytest.approx(counter.get_total_flops() / 2e9, rel=1e-6)
+
+
 def ref_resize_time(time, T):
     """Linear interpolation of rows (T0, D) -> (T, D), sample centres aligned (align_corners=False), by hand."""
     T0, rows = len(time), []
@@ -665,17 +679,17 @@ def test_resized_embeddings_by_hand():
 
 
 def test_other_frame_counts_and_sizes_resize_the_embeddings():
-    """5 frames of 96 x 80 on a model of 8 frames of 64 x 64: the reference with the time embedding
+    """2 frames of 96 x 80 on a model of 8 frames of 64 x 64: the reference with the time embedding
     interpolated by hand and the position embedding resized to the 6 x 5 grid."""
     model, _ = reference_model()
-    video = torch.randn(2, 3, 5, 96, 80, dtype=torch.float64)
+    video = torch.randn(2, 3, 2, 96, 80, dtype=torch.float64)
     pos = haltingvt.resize_pos_embed(model.pos_embed, (6, 5))[0]
-    ref = ref_forward(model, video, model.cfg.beta, False, pos, ref_resize_time(model.time_embed[0].detach(), 5))
+    ref = ref_forward(model, video, model.cfg.beta, False, pos, ref_resize_time(model.time_embed[0].detach(), 2))
     with torch.no_grad():
         out = model(video)
     S = 6 * 5
-    assert out.keep_index.shape == (2, 5, math.ceil(0.5 * S)) and torch.equal(out.keep_index, ref["keep_index"])
-    assert out.tokens_per_layer[0, 0] == 1 + 5 * S
+    assert out.keep_index.shape == (2, 2, math.ceil(0.5 * S)) and torch.equal(out.keep_index, ref["keep_index"])
+    assert out.tokens_per_layer[0, 0] == 1 + 2 * S
     assert torch.allclose(out.logits, ref["logits"], rtol=0, atol=1e-9)
 
 
