@@ -5,9 +5,11 @@ Axis letters: B batch, C channels (RGB), T frames of a clip, H height, W width, 
 A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per clip, (B, C, T, H, W) per batch.
 
 Pipeline of one training sample (paper Sec. 4.1 and 3.4):
- 1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video;
- 2) `read_clip`: decode just those frames with PyAV (seeking to the keyframe before each), upright, in the
-    video's own colours, scaled down in FFmpeg's scaler to the largest short side step 3 needs;
+ 1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video (or the
+    release's T frames I apart);
+ 2) `read_clip` (`read_frames` for a folder of JPEG frames): decode just those frames with PyAV (seeking to the
+    keyframe before each), upright, in the video's own colours, scaled down in FFmpeg's scaler to the largest
+    short side step 3 needs;
  3) `train_transform`: random short-side rescale, one random crop for all frames (in uint8, frame by frame),
     optional RandAugment, normalise to [-1, 1];
  4) `make_motion_pair`: the real clip (motion label 1) and a fake clip, one of its frames repeated T times and
@@ -17,7 +19,9 @@ Evaluation: centre frame of each segment, short-side resize, centre crop, one cl
 """
 import argparse
 import bisect
+import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,6 +30,7 @@ import random
 import re
 import shutil
 import signal
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -40,9 +45,6 @@ from av.video.reformatter import Interpolation, VideoReformatter
 MEAN = 127.5
 STD = 127.5
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv"}
-
-
 class VideoDecodeError(RuntimeError):
     """A video that cannot be opened or decoded; the message names the file."""
 
@@ -51,17 +53,26 @@ class VideoDecodeError(RuntimeError):
 # Frame sampling and decoding
 
 
-def sample_indices(n_frames, num_frames, train, rng=None):
-    """Which of a video's `n_frames` frames form the clip: TSN-style "uniform" sampling (paper Sec. 4.1).
+def sample_indices(n_frames, num_frames, train, rng=None, frame_interval=None):
+    """Which of a video's `n_frames` frames form the clip: TSN-style "uniform" sampling (paper Sec. 4.1), or with
+    `frame_interval` the release's strided clip. Every reader samples here.
 
-    Picture frame k as shown during the time [k, k+1). Cut the time line [0, n_frames) into `num_frames` equal
-    segments and take the frame on screen at a random time inside each segment (training) or at its midpoint
-    (evaluation). A video shorter than the clip repeats frames, because several segments fall in one frame.
+    TSN: picture frame k as shown during the time [k, k+1). Cut the time line [0, n_frames) into `num_frames`
+    equal segments and take the frame on screen at a random time inside each segment (training) or at its
+    midpoint (evaluation). A video shorter than the clip repeats frames, because several segments fall in one.
+    Strided (mmaction2's SampleFrames(clip_len=T, frame_interval=I, num_clips=1), which the release's configs
+    use): T frames I apart from a start drawn from [0, n - T*I] in training (0 when n < T*I) or, in evaluation,
+    the centred start max(n - ((T-1)*I + 1), 0) // 2; indices past the end wrap around (mod n).
     `rng` is a `random.Random`; pass a seeded one for reproducible training samples.
     """
-    if n_frames < 1 or num_frames < 1:
-        raise ValueError(f"need at least one frame, got n_frames={n_frames}, num_frames={num_frames}")
+    if n_frames < 1 or num_frames < 1 or (frame_interval is not None and frame_interval < 1):
+        raise ValueError(f"need at least one frame, got n_frames={n_frames}, num_frames={num_frames}, "
+                         f"frame_interval={frame_interval}")
     rng = random.Random() if rng is None else rng
+    if frame_interval:
+        T, I = num_frames, frame_interval
+        start = rng.randint(0, max(n_frames - T * I, 0)) if train else max(n_frames - ((T - 1) * I + 1), 0) // 2
+        return [(start + t * I) % n_frames for t in range(T)]
     seg = n_frames / num_frames
     offsets = [rng.random() if train else 0.5 for _ in range(num_frames)]
     return [min(int((i + u) * seg), n_frames - 1) for i, u in enumerate(offsets)]  # min: float round-off
@@ -192,9 +203,9 @@ def _from_keyframe(container, stream, packets, keys, pos, later):
         yield (at if packet.size > 0 else None), packet
 
 
-def _decode_seeking(container, stream, packets, index, wanted, put):
-    """Decode the frames `wanted` (indices into `index`) and hand each to put(k, frame). Returns the number of
-    packets decoded.
+def _decode_seeking(container, stream, packets, index, clip):
+    """Decode the frames `clip` wants (indices into `index`), handing every frame decoded to clip.put. Returns
+    the number of packets decoded.
 
     For the next frame still missing: seek to its keyframe when that lies ahead of the decoder, otherwise read
     straight on (close frames share one pass); frames are matched by timestamp, so a seek that lands on an
@@ -202,11 +213,11 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
     wanted: the decoder drops them unseen, and what it outputs stays bit-identical.
     """
     pts, pos, start = index
-    todo = sorted(set(wanted))  # by index, i.e. by timestamp
-    want, needed = {pts[k]: k for k in todo}, {pos[k] for k in todo}
+    todo = sorted(clip.slots)  # by index, i.e. by timestamp
+    number, needed = {t: k for k, t in enumerate(pts)}, {pos[k] for k in todo}
     keys = {p.pts: j for j, p in enumerate(packets) if p.keyframe}
     shown = sorted(p.pts for p in packets if p.pts is not None)  # presentation order, pre-roll included
-    done, landed, decoded, i = set(), {}, 0, 0  # landed: keyframe position -> where its seek landed
+    landed, decoded, i = {}, 0, 0  # landed: keyframe position -> where its seek landed
     while i < len(todo):
         key = start[todo[i]]
         j = bisect.bisect_right(shown, packets[key].pts)
@@ -214,12 +225,9 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
             landed.setdefault(key, at)
             decoded += packet.size > 0
             stream.codec_context.skip_frame = "DEFAULT" if at is None or at in needed else "NONREF"
-            for frame in packet.decode():
-                k = want.get(frame.pts)
-                if k is not None and k not in done:
-                    put(k, frame)
-                    done.add(k)
-            while i < len(todo) and todo[i] in done:
+            for frame in _decode_packet(packet, clip):
+                clip.put(number.get(frame.pts), frame)
+            while i < len(todo) and todo[i] in clip.done:
                 i += 1
             if i == len(todo) or (at is not None and landed.get(start[todo[i]], start[todo[i]]) > at + 1):
                 break  # all found, or the next missing frame's keyframe lies ahead (a seek gets nearer): go there
@@ -229,30 +237,38 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
     return decoded
 
 
-def _decode(path, stream_index, wanted, put):
-    """Decode the stream `stream_index` of `path` from its first frame, in presentation order, handing each frame
-    whose index is in `wanted` (all if None) to put(k, frame). Returns the number of frames decoded.
+def _decode_packet(packet, clip):
+    """The frames the decoder gives for `packet`; none for a damaged packet, counted in clip.damaged. As FFmpeg's
+    own tools do, decoding goes on with the next packet: the frames that refer to the damaged one come out with
+    its errors concealed, and only its own frame is lost."""
+    try:
+        return packet.decode()
+    except av.error.FFmpegError:
+        clip.damaged += 1
+        return ()
 
-    Stops once the last wanted frame is read. A decoding error after at least one good frame (a truncated or
-    damaged tail, common in scraped datasets) ends the video there, with a warning.
-    """
-    last = None if wanted is None else max(wanted)
-    n = 0
+
+def _decode(path, stream_index, index, clip):
+    """Decode the stream `stream_index` of `path` from its first packet, handing every frame to clip.put with its
+    index in presentation order: by timestamp from `index`, else by order of output, a damaged packet counting
+    as one lost frame. Stops once the clip has every frame it wants; a file that cannot be read on (a truncated
+    tail) ends there. Returns the number of packets decoded."""
+    number = None if index is None else {t: k for k, t in enumerate(index[0])}
+    seen = decoded = 0
     with av.open(str(path)) as container:
         stream = container.streams[stream_index]
         stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
         try:
-            for frame in container.decode(stream):
-                if wanted is None or n in wanted:
-                    put(n, frame)
-                n += 1
-                if n - 1 == last:
+            for packet in container.demux(stream):
+                decoded += packet.size > 0
+                for frame in _decode_packet(packet, clip):
+                    clip.put(seen + clip.damaged if number is None else number.get(frame.pts), frame)
+                    seen += 1
+                if len(clip.done) == len(clip.slots):
                     break
-        except av.error.FFmpegError as err:
-            if n == 0:
-                raise
-            logging.warning("%s: decoding stopped after %d frames: %s", path, n, err)
-    return n
+        except av.error.FFmpegError as err:  # from the demuxer: packet errors are _decode_packet's
+            logging.info("%s: reading stopped after %d packets: %s", path, decoded, err)
+    return decoded
 
 
 def _short_side_size(height, width, short_side):
@@ -270,29 +286,50 @@ class _Clip:
     """Frames as a player shows them, gathered into uint8 (T, H, W, 3) for the frame indices `indices`.
 
     Each decoded frame goes through FFmpeg's scaler once: to RGB (by the frame's own colour matrix and range,
-    BT.601 or BT.709, limited or full) and, when `short_side` is given and the frame is larger, down to that
-    short side; then it is turned by its display matrix (phones store portrait video landscape, tagged 90 or 270
-    degrees) and copied into every clip slot that shows it. So no full-size RGB frame outlives its conversion.
+    BT.601 or BT.709, limited or full), to square pixels (the stored width stretched by the sample aspect ratio
+    `sar` of anamorphic video, as a player does) and, when `short_side` is given and the frame is larger, down to
+    that short side; then it is turned by its display matrix (phones store portrait video landscape, tagged 90
+    or 270 degrees) and copied into every clip slot that shows it. So no full-size RGB frame outlives its
+    conversion. Frames come in presentation order (`put`); a wanted frame that the decoder passed without giving
+    it (its packet damaged) shows its nearest decoded neighbour instead, the earlier on a tie, and is in `lost`.
     """
 
-    def __init__(self, indices, short_side=None):
+    def __init__(self, indices, short_side=None, sar=None):
         self.slots = {}  # frame index -> clip positions (a short video repeats frames)
         for t, k in enumerate(indices):
             self.slots.setdefault(k, []).append(t)
-        self.T, self.short_side, self.frames, self.size, self.done = len(indices), short_side, None, None, set()
+        self.T, self.short_side, self.frames, self.size, self.last = len(indices), short_side, None, None, None
+        self.sar = sar if sar and 0.25 <= sar <= 4 else 1  # outside that range the tag is taken for damage
+        self.pending = collections.deque(sorted(self.slots))  # wanted frames not yet put, by index
+        self.done, self.lost, self.damaged = set(), set(), 0  # damaged: packets the decoder refused
         self.scaler = VideoReformatter()  # one scaler for the clip rather than one per frame
 
     def rgb(self, frame):
         """One decoded frame as uint8 (h, w, 3), scaled and upright (a view: copy it to keep it)."""
         if self.size is None:  # every frame gets the first one's size, so a resolution change cannot break a clip
-            small = self.short_side is None or min(frame.height, frame.width) <= self.short_side
-            self.size = (frame.height, frame.width) if small else _short_side_size(frame.height, frame.width,
-                                                                                     self.short_side)
+            h, w = frame.height, round(frame.width * self.sar)
+            small = self.short_side is None or min(h, w) <= self.short_side
+            self.size = (h, w) if small else _short_side_size(h, w, self.short_side)
         h, w = self.size
         image = self.scaler.reformat(frame, w, h, "rgb24", interpolation=_SCALING, threads=1).to_ndarray()
         return np.rot90(image, k=round(frame.rotation / 90) % 4)  # (h, w, 3) or (w, h, 3): counter-clockwise
 
     def put(self, k, frame):
+        """Take decoded frame k (None: not one of the video's frames, pre-roll say). Wanted frames before k that
+        are still missing were lost: the nearer of the previous frame and this one stands in for each."""
+        if k is None:
+            return
+        if k in self.slots and k not in self.done:
+            self._store(k, frame)
+        while self.pending and (self.pending[0] in self.done or self.pending[0] < k):
+            m = self.pending.popleft()
+            if m not in self.done:
+                before = self.last is not None and abs(m - self.last[0]) <= abs(k - m)
+                self._store(m, self.last[1] if before else frame)
+                self.lost.add(m)
+        self.last = (k, frame)
+
+    def _store(self, k, frame):
         image = self.rgb(frame)
         if self.frames is None:
             self.frames = np.empty((self.T, *image.shape), np.uint8)  # (T, H, W, 3)
@@ -303,65 +340,119 @@ class _Clip:
         return torch.from_numpy(self.frames)  # (T, H, W, 3)
 
 
-def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats=None):
-    """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices`: uint8 (T, H, W, 3).
+def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats=None, frame_interval=None):
+    """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices` (TSN segments, or frames
+    `frame_interval` apart): uint8 (T, H, W, 3).
 
-    The frames are those a player shows (see `_Clip`): display rotation applied, colours by the video's own
-    matrix and range, the real recording rather than a cover-art or thumbnail track. With `short_side`, frames
-    larger than that are scaled down while decoding so that min(H, W) == short_side. Only the frames needed are
-    decoded: a seek to the keyframe before each sampled frame, reading straight on where they are close; the
-    result is identical to a full sequential decode at the same indices. `stats`, a dict, receives the counts
-    "frames" (of the video), "decoded" (packets or frames decoded) and "minimum" (what seeking allows).
+    The frames are those a player shows (see `_Clip`): display rotation and sample aspect ratio applied, colours
+    by the video's own matrix and range, the real recording rather than a cover-art or thumbnail track. With
+    `short_side`, frames larger than that are scaled down while decoding so that min(H, W) == short_side. Only
+    the frames needed are decoded: a seek to the keyframe before each sampled frame, reading straight on where
+    they are close; the result is identical to a full sequential decode at the same indices. `stats`, a dict,
+    receives the counts "frames" (of the video), "decoded" (packets decoded), "minimum" (what seeking allows)
+    and "lost" (clip frames shown by a neighbour).
 
     Raises VideoDecodeError (naming the path) for a missing, empty or corrupt file, one without a video stream,
-    one with no decodable frame, or whatever else fails while reading it. A truncated or damaged file whose
-    first frames decode is treated as the shorter video made of those frames.
+    one with no decodable frame, or whatever else fails while reading it. A damaged packet costs its own frame
+    only: decoding goes on past it, as FFmpeg's tools do, and a sampled frame that cannot be decoded is shown by
+    its nearest decodable neighbour. When nothing decodes after the damage (a truncated file), the video ends
+    at its last good frame and the clip is sampled from the frames before it. Either is logged once per file.
     """
-    with _errors_name(path):
-        with av.open(str(path)) as container:
-            stream, packets = _demux(container, path)
-            stream_index, n, index = stream.index, _count(packets), _frame_index(packets)
-            if n == 0:
-                raise VideoDecodeError(f"no video frames in {path}")
-            indices = sample_indices(n, num_frames, train, rng)
-            clip, decoded = _Clip(indices, short_side), None
-            if index is not None:
-                stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
-                try:
-                    decoded = _decode_seeking(container, stream, packets, index, clip.slots, clip.put)
-                except (_SeekMissed, av.error.FFmpegError) as err:  # a damaged file: the sequential rules apply
-                    logging.info("%s: reading from the start after: %s", path, err)
-        if decoded is None:
-            clip, decoded = _read_from_start(path, stream_index, indices, num_frames, train, rng, short_side)
-        if stats is not None:
-            stats.update(frames=n, decoded=decoded, minimum=None if index is None else _seek_minimum(index, indices))
-        return clip.tensor()
-
-
-def _read_from_start(path, stream_index, indices, num_frames, train, rng, short_side):
-    """(clip, frames decoded) by a sequential decode. Fewer decodable frames than packets (a truncated or damaged
-    tail): sample again from the frames that do decode."""
-    clip = _Clip(indices, short_side)
-    n_decoded = _decode(path, stream_index, clip.slots, clip.put)
-    if len(clip.done) < len(clip.slots):
-        if n_decoded == 0:
-            raise VideoDecodeError(f"no decodable frame in {path}")
-        clip = _Clip(sample_indices(n_decoded, num_frames, train, rng), short_side)
-        n_decoded += _decode(path, stream_index, clip.slots, clip.put)
-    return clip, n_decoded
+    return _read(path, lambda n: sample_indices(n, num_frames, train, rng, frame_interval), short_side, stats)
 
 
 def read_all_frames(path, *, short_side=None):
     """Every frame of a (short) video, uint8 (n, H, W, 3), as `read_clip` shows them (`short_side` likewise):
     what `VideoDataset(cache=True)` keeps in memory."""
+    return _read(path, range, short_side)
+
+
+_WARNED = set()  # the damaged files already named in a warning: one line per file and process, not per epoch
+
+
+def _read(path, choose, short_side, stats=None):
+    """The frames choose(n) of the video at `path`, n its number of frames, as read_clip describes."""
     with _errors_name(path):
         with av.open(str(path)) as container:
-            stream_index = _demux(container, path)[0].index  # the probe, before a threaded decoder sees the file
-        clip, frames = _Clip([], short_side), []
-        n = _decode(path, stream_index, None, lambda k, frame: frames.append(np.array(clip.rgb(frame))))
-        if n == 0:
-            raise VideoDecodeError(f"no decodable frame in {path}")
-        return torch.from_numpy(np.stack(frames))  # (n, H, W, 3)
+            stream, packets = _demux(container, path)
+            n, index, stream_index = _count(packets), _frame_index(packets), stream.index
+            if n == 0:
+                raise VideoDecodeError(f"no video frames in {path}")
+            make = functools.partial(_Clip, short_side=short_side, sar=stream.sample_aspect_ratio)
+            indices = choose(n)
+            clip, decoded, good = make(indices), None, n
+            if index is not None:
+                stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
+                try:
+                    decoded = _decode_seeking(container, stream, packets, index, clip)
+                except (_SeekMissed, av.error.FFmpegError) as err:  # damage seeking cannot pass: read it all
+                    logging.info("%s: reading from the start after: %s", path, err)
+        if decoded is None:
+            clip = make(indices)
+            decoded = _decode(path, stream_index, index, clip)
+            if len(clip.done) < len(clip.slots):  # nothing decodes after clip.last: the video ends there
+                if clip.last is None:
+                    raise VideoDecodeError(f"no decodable frame in {path}")
+                good = clip.last[0] + 1
+                clip = make(choose(good))
+                decoded += _decode(path, stream_index, index, clip)
+        notes = [f"{len(clip.lost)} of the {len(clip.slots)} frames read could not be decoded and show their "
+                 f"nearest decodable neighbour ({clip.damaged} damaged packets skipped)"] if clip.lost else []
+        notes += [f"nothing decodes after frame {good - 1} of {n}, so the video ends there"] if good < n else []
+        if notes and str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            logging.warning("%s: %s", path, "; ".join(notes))
+        if stats is not None:
+            stats.update(frames=n, decoded=decoded, lost=sum(len(clip.slots[k]) for k in clip.lost),
+                         minimum=None if index is None else _seek_minimum(index, indices))
+        return clip.tensor()
+
+
+# mmaction2's frame folders (RawframeDataset): frame_dir/img_00001.jpg, img_00002.jpg, ...
+FRAME_TEMPLATE = "img_{:05}.jpg"
+_MISCOUNTED = set()  # frame folders whose listed frame count was found wrong, already logged (once per process)
+
+
+def count_frame_files(folder, template=FRAME_TEMPLATE, start_index=1, listed=None):
+    """The frames `folder` holds from `start_index` on, by a binary search over which files exist (so a gap
+    ends the count); at most `listed`, the count a list file gives, which is logged once when it is wrong."""
+    present = lambda k: (folder / template.format(start_index + k)).is_file()  # frame k, counted from 0
+    if listed and present(listed - 1):
+        n = listed
+    else:  # the first missing frame
+        hi = listed or 1
+        while not listed and present(hi - 1):
+            hi *= 2  # no count given: double until a frame is missing
+        lo, hi = 0, hi - 1  # frames < lo exist, frame hi does not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if present(mid) else (lo, mid)
+        n = lo
+    if listed and (n < listed or present(listed)) and folder not in _MISCOUNTED:
+        _MISCOUNTED.add(folder)
+        logging.warning("%s: the list says %d frames, the folder holds %s; sampling from the first %d", folder,
+                        listed, n if n < listed else "more", n)
+    return n
+
+
+def read_frames(folder, num_frames, train=False, rng=None, *, total_frames=None, template=FRAME_TEMPLATE,
+                start_index=1, short_side=None, frame_interval=None):
+    """`read_clip` for a folder of frame images, as mmaction2's RawframeDataset holds a video (frame k in
+    folder / template.format(start_index + k)), each decoded with PyAV: uint8 (T, H, W, 3), sampled by
+    `sample_indices` among the frames present (`count_frame_files`; `total_frames`: the list file's count).
+    Raises VideoDecodeError naming the folder (missing, no first frame) or the frame file that cannot be read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VideoDecodeError(f"no frame folder {folder}")
+    n = count_frame_files(folder, template, start_index, total_frames)
+    if n == 0:
+        raise VideoDecodeError(f"no frame {template.format(start_index)} in {folder}")
+    clip = _Clip(sample_indices(n, num_frames, train, rng, frame_interval), short_side)
+    for k in sorted(clip.slots):  # in order, as put expects
+        path = folder / template.format(start_index + k)
+        with _errors_name(path), open(path, "rb") as f, av.open(f) as container:  # a file object: no image2 pattern
+            clip.put(k, next(container.decode(video=0)))
+    return clip.tensor()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,10 +527,16 @@ def eval_transform(clip, size, short_side):
     return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))  # (C, T, size, size)
 
 
-def eval_clip(path, num_frames, img_size, short_side=None):
-    """The video at `path` as evaluation feeds it to the model (VideoDataset with train=False): float
-    (C, T, H, W). `short_side`: before the centre crop, default img_size * 8/7. Raises VideoDecodeError."""
-    clip = read_clip(path, num_frames, train=False)  # (T, H, W, 3)
+def eval_clip(path, num_frames, img_size, short_side=None, *, frame_interval=None, template=FRAME_TEMPLATE,
+              start_index=1):
+    """The video at `path`, a file or a frame folder (read_frames), as evaluation feeds it to the model
+    (VideoDataset with train=False): float (C, T, H, W). `short_side`: before the centre crop, default
+    img_size * 8/7. Raises VideoDecodeError."""
+    if Path(path).is_dir():
+        clip = read_frames(path, num_frames, template=template, start_index=start_index,
+                           frame_interval=frame_interval)
+    else:
+        clip = read_clip(path, num_frames, train=False, frame_interval=frame_interval)  # (T, H, W, 3)
     return eval_transform(clip, img_size, short_side or round(img_size * 8 / 7))
 
 
@@ -464,26 +561,32 @@ def make_motion_pair(clip, transform, rng):
 # Datasets
 
 
-def parse_list_line(line, multi_label):
-    """Split one list-file line into (path, labels); None for a blank line.
+def parse_list_line(line, multi_label, rawframes=False):
+    """Split one list-file line into (path, labels), or with `rawframes` (path, labels, total_frames); None for a
+    blank line.
 
     Single-label (mmaction's `path label`): the last whitespace-separated token is the label and everything
     before it, inner spaces included, is the path. Multi-label (`path l1 l2 ...`): the labels are the longest run
     of integer tokens at the end of the line and the rest is the path, so a path must not itself end in a
     space-separated integer (a file extension is enough: `clip 2.mp4 5 7` -> `clip 2.mp4`, [5, 7]).
+    Frame folders (mmaction2's RawframeDataset lists): `frame_dir total_frames label` or `... l1 l2 ...`.
     """
     line = line.strip()
     if not line:
         return None
-    pattern = r"(.+?)((?:\s+-?\d+)+)" if multi_label else r"(.+)\s+(-?\d+)"
+    pattern = (r"(.+?)" if multi_label else r"(.+)") + (r"\s+(\d+)" if rawframes else "()") + \
+        (r"((?:\s+-?\d+)+)" if multi_label else r"\s+(-?\d+)")
     match = re.fullmatch(pattern, line)
     if match is None:
-        raise ValueError(f"expected 'path label{' label ...' if multi_label else ''}', got {line!r}")
-    return match.group(1), [int(tok) for tok in match.group(2).split()]
+        raise ValueError(f"expected '{'frame_dir total_frames' if rawframes else 'path'} label"
+                         f"{' label ...' if multi_label else ''}', got {line!r}")
+    path, labels = match.group(1), [int(tok) for tok in match.group(3).split()]
+    return (path, labels, int(match.group(2))) if rawframes else (path, labels)
 
 
-def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
-    """[(path, labels)] from a list file; paths relative to `root`, by default the list file's folder.
+def read_list_file(list_file, root=None, multi_label=False, num_classes=None, rawframes=False):
+    """[(path, labels)] from a list file, [(path, labels, total_frames)] from a `rawframes` list (frame folders);
+    paths relative to `root`, by default the list file's folder.
 
     Labels are checked while parsing: a label outside [0, num_classes) (or negative) raises a ValueError naming
     the file, line and label, rather than failing later inside the loss.
@@ -495,25 +598,28 @@ def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
     # mode reads "\r\n" line ends as "\n"
     for lineno, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         try:
-            parsed = parse_list_line(line, multi_label)
+            parsed = parse_list_line(line, multi_label, rawframes)
         except ValueError as err:
             raise ValueError(f"{list_file}, line {lineno}: {err}") from None
         if parsed is None:
             continue
-        path, labels = parsed
+        path, labels, *total = parsed
         for label in labels:
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise ValueError(f"{list_file}, line {lineno}: label {label} is outside [0, {num_classes})")
-        samples.append((root / path, labels))
+        samples.append((root / path, labels, *total))
     return samples
 
 
 def read_class_folders(root, classes=None):
     """[(path, [label])] and the class names in label order, from a `root/<class name>/<video>` layout.
 
-    Without `classes` the names are the sorted folder names. With `classes` (the training set's names in label
-    order) each folder takes the label of its name: a folder whose name is not in `classes` raises a ValueError
-    naming it; classes without a folder or without videos are fine and are named in a warning.
+    Every regular file of a class folder whose name does not start with "." is taken as a video, whatever its
+    extension (.3gp, .MTS, .wmv, .gif, ...): the decoder decides, and a file that is not a video is a bad video
+    (VideoDataset's on_error). The log says how many files each class has. Without `classes` the names are the
+    sorted folder names. With `classes` (the training set's names in label order) each folder takes the label
+    of its name: a folder whose name is not in `classes` raises a ValueError naming it; classes without a
+    folder or without files are fine and are named in a warning.
     """
     root = Path(root)
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -524,16 +630,60 @@ def read_class_folders(root, classes=None):
         raise ValueError(f"{root}: class folders {unknown} are not among the {len(classes)} training classes "
                          f"(first ones: {classes[:5]})")
     samples = [(f, [label]) for label, name in enumerate(classes) if name in folders
-               for f in sorted((root / name).iterdir()) if f.suffix.lower() in VIDEO_EXTENSIONS]
-    seen = {labels[0] for _, labels in samples}
-    empty = [name for label, name in enumerate(classes) if label not in seen]
-    if empty and seen:  # (no video at all is an error of load_samples)
+               for f in sorted((root / name).iterdir()) if f.is_file() and not f.name.startswith(".")]
+    counts = collections.Counter(classes[labels[0]] for _, labels in samples)
+    logging.info("%s: %d files in %d classes: %s", root, len(samples), len(classes),
+                 ", ".join(f"{name} {counts[name]}" for name in classes))
+    empty = [name for name in classes if not counts[name]]
+    if empty and samples:  # (no video at all is an error of load_samples)
         logging.warning("%s: no videos of %d of the %d classes: %s", root, len(empty), len(classes), empty[:10])
     return samples, classes
 
 
-def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None):
-    """(samples, class names in label order or None, num_classes) from a list file or a class-folder root.
+def find_listed_files(source, samples, on_error="skip"):
+    """The `samples` of the list file `source` whose files exist, each with its path as on disk (`_respelled`).
+
+    The missing ones are reported together (count, first names) in one warning and left out, or raise a
+    FileNotFoundError with on_error="raise" or when none is left: not a damaged video each, so that a wrong
+    --root stops a run at once rather than skipping every video.
+    """
+    found, missing, listings = [], [], {}
+    for path, *rest in samples:  # rest: labels (and a frame folder's listed count)
+        on_disk = path if path.exists() else _respelled(path, listings)
+        if on_disk is None:
+            missing.append(path)
+        else:
+            found.append((on_disk, *rest))
+    if missing:
+        message = (f"{source}: {len(missing)} of the {len(samples)} listed files do not exist, e.g. "
+                   f"{[str(path) for path in missing[:5]]}")
+        if on_error == "raise" or not found:
+            raise FileNotFoundError(message)
+        logging.warning("%s; left out", message)
+    return found
+
+
+def _respelled(path, listings):
+    """The file `path` names as a list file written on another system spells it, or None: backslashes read as
+    separators, each part that does not exist matched to the one name in its folder that equals it in Unicode
+    NFC form (macOS writes NFD) or, failing that, ignoring case. `listings` caches folder listings."""
+    path = Path(str(path).replace("\\", "/"))
+    at, nfc = Path(path.anchor), functools.partial(unicodedata.normalize, "NFC")
+    for part in path.parts[1 if path.anchor else 0:]:
+        if not (at / part).exists():
+            if at not in listings:
+                listings[at] = os.listdir(at) if at.is_dir() else []
+            hits = [[n for n in listings[at] if key(n) == key(part)] for key in (nfc, lambda x: nfc(x).casefold())]
+            part = next((h[0] for h in hits if len(h) == 1), None)
+            if part is None:
+                return None  # none, or several that differ only in case
+        at = at / part
+    return at
+
+
+def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None, rawframes=False):
+    """(samples, class names in label order or None, num_classes) from a list file or a class-folder root;
+    `rawframes`: a list of frame folders (read_list_file).
 
     `classes`: the training set's class names. Class folders are then labelled by name (read_class_folders);
     a list file's labels stay indices, into `classes`. Without it, class folders are numbered in sorted order.
@@ -544,6 +694,9 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     """
     source = Path(source)
     if source.is_dir():
+        if rawframes:
+            raise ValueError(f"{source} is a folder: frame folders are listed in a list file (`frame_dir "
+                             "total_frames label`)")
         if multi_label:
             raise ValueError("class folders give one label per video; use a list file for multi-label")
         samples, found = read_class_folders(source, classes)
@@ -554,7 +707,7 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     else:
         if classes is not None and num_classes is None:
             num_classes = len(classes)  # every label must name a class
-        samples = read_list_file(source, root, multi_label, num_classes)
+        samples = read_list_file(source, root, multi_label, num_classes, rawframes)
     if classes is not None:
         num_classes = len(classes) if num_classes is None else num_classes
         if len(classes) > num_classes:
@@ -562,7 +715,7 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     if not samples:
         raise ValueError(f"no videos found in {source}")
     if num_classes is None:
-        num_classes = 1 + max(label for _, labels in samples for label in labels)
+        num_classes = 1 + max(label for _, labels, *_ in samples for label in labels)
     return samples, classes, num_classes
 
 
@@ -614,15 +767,27 @@ class VideoDataset(torch.utils.data.Dataset):
     augmentations. cache=True keeps every decoded frame of each video in memory (per worker): for the short
     demo videos, where decoding would dominate a CPU step; not for real datasets.
     Defaults follow the paper's 256-320 / 224 and 256 / 224 ratios: scale = img_size * (8/7, 10/7) and
-    short_side = img_size * 8/7.
+    short_side = img_size * 8/7. frame_interval: the release's strided sampler (sample_indices), else TSN.
+    rawframes: the list names frame folders (read_frames with `frame_template`, `start_index`; a missing or
+    unreadable frame is a bad video), never cached.
     """
 
     def __init__(self, source, root=None, *, num_frames, img_size, train, short_side=None, scale=None,
                  multi_label=False, num_classes=None, on_error="skip", randaugment=False, seed=0, cache=False,
-                 motion_pairs=None, classes=None):
+                 motion_pairs=None, classes=None, frame_interval=None, rawframes=False,
+                 frame_template=FRAME_TEMPLATE, start_index=1):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        self.samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes, classes)
+        samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes, classes, rawframes)
+        if not Path(source).is_dir():  # a list file: its files may be missing
+            samples = find_listed_files(source, samples, on_error)
+        self.samples = [sample[:2] for sample in samples]  # (path, labels)
+        self.frame_counts = {sample[0]: sample[2] for sample in samples} if rawframes else None  # listed counts
+        try:
+            frame_template.format(start_index)
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"frame_template {frame_template!r} does not format a frame number: {err}") from None
+        self.frame_interval, self.frame_template, self.start_index = frame_interval, frame_template, start_index
         if randaugment:
             _rand_augment_class()  # fail now, not in a worker an epoch later
         self.num_frames, self.img_size, self.train = num_frames, img_size, train
@@ -648,12 +813,17 @@ class VideoDataset(torch.utils.data.Dataset):
         """uint8 (T, H, W, 3): decoded now, or sampled from the cached frames of the whole video; scaled while
         decoding to the largest short side the transform asks for (training: the top of `scale`)."""
         short_side = self.scale[1] if self.train else self.short_side
+        if self.frame_counts is not None:
+            return read_frames(path, self.num_frames, self.train, rng, total_frames=self.frame_counts[path],
+                               template=self.frame_template, start_index=self.start_index, short_side=short_side,
+                               frame_interval=self.frame_interval)
         if self.cache is None:
-            return read_clip(path, self.num_frames, self.train, rng, short_side=short_side)
+            return read_clip(path, self.num_frames, self.train, rng, short_side=short_side,
+                             frame_interval=self.frame_interval)
         if path not in self.cache:
             self.cache[path] = read_all_frames(path, short_side=short_side)  # (n, H, W, 3)
         frames = self.cache[path]
-        return frames[sample_indices(len(frames), self.num_frames, self.train, rng)]  # (T, H, W, 3)
+        return frames[sample_indices(len(frames), self.num_frames, self.train, rng, self.frame_interval)]
 
     def _transform(self, clip, rng):
         if self.train:
@@ -1045,9 +1215,10 @@ def active_token_masks(keep_index, halt_depth, num_patches, layers):
 
 @torch.no_grad()
 def token_masks(model, video, layers):
-    """Run one clip (C, T, H, W) through a HaltingVT in drop mode: bool masks (1 + len(layers), T, S) of the
-    patches the Glimpser kept and of those still active at each joint layer (active_token_masks)."""
-    out = model(video.unsqueeze(0), drop_halted=True)
+    """Run one clip (C, T, H, W) through a HaltingVT in drop mode (mask mode when release-compatible): bool
+    masks (1 + len(layers), T, S) of the patches the Glimpser kept and of those still active at each joint layer
+    (active_token_masks)."""
+    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
     keep_index = out.keep_index[0] if out.keep_index is not None else None
     S = (model.cfg.img_size // model.cfg.patch_size) ** 2
     return active_token_masks(keep_index, out.halt_depth[0], S, layers)

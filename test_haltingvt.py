@@ -6,6 +6,7 @@ not tests. Tests marked `slow` (a few seconds each: several processes, whole tra
 `python -m pytest -q -m "not slow" test_haltingvt.py`; CI runs them all.
 """
 import argparse
+import fractions
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tracemalloc
 import weakref
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -534,6 +536,111 @@ def test_mask_and_drop_modes_agree_on_halting_and_gradients(training):
             assert out.halt_depth[b, k].item() == n and out.remainder[b, k].item() == pytest.approx(r, abs=1e-6)
 
 
+def plain_attention(attn, x, heads):
+    """Softmax attention of x (n, D) over itself, every token a key, one query row at a time: (n, D) and the
+    head-averaged attention rows (n, n)."""
+    n, D = x.shape
+    d = D // heads
+    q, k, v = attn.qkv(x).view(n, 3, heads, d).unbind(1)  # each (n, h, d)
+    outs, rows = [], []
+    for i in range(n):
+        w = torch.einsum("hd,khd->hk", q[i], k).mul(d ** -0.5).softmax(-1)  # (h, n)
+        outs.append(attn.proj(torch.einsum("hk,khd->hd", w, v).reshape(D)))
+        rows.append(w.mean(0))
+    return torch.stack(outs), torch.stack(rows)
+
+
+def release_glimpser(model, x, T):
+    """The release's Glimpser (glimpser_helpers.py) on one sample's tokens x (1 + T*S, D): in the pruning layer
+    the class token is the mean of its per-frame attention outputs, without its residual."""
+    cfg, D = model.cfg, x.shape[1]
+    S, blocks = (x.shape[0] - 1) // T, model.glimpser.blocks
+    for i, blk in enumerate(blocks):
+        cls, patches = x[0], x[1:].view(T, S, D)
+        temporal = [plain_attention(blk.temporal_attn, blk.temporal_norm1(patches[:, s]), cfg.num_heads)[0]
+                    for s in range(S)]
+        patches = patches + blk.temporal_fc(torch.stack(temporal, 1))  # (T, S, D)
+        spatial = [plain_attention(blk.attn, blk.norm1(torch.cat([cls[None], patches[t]])), cfg.num_heads)
+                   for t in range(T)]
+        cls_out = torch.stack([out[0] for out, _ in spatial]).mean(0)
+        patches = patches + torch.stack([out[1:] for out, _ in spatial])
+        if i == len(blocks) - 1 and cfg.keep_ratio < 1:
+            cls, keep = cls_out, math.ceil(cfg.keep_ratio * S)
+            patches = torch.stack([patches[t, rows[0, 1:].topk(keep).indices] for t, (_, rows) in enumerate(spatial)])
+        else:
+            cls = cls + cls_out
+        x = torch.cat([cls[None], patches.reshape(-1, D)])
+        x = x + blk.mlp(blk.norm2(x))
+    return x
+
+
+def release_joint(model, x):
+    """The release's halting loop (haltingvt_model.py) on one sample's tokens x (K, D), token by token and layer
+    by layer: halted tokens enter each layer as zeros and stay keys and values; `>` for reached, `<` for not
+    reached. Returns x_o (D,) and the ponder cost, the mean of rho."""
+    cfg, K, blocks = model.cfg, x.shape[0], model.joint.blocks
+    c, R, rho, mask = [0.0] * K, [1.0] * K, [0.0] * K, [True] * K
+    out, x_o = x, torch.zeros(x.shape[1])
+    for l, blk in enumerate(blocks):
+        y = torch.stack([out[k] if mask[k] else torch.zeros_like(out[k]) for k in range(K)])
+        y = y + plain_attention(blk.attn, blk.norm1(y), cfg.num_heads)[0]
+        y = y + blk.mlp(blk.norm2(y))
+        for k in range(K):
+            h = 1.0 if l == len(blocks) - 1 else torch.sigmoid(cfg.gamma * y[k, 0] - cfg.beta).item()
+            c[k], running = c[k] + h, mask[k]
+            rho[k] += running
+            if c[k] > 1 - cfg.eps and running:  # case 1: the threshold is passed here
+                rho[k] += R[k]
+                x_o = x_o + R[k] * y[0] if k == 0 else x_o
+            if c[k] < 1 - cfg.eps:  # case 2: not reached
+                R[k] -= h
+                x_o = x_o + h * y[0] if k == 0 else x_o
+            mask[k] = c[k] < 1 - cfg.eps
+        out = y
+    return x_o, sum(rho) / K
+
+
+def test_release_compat_matches_the_releases_loop_token_by_token():
+    """release_compat against the release's forward written out per token and layer, in training and evaluation:
+    logits, motion logits and ponder agree; the same weights with the flag off give other logits."""
+    model, video = diverse_model()
+    video = video[:4]
+    compat = HaltingVT(HaltingVTConfig(**{**model.cfg.to_dict(), "release_compat": True}))
+    compat.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        x = compat.embed(video)
+        ref = [release_joint(compat, release_glimpser(compat, x[b], video.shape[2])) for b in range(len(video))]
+        x_o = compat.norm(torch.stack([x_o for x_o, _ in ref]))
+        ponder = torch.tensor([p for _, p in ref])
+        for training in (True, False):
+            out = compat.train(training)(video)
+            assert torch.allclose(out.logits, compat.head(x_o), atol=1e-5)
+            assert torch.allclose(out.motion_logits, compat.motion_head(x_o), atol=1e-5)
+            assert torch.allclose(out.ponder, ponder, atol=1e-5)
+            assert (model.train(training)(video, drop_halted=False).logits - out.logits).abs().max() > 1e-2
+    assert (out.halt_depth[:, 0] < len(model.joint.blocks)).any()  # class tokens halted early: the case at stake
+    with pytest.raises(ValueError, match="drop_halted=True with release_compat"):
+        compat(video, drop_halted=True)
+
+
+def test_release_compat_counts_gflops_both_ways():
+    """With release_compat the output counts GFLOPs as the release does (every token until its own halt) and as
+    drop mode would spend them (a sample stops with its class token); without it there is one count."""
+    model, video = diverse_model()
+    compat = HaltingVT(HaltingVTConfig(**{**model.cfg.to_dict(), "release_compat": True}))
+    compat.load_state_dict(model.state_dict())
+    cfg, g, L = compat.cfg, compat.cfg.glimpser_depth, len(compat.joint.blocks)
+    T, S = video.shape[2], (cfg.img_size // cfg.patch_size) ** 2
+    with torch.no_grad():
+        out = compat.eval()(video)
+    assert model(video).gflops_release is None
+    depth, glimpsed = out.halt_depth, out.tokens_per_layer[:, :g]  # each token's own N_k: no stop in evaluation
+    for counted, stop in ((out.gflops_release, depth), (out.gflops, torch.minimum(depth, depth[:, :1]))):
+        joint = torch.tensor([[int((row >= l).sum()) for l in range(1, L + 1)] for row in stop])  # a loop
+        assert torch.allclose(counted, count_gflops(cfg, torch.cat([glimpsed, joint], 1), T, S))
+    assert (out.gflops <= out.gflops_release).all() and (out.gflops < out.gflops_release).any()
+
+
 def module_state(model):
     """Every module's attribute names, its public attribute values, and a copy of every tensor."""
     attrs = [(name, set(vars(m)), {k: v for k, v in vars(m).items() if not k.startswith("_")})
@@ -961,6 +1068,10 @@ def image_checkpoints(state):
         "timm train.py": {"epoch": 9, "arch": "deit_small_patch16_224", "state_dict": state, "state_dict_ema": ema,
                           "optimizer": {"state": {}, "param_groups": []}, "args": namespace, "version": 2,
                           "metric": 71.2},
+        # pytorch/examples' ImageNet main.py (and MoCo v3's main_lincls.py): a 0-dim tensor beside the weights
+        "imagenet main.py": {"epoch": 90, "arch": "vit_small", "best_acc1": torch.tensor(73.2),
+                             "state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}},
+        "raw, a note under model": {**state, "model": {"name": "deit_small"}},  # the top level is the weights
     }
 
 
@@ -1293,6 +1404,31 @@ def test_data_sample_indices_by_hand():
     assert len(draws) > 5  # training really is random
 
 
+def mmaction_sample_frames(n, T, I, test_mode, offset=None):
+    """mmaction2's SampleFrames(clip_len=T, frame_interval=I, num_clips=1), its 'loop' rule, by its own steps:
+    the indices for the clip start `offset` (training) and the starts training may draw."""
+    if test_mode:
+        offsets = [max(n - ((T - 1) * I + 1), 0) // 2]
+    else:
+        avg = n - T * I + 1  # (num_frames - ori_clip_len + 1) // num_clips
+        offsets = list(range(avg)) if avg > 0 else [0]  # randint(avg); avg == 0: around(0 * ratio) = 0; else 0
+    offset = offsets[0] if offset is None else offset
+    return [int(i) for i in np.mod(offset + np.arange(T) * I, n)], offsets
+
+
+@pytest.mark.parametrize("n, T, I", [(300, 8, 32), (256, 8, 32), (255, 8, 32), (250, 8, 32), (225, 8, 32),
+                                     (100, 8, 32), (1, 8, 32), (700, 10, 64), (20, 4, 5), (3, 4, 1)])
+def test_data_strided_sampler_is_mmaction_sample_frames(n, T, I):
+    assert data.sample_indices(n, T, False, frame_interval=I) == mmaction_sample_frames(n, T, I, True)[0]
+    drawn = set()
+    for seed in range(200):
+        got = data.sample_indices(n, T, True, random.Random(seed), frame_interval=I)
+        starts = mmaction_sample_frames(n, T, I, False)[1]
+        assert got in [mmaction_sample_frames(n, T, I, False, o)[0] for o in starts]
+        drawn.add(tuple(got))
+    assert len(drawn) >= min(len(starts), 10)  # training draws the start at random
+
+
 def test_data_read_clip_eval_takes_segment_centres(videos):
     clip = data.read_clip(videos["v20"], 8)
     assert clip.dtype == torch.uint8 and clip.shape == (8, 32, 48, 3)
@@ -1359,17 +1495,56 @@ def test_data_truncated_after_index_decodes_the_frames_it_has(videos):
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 20  # the header lies
     assert _frame_ids(data.read_clip(path, 8)) == data.sample_indices(decodable, 8, train=False)
-    # garbage in the middle of the frame data: the decoder raises after some good frames, which are the video
-    damaged = bytearray(content)
-    at = int(0.83 * len(content))
-    damaged[at:at + 40] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(damaged))
-    decodable = len(data.read_all_frames(path))
-    assert 1 < decodable < 20
-    assert _frame_ids(data.read_clip(path, 8)) == data.sample_indices(decodable, 8, train=False)
     path.write_bytes(content[: len(content) // 2])  # only a broken first frame left: nothing decodes
     with pytest.raises(data.VideoDecodeError, match=str(path)):
         data.read_clip(path, 8)
+
+
+def _damaged(path, codec, k, n=20):
+    """A grey video (frame k at grey GREY_STEP * k, 8 fps, a keyframe every 5 frames) whose frame k has a damaged
+    packet: zeroed, all of it for MJPEG (its JPEG header too), the middle half for H.264 and VP9."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width = 32, 48
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.options = {"threads": "1", "g": "5", **({"bf": "2"} if codec == "libx264" else {})}
+        for j in range(n):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), GREY_STEP * j, np.uint8),
+                                                                   format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        packet = sorted((p for p in container.demux(video=0) if p.size), key=lambda p: p.pts)[k]
+        start, end = (0, packet.size) if codec == "mjpeg" else (packet.size // 4, 3 * packet.size // 4)
+        start, end = packet.pos + start, packet.pos + end
+    raw = bytearray(path.read_bytes())
+    raw[start:end] = bytes(end - start)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("codec, ext", [("mjpeg", "avi"), ("libx264", "mp4"), ("libvpx-vp9", "webm")])
+def test_data_decoding_goes_on_past_a_damaged_packet(tmp_path, caplog, monkeypatch, codec, ext):
+    path = _damaged(tmp_path / f"damaged.{ext}", codec, 11)  # frame 11 of 20: keyframes at 0, 5, 10, 15
+    centres = data.sample_indices(20, 8, train=False)
+    assert centres == [1, 3, 6, 8, 11, 13, 16, 18]
+    for read in ("seeking", "every frame", "sequential"):
+        if read == "sequential":  # as for a file whose timestamps cannot number the frames: frames in output order
+            monkeypatch.setattr(data, "_frame_index", lambda packets: None)
+        stats = {}
+        ids = _frame_ids(data.read_all_frames(path) if read == "every frame" else data.read_clip(path, 8, stats=stats))
+        ids = [ids[k] for k in centres] if read == "every frame" else ids
+        # (in output order the lost frame is placed where the decoder reports it: with B-frames, on another frame)
+        assert stats.get("lost", 1) == 1 or read == "sequential" and stats["lost"] == 0, read
+        assert stats.get("frames", 20) == 20
+        # the whole video, not the frames before the damage; exact but in the damaged frame's group of pictures,
+        # whose later frames FFmpeg decodes from a stand-in reference (concealed, as players show them)
+        assert [i for i, k in zip(ids, centres) if not 10 <= k < 15] == [1, 3, 6, 8, 16, 18], read
+        if codec == "mjpeg":  # every frame stands alone: only frame 11 is lost, shown by a neighbour
+            assert ids[4] in (10, 12) and ids[5] == 13, read
+    assert data.read_all_frames(path).shape[0] == 20
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lines == [f"{path}: 1 of the 8 frames read could not be decoded and show their nearest decodable "
+                     "neighbour (1 damaged packets skipped)"]  # once per file, however often it is read
 
 
 def _h264(path, frames, fps=25, rotation=None, **options):
@@ -1451,6 +1626,34 @@ def test_data_display_rotation_is_applied(tmp_path, degrees):
     small = data.read_clip(path, 2, short_side=12)  # scaling and rotation together
     assert small.shape == (2, 20, 12, 3)
     assert (corners(small[0]) - corners(torch.from_numpy(upright))).abs().max() <= 30  # and blurred edges
+
+
+def test_data_anamorphic_video_comes_out_with_square_pixels(tmp_path, monkeypatch):
+    # a round disc on a 112 x 64 screen, stored squeezed to 80 x 64 and tagged with sample aspect ratio 7:5
+    # (as DV, HDV and DVD video is): a player stretches it back, and so must the reader
+    y, x = np.mgrid[0:64, 0:112] + 0.5
+    disc = np.where(((x - 56) ** 2 + (y - 32) ** 2 <= 24 ** 2)[..., None], 230, 40).astype(np.float32)
+    stored = F.interpolate(torch.from_numpy(disc).permute(2, 0, 1)[None], size=(64, 80), mode="area")[0]
+    stored = np.repeat(stored.expand(3, -1, -1).permute(1, 2, 0).round().byte().numpy()[None], 4, 0)
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 80, 64, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = fractions.Fraction(7, 5)
+        container.mux([p for image in stored for p in stream.encode(av.VideoFrame.from_ndarray(image))])
+        container.mux(stream.encode())
+
+    def aspect(frame):  # width / height of the bright disc
+        ys, xs = np.nonzero(frame[..., 1].numpy() > 135)
+        return (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+
+    for read in ("seeking", "sequential"):
+        if read == "sequential":  # the other path of the reader (see the damaged-packet test)
+            monkeypatch.setattr(data, "_frame_index", lambda packets: None)
+        clip, small = data.read_clip(path, 2), data.read_clip(path, 2, short_side=32)
+        assert clip.shape == (2, 64, 112, 3) and small.shape == (2, 32, 56, 3), read
+        assert abs(aspect(clip[0]) - 1) < 0.05 and abs(aspect(small[1]) - 1) < 0.08, read  # stored: 0.71
+    assert data.read_all_frames(path).shape == (4, 64, 112, 3)
 
 
 def test_data_reads_the_recording_not_a_thumbnail_or_cover_art(tmp_path):
@@ -1607,12 +1810,15 @@ def test_data_list_file_labels(tmp_path):
     assert data.parse_list_line("my clips/a b.mp4 3", multi_label=False) == ("my clips/a b.mp4", [3])
     assert data.parse_list_line("clip 2.mp4 5 7", multi_label=True) == ("clip 2.mp4", [5, 7])
     assert data.parse_list_line("   ", multi_label=False) is None
+    for name in ("a b.mp4", "sub/c.mp4", "x 1.mp4", "y.mp4"):  # listed files must exist (not decoded here)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
     single = _write(tmp_path / "single.txt", "a b.mp4 2\n\nsub/c.mp4 0\n")
     ds = data.VideoDataset(single, num_frames=8, img_size=32, train=False)
     assert [(p, l) for p, l in ds.samples] == [(tmp_path / "a b.mp4", [2]), (tmp_path / "sub/c.mp4", [0])]
     assert ds.num_classes == 3 and ds.classes is None
-    ds = data.VideoDataset(single, root="/videos", num_frames=8, img_size=32, train=False)
-    assert ds.samples[0][0] == data.Path("/videos/a b.mp4")
+    with pytest.raises(FileNotFoundError, match=r"2 of the 2 listed files do not exist, e.g. \['/videos/a b.mp4'"):
+        data.VideoDataset(single, root="/videos", num_frames=8, img_size=32, train=False)  # a wrong root
     multi = _write(tmp_path / "multi.txt", "x 1.mp4 0 3\ny.mp4 2\n")
     ds = data.VideoDataset(multi, num_frames=8, img_size=32, train=False, multi_label=True, num_classes=5)
     assert ds.samples[0] == (tmp_path / "x 1.mp4", [0, 3])
@@ -1637,15 +1843,58 @@ def test_data_class_folders_sorted_with_spaces(tmp_path, videos):
     for name in ["walk the dog", "ride a bike"]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "v 1.mp4").write_bytes(videos["v5"].read_bytes())
-    (tmp_path / "ride a bike" / "notes.txt").write_text("not a video")
+    (tmp_path / "ride a bike" / "notes.txt").write_text("not a video")  # taken, then a bad video
     ds = data.VideoDataset(tmp_path, num_frames=4, img_size=32, train=False, short_side=32)
     assert ds.classes == ["ride a bike", "walk the dog"]
-    assert [(p.parent.name, l) for p, l in ds.samples] == [("ride a bike", [0]), ("walk the dog", [1])]
-    assert ds[1]["label"] == 1 and ds[1]["video"].shape == (3, 4, 32, 32)
+    assert [(p.parent.name, p.name, l) for p, l in ds.samples] == [
+        ("ride a bike", "notes.txt", [0]), ("ride a bike", "v 1.mp4", [0]), ("walk the dog", "v 1.mp4", [1])]
+    assert ds[2]["label"] == 1 and ds[2]["video"].shape == (3, 4, 32, 32)
+    assert ds[0] == {"skipped": [str(tmp_path / "ride a bike" / "notes.txt")]}
+
+
+def test_data_class_folders_take_every_file_and_the_decoder_decides(tmp_path, videos, caplog):
+    caplog.set_level(logging.INFO)
+    files = {"clapping": ["0.mp4", "1.MTS", "2.m2ts", "3.3gp", ".DS_Store", "._0.mp4"],
+             "jumping": ["0.wmv", "Thumbs.db"]}
+    for name, names in files.items():
+        (tmp_path / name / "sub").mkdir(parents=True)  # a folder inside a class is not a video
+        for f in names:  # every one a video but the two hidden files and Thumbs.db, whatever the extension
+            (tmp_path / name / f).write_bytes(b"not a video" if f in (".DS_Store", "._0.mp4", "Thumbs.db") else
+                                               videos["v20"].read_bytes())
+    ds = data.VideoDataset(tmp_path, num_frames=4, img_size=32, train=False, short_side=32, motion_pairs=False)
+    assert [(p.parent.name, p.name, l) for p, l in ds.samples] == [
+        ("clapping", "0.mp4", [0]), ("clapping", "1.MTS", [0]), ("clapping", "2.m2ts", [0]), ("clapping", "3.3gp", [0]),
+        ("jumping", "0.wmv", [1]), ("jumping", "Thumbs.db", [1])]
+    assert f"{tmp_path}: 6 files in 2 classes: clapping 4, jumping 2" in caplog.text
+    assert [ds[i]["label"] for i in range(5)] == [0, 0, 0, 0, 1]
+    assert ds[5] == {"skipped": [str(tmp_path / "jumping" / "Thumbs.db")]}  # the decoder said no: a bad video
+
+
+def test_data_missing_listed_files_are_reported_together_and_other_spellings_found(tmp_path, videos, caplog):
+    nfc, nfd = "caf\u00e9", "cafe\u0301"  # "café" composed (Linux, Windows) and decomposed (macOS)
+    for rel in ["Clips/a.mp4", f"Clips/{nfc}.mp4", "Clips/Case.mp4", "Clips/x.mp4", "Clips/X.mp4"]:
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(videos["v5"].read_bytes())
+    listed = ["Clips\\a.mp4", f"Clips/{nfd}.mp4", "clips/case.MP4",  # Windows separators, macOS NFD, case
+              "Clips/x.MP4",  # two files match it ignoring case: not found
+              *(f"Clips/gone{i}.mp4" for i in range(7))]
+    lst = _write(tmp_path / "l.txt", "".join(f"{rel} {i % 2}\n" for i, rel in enumerate(listed)))
+    common = dict(num_frames=4, img_size=32, short_side=32, train=False, motion_pairs=False)
+    ds = data.VideoDataset(lst, **common)
+    assert ds.samples == [(tmp_path / "Clips/a.mp4", [0]), (tmp_path / f"Clips/{nfc}.mp4", [1]),
+                          (tmp_path / "Clips/Case.mp4", [0])]
+    assert ds[1]["video"].shape == (3, 4, 32, 32)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    gone = [str(tmp_path / "Clips/x.MP4")] + [str(tmp_path / f"Clips/gone{i}.mp4") for i in range(4)]
+    assert warnings == [f"{lst}: 8 of the 11 listed files do not exist, e.g. {gone}; left out"]  # one line
+    with pytest.raises(FileNotFoundError, match=r"8 of the 11 listed files do not exist"):
+        data.VideoDataset(lst, on_error="raise", **common)
 
 
 def test_data_list_file_with_a_bom_and_windows_line_ends(tmp_path, videos):
     (tmp_path / "clip0.mp4").write_bytes(videos["v5"].read_bytes())
+    (tmp_path / "my clips").mkdir()
+    (tmp_path / "my clips/b.mp4").touch()
     text = "clip0.mp4 0\r\nmy clips/b.mp4 2\r\n\r\n"  # as Notepad saves "UTF-8 with BOM"
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
     ds = data.VideoDataset(tmp_path / "bom.txt", num_frames=4, img_size=32, train=False, short_side=32)
@@ -1655,6 +1904,68 @@ def test_data_list_file_with_a_bom_and_windows_line_ends(tmp_path, videos):
     (tmp_path / "multi.txt").write_bytes(b"\xef\xbb\xbfclip 1.mp4 0 3\r\ny.mp4 2\r\n")
     assert data.read_list_file(tmp_path / "multi.txt", multi_label=True) == [(tmp_path / "clip 1.mp4", [0, 3]),
                                                                               (tmp_path / "y.mp4", [2])]
+
+
+def write_jpeg_frames(folder, frames, start_index=1):
+    """uint8 (n, H, W, 3) frames as folder/img_00001.jpg, ... (mmaction2's layout), encoded with PyAV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(frames):
+        codec = av.CodecContext.create("mjpeg", "w")
+        codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
+        codec.time_base = Fraction(1, 25)
+        packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+        (folder / data.FRAME_TEMPLATE.format(start_index + k)).write_bytes(
+            b"".join(bytes(p) for p in packets + codec.encode(None)))
+    return folder
+
+
+@pytest.mark.parametrize("interval", [None, 3])
+def test_data_frame_folder_gives_the_videos_frames(tmp_path, interval):
+    """A video's frames written as JPEG come back, at the sampled indices, within 3 grey levels of the video."""
+    video = tmp_path / "v.mp4"
+    data.write_video(video, data.render_demo_video(2, np.random.default_rng(0)))
+    frames = data.read_all_frames(video)  # (16, 72, 72, 3)
+    folder = write_jpeg_frames(tmp_path / "frames", frames.numpy())
+    for train, rng in ((False, None), (True, random.Random(1))):
+        want = data.sample_indices(16, 8, train, random.Random(1) if train else None, interval)
+        got = data.read_frames(folder, 8, train, rng, frame_interval=interval)
+        assert got.shape == (8, 72, 72, 3)
+        assert (got.float() - frames[want].float()).abs().mean(dim=(1, 2, 3)).max() < 3
+        assert (got.float() - frames[want[::-1]].float()).abs().mean() > 3  # the frames differ: order tells
+    clip = data.eval_clip(folder, 8, 64, frame_interval=interval)  # --predict and --halting-map take folders
+    assert (clip - data.eval_clip(video, 8, 64, frame_interval=interval)).abs().mean() * data.STD < 3
+
+
+def test_data_rawframe_lists_missing_frames_and_counts(tmp_path, caplog):
+    frames = np.stack([np.full((32, 32, 3), GREY_STEP * k, np.uint8) for k in range(12)])
+    write_jpeg_frames(tmp_path / "a b", frames)
+    write_jpeg_frames(tmp_path / "short", frames[:6])
+    gap = write_jpeg_frames(tmp_path / "gap", frames)
+    (gap / "img_00005.jpg").unlink()  # frame 4, which the evaluation samples
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "img_00001.jpg").write_bytes(b"not a jpeg")
+    listed = _write(tmp_path / "list.txt", "a b 12 0 3\nshort 12 1\ngap 12 2\nbroken 1 1\nnone 5 0\n")
+    common = dict(num_frames=4, img_size=32, train=False, short_side=32, multi_label=True, num_classes=4,
+                  rawframes=True, frame_interval=3)
+    ds = data.VideoDataset(listed, **common)
+    assert ds.samples[0] == (tmp_path / "a b", [0, 3]) and ds.frame_counts[tmp_path / "a b"] == 12
+    assert _frame_ids(data.display_frames(ds[0]["video"])) == [1, 4, 7, 10]  # the centred start, (12 - 10) // 2
+    assert ds[0]["label"].tolist() == [1, 0, 0, 1]
+    with caplog.at_level(logging.WARNING):
+        ids = [_frame_ids(data.display_frames(ds[1]["video"])) for _ in range(2)]
+    assert ids == [[0, 3, 0, 3]] * 2  # sampled within the 6 frames there are (wrapping), said once
+    assert caplog.text.count("the list says 12 frames, the folder holds 6") == 1
+    assert len(ds) == 4  # the missing folder "none" is left out when the dataset is built, as a missing video is
+    with pytest.raises(FileNotFoundError, match="none"):
+        data.VideoDataset(listed, **common, on_error="raise")
+    present = _write(tmp_path / "present.txt", "a b 12 0 3\nshort 12 1\ngap 12 2\nbroken 1 1\n")
+    for i, folder, name in ((2, "gap", "gap/img_00005.jpg"), (3, "broken", "broken/img_00001.jpg")):
+        assert ds[i] == {"skipped": [str(tmp_path / folder)]}  # a bad video: left out of an evaluation
+        with pytest.raises(data.VideoDecodeError, match=name):  # the file named
+            data.VideoDataset(present, **common, on_error="raise")[i]
+    assert data.count_frame_files(tmp_path / "a b") == 12  # no list: counted from the files
+    with pytest.raises(ValueError, match="frame_template"):
+        data.VideoDataset(listed, **common, frame_template="img_{:05}_{}.jpg")
 
 
 def _class_folders(root, names, video):
@@ -1682,6 +1993,7 @@ def test_data_validation_folders_take_the_training_labels_by_name(tmp_path, vide
     with pytest.raises(ValueError, match=r"class folders \['curling'\] are not among the 3 training classes"):
         data.VideoDataset(val_root, num_frames=4, img_size=32, train=False, classes=names)
     # a list file beside class folders: its labels are indices into the training classes, and must name one
+    (tmp_path / "a.mp4").touch()
     listed = data.VideoDataset(_write(tmp_path / "val.txt", "a.mp4 2\n"), num_frames=4, img_size=32,
                                train=False, classes=names)
     assert listed.classes == names and listed.samples == [(tmp_path / "a.mp4", [2])]
@@ -1968,6 +2280,34 @@ def test_train_mode_default_follows_amp_and_a_flag_beats_it():
     assert train.parse_args(["--train-mode", "mask"]).train_mode == "mask"
 
 
+def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog):
+    """--eval-only --init of a release-layout checkpoint on an mmaction2 frame-folder list, with no training set:
+    the release-compatible forward comes on (logged) and both GFLOPs counts are reported; --no-release-compat
+    and any other layout leave it off; --train-mode drop with it is an error."""
+    source = random_video_model()
+    torch.save({"state_dict": release_names(source.state_dict(), g=2)}, tmp_path / "release.pth")
+    torch.save({"model": source.state_dict()}, tmp_path / "video.pth")
+    lines = []
+    for i in range(3):
+        frames = data.render_demo_video(i, np.random.default_rng(i))  # (16, 72, 72, 3)
+        write_jpeg_frames(tmp_path / "frames" / f"v{i}", frames)
+        lines.append(f"frames/v{i} 16 {i}\n")
+    val = _write(tmp_path / "val.txt", "".join(lines))
+    flags = ["--eval-only", "--val", str(val), "--rawframes", "--frame-interval", "2", "--model", "tiny",
+             "--embed-dim", "32", "--depth", "4", "--heads", "2", "--num-classes", "6", "--beta", "0",
+             "--out", str(tmp_path / "run"), "--threads", "1"]
+    with caplog.at_level(logging.INFO, logger="train"):
+        compat = train.main(flags + ["--init", str(tmp_path / "release.pth")])
+    assert "has the release's layout: release-compatible forward on" in caplog.text
+    assert compat["val_videos"] == 3 and compat["val_gflops"] <= compat["val_gflops_release"]
+    for init, extra in (("release.pth", ["--no-release-compat"]), ("video.pth", [])):
+        plain = train.main(flags + ["--init", str(tmp_path / init), *extra])
+        assert "val_gflops_release" not in plain and plain["val_top1"] >= 0
+    with pytest.raises(SystemExit, match="mask mode only"):
+        train.parse_args(flags + ["--release-compat", "--train-mode", "drop"])
+    assert train.parse_args(flags + ["--release-compat"]).train_mode == "mask"
+
+
 def test_train_optimizer_groups_and_schedule():
     args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
     model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
@@ -2094,6 +2434,13 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
         assert [c["prob"] for c in result["top5"]] == pytest.approx(probs[order].tolist())
         assert result["gflops"] == pytest.approx(out.gflops[0].item())
         assert result["halt_depth_mean"] == pytest.approx(out.halt_depth[0].float().mean().item())
+    folder = write_jpeg_frames(tmp_path / "frames", data.read_all_frames(good[0]).numpy())  # a frame folder too
+    train.main(["--predict", str(folder), "--resume", str(ckpt_path), "--json", "--threads", "1"])
+    clip = data.eval_transform(data.read_frames(folder, 4), 64, data.DEMO_EVAL_SHORT_SIDE)
+    with torch.no_grad():
+        probs = model(clip.unsqueeze(0), drop_halted=True).logits[0].softmax(0)
+    result = json.loads(capsys.readouterr().out)
+    assert [c["prob"] for c in result["top5"]] == pytest.approx(probs.sort(descending=True).values[:5].tolist())
     torch.save({**ckpt, "classes": None}, tmp_path / "unnamed.pt")
     train.main(["--predict", str(good[0]), "--resume", str(tmp_path / "unnamed.pt"), "--threads", "1"])
     text = capsys.readouterr().out.splitlines()
@@ -2202,6 +2549,7 @@ def test_train_build_data_labels_validation_by_the_training_classes(tmp_path, vi
     assert [(p.parent.name, l) for p, l in val.samples] == [("abseiling", [0]), ("cartwheeling", [2])]
     assert "['bowling']" in caplog.text
     # a validation list file beside training folders, or the other way round: by index, and the log says so
+    (tmp_path / "a").touch()
     args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(_write(tmp_path / "v.txt", "a 2\n")),
                               "--no-randaugment"])
     assert train.build_data(args, rank=0)[1].samples == [(tmp_path / "a", [2])]
