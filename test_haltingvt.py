@@ -744,7 +744,8 @@ def test_gflops_match_flop_counter_on_a_drop_mode_forward():
 
 @pytest.mark.parametrize("overrides", [
     dict(glimpser_depth=1), dict(glimpser_depth=3),  # the pruning layer first, or third of three
-    dict(embed_dim=4, num_heads=1, img_size=32, num_frames=2, depth=3, mlp_ratio=1.0, num_classes=2),  # one MAC shows
+    dict(embed_dim=4, num_heads=1, img_size=32, num_frames=2, depth=3, mlp_ratio=1.0, num_classes=2),  # 1 MAC shows
+    dict(embed_dim=4, num_heads=1, img_size=32, num_frames=2, depth=3, mlp_ratio=1.0, motion_head=False),
 ])
 def test_gflops_match_flop_counter_for_other_shapes(overrides):
     torch.manual_seed(0)
@@ -767,22 +768,34 @@ def ref_resize_time(time, T):
     return torch.stack(rows)
 
 
+def ref_bicubic(v, n):
+    """Rows of v (n0, ...) resampled to n by cubic convolution (a = -0.75), sample centres aligned, the edge rows
+    repeated past the border: bicubic interpolation along one axis, written out."""
+    def w(t, a=-0.75):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
+    n0, rows = len(v), []
+    for i in range(n):
+        src = (i + 0.5) * n0 / n - 0.5
+        lo = math.floor(src)
+        rows.append(sum(w(src - (lo + k)) * v[min(max(lo + k, 0), n0 - 1)] for k in (-1, 0, 1, 2)))
+    return torch.stack(rows)
+
+
 def test_resized_embeddings_by_hand():
     torch.manual_seed(0)
     time = torch.randn(1, 4, 3)
     assert haltingvt.resize_time_embed(time, 4) is time
     for T in (2, 5, 8):
         assert torch.allclose(haltingvt.resize_time_embed(time, T)[0], ref_resize_time(time[0], T), atol=1e-6)
-    # channel 0 holds the patch's row, channel 1 its column: the resized grid keeps rows as rows
-    row, col = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
-    pos = torch.cat([torch.tensor([[7.0, 8.0, 9.0]]), torch.stack([row, col, torch.randn(4, 4)], -1).view(16, 3)])
-    out = haltingvt.resize_pos_embed(pos[None], (6, 5))[0]  # (1 + 30, 3)
-    assert torch.equal(out[0], pos[0])  # the class token's entry is kept as it is
-    grid = out[1:].view(6, 5, 3)
-    assert torch.allclose(grid[..., 0], grid[:, :1, 0].expand(6, 5), atol=1e-5)  # row index: constant along rows
-    assert torch.allclose(grid[..., 1], grid[:1, :, 1].expand(6, 5), atol=1e-5)
-    assert (grid[1:, 0, 0] > grid[:-1, 0, 0]).all() and (grid[0, 1:, 1] > grid[0, :-1, 1]).all()
-    assert torch.equal(haltingvt.resize_pos_embed(pos[None], (4, 4)), pos[None])
+    pos = torch.randn(1, 17, 3)  # the class token's entry, then a 4 x 4 grid, row-major
+    out = haltingvt.resize_pos_embed(pos, (6, 5))[0]  # (1 + 30, 3)
+    assert torch.equal(out[0], pos[0, 0])  # the class token's entry is kept as it is
+    grid = ref_bicubic(ref_bicubic(pos[0, 1:].view(4, 4, 3), 6).transpose(0, 1), 5).transpose(0, 1)  # (6, 5, 3)
+    assert torch.allclose(out[1:], grid.reshape(30, 3), atol=1e-5)
+    assert torch.equal(haltingvt.resize_pos_embed(pos, (4, 4)), pos)
 
 
 def test_other_frame_counts_and_sizes_resize_the_embeddings():
