@@ -167,6 +167,20 @@ def test_model_halting_invariants_and_loop_agrees_with_halting_weights():
     assert len(out.halt_depth.unique()) >= 3 and (out.halt_depth[:, 0] < L).any()
 
 
+def test_default_execution_is_drop_in_evaluation_and_mask_in_training():
+    """drop_halted=None: evaluation removes halted tokens (packed rows), training masks them (the joint layers
+    are called on the fixed (B, K, D) tensor); an explicit value wins."""
+    model, video = diverse_model()
+    masked = []
+    model.joint.blocks[0].register_forward_hook(lambda module, args, out: masked.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        for training, drop, mask_mode in [(False, None, False), (True, None, True), (False, False, True),
+                                          (True, True, False)]:
+            masked.clear()
+            model.train(training)(video[:2], drop_halted=drop)
+            assert bool(masked) == mask_mode, (training, drop)
+
+
 def test_halted_tokens_take_no_part_in_later_layers():
     """In mask mode a halted token's frozen state stays in the tensor: overwrite it with garbage before the next
     layer, and nothing that layer computes for the live tokens may change (not a key, not a value)."""
@@ -182,15 +196,19 @@ def test_halted_tokens_take_no_part_in_later_layers():
         ref = model(video, drop_halted=False)
     blk = model.joint.blocks[depth[k].item()]  # the first layer it no longer takes part in
 
+    calls = []
+
     def overwrite(module, args, kwargs):
         x = args[0].clone()
         x[0, k] = 50.0
+        calls.append(k)
         return (x,), kwargs
 
     handle = blk.register_forward_pre_hook(overwrite, with_kwargs=True)
     with torch.no_grad():
         poked = model(video, drop_halted=False)
     handle.remove()
+    assert calls  # mask mode ran that layer on the frozen state
     assert torch.allclose(poked.logits, ref.logits, atol=1e-6)
     assert torch.equal(poked.halt_depth, ref.halt_depth)
 
