@@ -101,6 +101,7 @@ def test_halting_weights_matches_slow_loop_on_random_scores():
     for L in (1, 2, 5, 10):
         h = torch.rand(L, 3, 7) * torch.rand(1, 3, 7)  # a range of speeds
         weights, depth, remainder = check_against_slow(h, eps=0.01)
+        assert weights.shape == h.shape and depth.shape == remainder.shape == (3, 7)
         assert torch.allclose(weights.sum(0), torch.ones(3, 7))
         assert ((1 <= depth) & (depth <= L)).all()
         assert ((0 < remainder) & (remainder <= 1)).all()
