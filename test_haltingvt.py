@@ -704,12 +704,6 @@ def test_stochastic_depth_drops_whole_samples_in_drop_mode_as_in_mask_mode():
         assert not torch.allclose(model.eval()(video).logits, logits[1], atol=1e-3)
 
 
-def test_halting_weights_stay_on_the_scores_device():
-    """On the meta device (a stand-in for a GPU: no data, but a device of its own) nothing is made on the CPU."""
-    weights, depth, remainder = halting_weights(torch.rand(4, 2, 3).to("meta"), 0.01)
-    assert weights.device.type == depth.device.type == remainder.device.type == "meta"
-
-
 @pytest.mark.parametrize("drop", [False, True])
 def test_every_parameter_gets_a_finite_gradient(drop):
     torch.manual_seed(0)
