@@ -571,8 +571,8 @@ def stopped(s: RunState, signum: int, during: str) -> Stopped:
     script = sys.argv[0] if sys.argv[0].endswith("train.py") else __file__
     launcher = ["python"] if s.world == 1 else ["torchrun", f"--nproc-per-node={s.world}"]
     command = shlex.join([*launcher, script, "--resume", str(Path(s.args.out) / "last.pt")])
-    log.info("%s during %s: %s/last.pt holds epoch %d, step %d (%d samples into epoch %d). To continue, run the "
-             "same command again, or: %s", signal.Signals(signum).name, during, s.args.out, s.epoch, s.step,
+    log.info("%s: stopped during %s; %s/last.pt holds the run at step %d, %d samples into epoch %d. To continue, "
+             "run the same command again, or: %s", signal.Signals(signum).name, during, s.args.out, s.step,
              s.samples_in_epoch, s.epoch + 1, command)
     return Stopped(128 + signum)
 
