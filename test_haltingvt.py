@@ -1877,7 +1877,8 @@ def test_train_sigterm_to_the_job_with_workers_then_the_same_command_goes_on(dem
     run (a requeue), appends to metrics.jsonl and ends with the weights of a run that never stopped."""
     status, log = run_job(train_command(demo, tmp_path / "straight", "--epochs", "2"))
     assert status == 0, "".join(log[-20:])
-    job, workers = train_command(demo, tmp_path / "job", "--epochs", "2", "--workers", "2"), []
+    # --overwrite in a job script does not throw away the unfinished run of the same flags it finds
+    job, workers = train_command(demo, tmp_path / "job", "--epochs", "2", "--workers", "2", "--overwrite"), []
 
     def term_workers(p):
         workers.extend(children(p.pid))
@@ -1961,10 +1962,10 @@ def test_train_out_with_a_finished_or_another_run_is_never_overwritten(demo, tmp
     train.main(command)
     files = {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}
     with pytest.raises(SystemExit, match=r"finished run \(epoch 1 of 1\): choose another --out, or pass "
-                                         r"--overwrite .*--resume .*last\.pt --eval-only"):
+                                         r"--overwrite to replace it; --resume .*last\.pt --eval-only evaluates it"):
         train.main(command)
-    with pytest.raises(SystemExit, match=r"other flags \(--lr 0\.001 there, 0\.5 now\): pass --resume .*last\.pt"
-                                         r" to continue that run, choose another --out, or pass --overwrite"):
+    with pytest.raises(SystemExit, match=r"other flags \(--lr 0\.001 there, 0\.5 now\): choose another --out, or "
+                                         r"pass --overwrite to replace it; --resume .*last\.pt continues that run"):
         train.main(command + ["--lr", "0.5"])
     with caplog.at_level(logging.INFO, logger="train"):
         final = train.main(["--resume", str(tmp_path / "last.pt")])

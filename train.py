@@ -185,7 +185,8 @@ def run_flags(p: argparse.ArgumentParser):
     r("--threads", type=int, help="torch CPU threads per process (default: cores / local processes)")
     r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only); without it, an unfinished "
                        "run of the same flags in --out is continued")
-    r("--overwrite", action="store_true", help="start afresh in an --out that holds another or a finished run")
+    r("--overwrite", action="store_true", help="start afresh in an --out that holds a finished run or another "
+                                                "run's files (an unfinished run of the same flags goes on)")
     r("--eval-only", action="store_true")
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
@@ -421,8 +422,8 @@ def fit(s: RunState, train_set, val_loader) -> dict:
                 metrics = evaluation(s, val_loader, stop, train_loss)
         if s.epoch == args.epochs and not metrics:  # resumed after the last epoch, whose evaluation was cut short
             metrics = evaluation(s, val_loader, stop, None)
-    if s.epoch == args.epochs:
-        finish(s, metrics)
+        if s.epoch == args.epochs:
+            finish(s, metrics)
     return metrics
 
 
@@ -562,8 +563,8 @@ class StopFlag:
 
 
 class Stopped(SystemExit):
-    """A stop signal ended the run after last.pt was saved. The exit status is 128 + the signal's number (130 for
-    SIGINT, 143 for SIGTERM), as for a process the signal killed, so that a script can tell it from a finished run."""
+    """A signal stopped the run, last.pt saved: exit status 128 + its number (130 SIGINT, 143 SIGTERM), as a shell
+    reports a process the signal killed, so that a script can tell it from a finished run."""
 
 
 def stopped(s: RunState, signum: int, during: str) -> Stopped:
@@ -728,28 +729,29 @@ RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "thr
 
 
 def claim_out(args):
-    """A training run without --resume whose OUT holds a run already: a requeued or restarted job runs the same
-    command again, so an unfinished run there with these flags (but RESUME_FREE) is continued (args.resume
-    becomes its last.pt); a finished run or another run's files are never overwritten: SystemExit, unless
-    --overwrite (start clears them)."""
-    out = Path(args.out)
+    """A training run without --resume whose OUT holds a run already. A requeued or restarted job runs the same
+    command again, so an unfinished run there with these flags (but RESUME_FREE) is continued: args.resume becomes
+    its last.pt, even with --overwrite (a job script may hold it). A finished run, another run's flags or files:
+    SystemExit saying what to do, or with --overwrite a fresh run (start clears the files)."""
+    out, last = Path(args.out), Path(args.out) / "last.pt"
     found = [name for name in RUN_FILES if (out / name).exists()]
-    if args.resume or args.overwrite or not found:
+    if args.resume or not found:
         return
-    last, choices = out / "last.pt", "choose another --out, or pass --overwrite to replace it"
     if "last.pt" not in found:
-        raise SystemExit(f"--out {out} holds another run's {', '.join(found)}: {choices}")
-    ckpt = read_run_checkpoint(last)
-    saved, now = ckpt.get("args", {}), data.plain(vars(args))
-    differ = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now"
-              for k in sorted(saved.keys() & now.keys() - RESUME_FREE) if saved[k] != now[k]]
-    if differ:
-        raise SystemExit(f"--out {out} holds a run with other flags ({'; '.join(differ)}): pass --resume {last} "
-                         f"to continue that run, {choices}")
-    if finished(ckpt, args):
-        raise SystemExit(f"--out {out} holds a finished run (epoch {ckpt['epoch']} of {args.epochs}): {choices} "
-                         f"(--resume {last} --eval-only evaluates it)")
-    args.resume = str(last)
+        problem, hint = f"another run's {', '.join(found)}", ""
+    else:
+        ckpt = read_run_checkpoint(last)
+        saved, now = ckpt.get("args", {}), data.plain(vars(args))
+        differ = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now"
+                  for k in sorted(saved.keys() & now.keys() - RESUME_FREE) if saved[k] != now[k]]
+        if not differ and not finished(ckpt, args):
+            args.resume = str(last)
+            return
+        problem = f"a run with other flags ({'; '.join(differ)})" if differ else \
+            f"a finished run (epoch {ckpt['epoch']} of {args.epochs})"
+        hint = f"; --resume {last} continues that run" if differ else f"; --resume {last} --eval-only evaluates it"
+    if not args.overwrite:
+        raise SystemExit(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
 
 
 def finished(ckpt: dict, args) -> bool:
