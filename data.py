@@ -898,30 +898,43 @@ def collate(batch):
             "label": label, "motion": torch.tensor(motion), "skipped": skipped}
 
 
-def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers=0, skip_batches=0, train=True):
+def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers=0, skip_samples=0, train=True):
     """The DataLoader of one epoch over a VideoDataset, `batch_size` videos a batch (collate).
 
-    Training: a shuffle seeded by (seed, epoch), the same in every process, split between the `world` processes
-    (DistributedSampler, also for one process); `skip_batches` resumes in the middle of an epoch. The dataset's
-    augmentation is seeded by (seed, epoch, index). So an epoch's batches are the same however often the run
-    stopped and resumed. Evaluation: each process takes every world-th video, no padding, no duplicates.
+    Training: train_order. The dataset's augmentation is seeded by (seed, epoch, index), so an epoch's samples are
+    the same however often the run stopped and resumed, on any number of processes. Evaluation: each process
+    takes every world-th video, no padding, no duplicates.
     """
     dataset.set_epoch(epoch)
     if train:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip_batches * batch_size:]
+        order = train_order(len(dataset), batch_size, epoch, rank, world, seed=seed, skip_samples=skip_samples)
     else:
         order = list(range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=train,
-                                       num_workers=workers, collate_fn=collate,
-                                       pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigint)
+                                       num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=_leave_signals_to_main)
 
 
-def _ignore_sigint(worker_id):
-    """Ctrl-C reaches the DataLoader workers too; they leave it to the main process, which saves and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def train_order(n, batch_size, epoch, rank=0, world=1, *, seed=0, skip_samples=0) -> list:
+    """This process's dataset indices for one training epoch, whole batches only.
+
+    One shuffle of the n indices, seeded by (seed, epoch) and the same in every process (DistributedSampler's),
+    is dealt round-robin to the `world` processes; so each step takes the next batch_size x world indices of it,
+    and after any number of steps the samples taken are a prefix of the shuffle. `skip_samples` (that prefix's
+    length, from a checkpoint) resumes in the middle of an epoch, also on another number of processes or batch
+    size: nothing of the epoch is repeated, and only the end that no longer fills a step is left out.
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    rest = torch.randperm(n, generator=g).tolist()[skip_samples:]
+    return rest[rank::world][:len(rest) // world // batch_size * batch_size]
+
+
+def _leave_signals_to_main(worker_id):
+    """Ctrl-C reaches the DataLoader workers too, and a cluster's SIGTERM reaches every process of the job: the
+    workers ignore both and leave them to the main process, which saves last.pt after the step under way (a
+    worker killed first would fail that step instead)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def single_threaded(loader):

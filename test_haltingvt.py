@@ -12,9 +12,11 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import tracemalloc
 import weakref
 from fractions import Fraction
@@ -1757,6 +1759,20 @@ def test_data_motion_pair_and_collate(videos):
     assert single["motion"].tolist() == [1, 1, 1]
 
 
+def test_data_train_order_resumes_on_other_processes_without_repeats():
+    n, epoch, seed = 23, 3, 5
+    shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=2, rank=1, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    assert data.train_order(n, 2, epoch, 1, 2, seed=seed) == list(sampler)[:10]  # its order, whole batches
+    # 2 processes x 3 videos stop after 2 steps; 3 processes x 2 videos take the rest of the epoch
+    taken = [i for rank in range(2) for i in data.train_order(n, 3, epoch, rank, 2, seed=seed)[:2 * 3]]
+    rest = [data.train_order(n, 2, epoch, rank, 3, seed=seed, skip_samples=12) for rank in range(3)]
+    assert sorted(taken) == sorted(shuffle[:12])  # a prefix of the shuffle
+    assert [len(r) for r in rest] == [2, 2, 2] and sorted(sum(rest, [])) == sorted(shuffle[12:18])
+    # (the last 5 samples fill no step of 3 x 2: left out, as an epoch's tail always is)
+
+
 def test_data_dataset_reproducible_and_cache_identical(videos, tmp_path):
     lst = _write(tmp_path / "l.txt", f"{videos['v20']} 0\n{videos['v5']} 1\n")
     kw = dict(num_frames=8, img_size=24, train=True, scale=(28, 36), seed=5)
@@ -1996,21 +2012,17 @@ def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog)
 def test_train_optimizer_groups_and_schedule():
     args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
     model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
-    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=10)
+    optimizer = train.build_optimizer(model, args)
     decay, no_decay = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "pos_embed", "time_embed", "norm.weight", "head.bias"} <= no_decay_names
     assert all(p.ndim > 1 for p in decay["params"]) and "head.weight" not in no_decay_names
     assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
-    lrs = []
-    for _ in range(40):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = [train.lr_at(args, step / 10) for step in range(41)]  # 10 steps an epoch
     assert lrs[0] == pytest.approx(1e-6)  # warm-up starts at 0.1 x lr
     assert max(lrs) == pytest.approx(1e-5) and lrs.index(max(lrs)) == 10  # peak after the warm-up epoch
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert lrs[25] == pytest.approx(0.5e-5) and lrs[40] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
 
 
 def test_train_average_precision():
@@ -2031,7 +2043,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
     assert len(metrics["tokens_per_layer"]) == 4 and 1 <= metrics["halt_depth_mean"] <= 2
     assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == 6
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= ckpt.keys()
+    assert {"model", "optimizer", "epoch", "samples_in_epoch", "step", "world", "config", "rng"} <= ckpt.keys()
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["embed_dim"] == 32
     assert (tmp_path / "best.pt").is_file() and not list(tmp_path.glob("*.tmp"))
     # --eval-only on the saved weights gives the same figures
@@ -2056,11 +2068,11 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
     args = train.parse_args(["--out", str(tmp_path)])
     args.list_root = tmp_path  # a Path; --demo-videos is a tuple
-    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=2)
+    optimizer = train.build_optimizer(model, args)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1), np.random.standard_normal()  # both now hold a cached Gaussian in their state
-    state = {"epoch": 1, "batch_in_epoch": 0, "step": 2, "best": 0.5}
-    train.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, state, model.cfg, args, ["a", "b"])
+    state = {"epoch": 1, "samples_in_epoch": 0, "step": 2, "best": 0.5}
+    train.save_checkpoint(tmp_path / "c.pt", model, optimizer, state, model.cfg, args, ["a", "b"])
     expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
@@ -2147,13 +2159,172 @@ def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
         return forward_loss(*a, **kw)
 
     monkeypatch.setattr(train, "forward_loss", interrupted)
-    train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
+    assert stop.value.code == 130  # 128 + SIGINT, after saving
     ckpt = torch.load(tmp_path / "split/last.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 1, 1)  # the second step was not taken
+    assert (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (0, 4, 1)  # the second step was not taken
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
     monkeypatch.setattr(train, "forward_loss", forward_loss)
     train.main(small_run(demo, tmp_path / "split", "--epochs", "1", "--resume", str(tmp_path / "split/last.pt")))
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+
+
+# Preemption and requeue: real signals to train.py run as a cluster job runs it (its own process group), then the
+# same command again.
+
+# train.py with each evaluation batch announced and slowed down, so that a test can signal during one
+SLOW_EVAL = ("import sys, time, losses, train\n"
+             "add = losses.add_eval_batch\n"
+             "def announced(*a, **kw):\n"
+             "    print('eval batch', flush=True)\n"
+             "    time.sleep(0.3)\n"
+             "    return add(*a, **kw)\n"
+             "losses.add_eval_batch = announced\n"
+             "train.main(sys.argv[1:])\n")
+
+
+def train_command(demo, out, *extra, slow_eval=False):
+    """The small demo run as a job starts it: python train.py ..., one thread."""
+    script = ["-c", SLOW_EVAL] if slow_eval else [str(Path(train.__file__))]
+    return [sys.executable, *script, *small_run(demo, out, "--threads", "1", *extra)]
+
+
+def run_job(cmd, actions=(), timeout=240):
+    """Run `cmd` in its own process group; when a line of its log first contains a key of `actions`, call that
+    action with the process. Returns (exit status, the log's lines)."""
+    actions, lines = dict(actions), []
+    p = subprocess.Popen(cmd, cwd=Path(train.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            for key in [k for k in actions if k in line]:
+                actions.pop(key)(p)
+        return p.wait(), lines
+    finally:
+        timer.cancel()
+
+
+def children(pid) -> list:
+    """The ids of a process's child processes (Linux): a training process's DataLoader workers."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def epochs_recorded(out) -> list:
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_sigterm_to_the_job_with_workers_then_the_same_command_goes_on(demo, tmp_path):
+    """SIGTERM to the DataLoader workers alone changes nothing; SIGTERM to every process of the job (as a
+    cluster sends it) saves last.pt after the step under way and exits 143; the same command again continues the
+    run (a requeue), appends to metrics.jsonl and ends with the weights of a run that never stopped."""
+    status, log = run_job(train_command(demo, tmp_path / "straight", "--epochs", "2"))
+    assert status == 0, "".join(log[-20:])
+    # --overwrite in a job script does not throw away the unfinished run of the same flags it finds
+    job, workers = train_command(demo, tmp_path / "job", "--epochs", "2", "--workers", "2", "--overwrite"), []
+
+    def term_workers(p):
+        workers.extend(children(p.pid))
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    # 3 steps an epoch: the workers in the first step of epoch 2, the whole job in its second
+    status, log = run_job(job, {"step 4/": term_workers, "step 5/": lambda p: os.killpg(p.pid, signal.SIGTERM)})
+    assert len(workers) == 2 and status == 143, "".join(log[-20:])
+    ckpt, last = torch.load(tmp_path / "job/last.pt", weights_only=True), tmp_path / "job/last.pt"
+    assert ckpt["step"] >= 5 and epochs_recorded(tmp_path / "job") == [1]
+    assert log[-1].rstrip().endswith(f"run the same command again, or: python {train.__file__} --resume {last}")
+    status, log = run_job(job)
+    assert status == 0 and f"resuming from {last}, epoch {ckpt['epoch'] + 1}, step {ckpt['step']}\n" in \
+        "".join(log), "".join(log[-20:])
+    assert epochs_recorded(tmp_path / "job") == [1, 2]
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(last))
+
+
+@pytest.mark.slow
+def test_train_two_processes_stopped_mid_epoch_then_resumed_on_one(demo, tmp_path, monkeypatch, caplog):
+    """SIGTERM to a torchrun job of 2 processes x 1 video, then the same flags on 1 process x 2 videos: the epoch
+    goes on after the samples the 2 processes took, and the learning rate at every step is the schedule in
+    epochs, recomputed here by hand."""
+    flags = ["--epochs", "2", "--device", "cpu"]  # 12 training videos; demo preset: lr 1e-3, 1 warm-up epoch
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    status, log = run_job([*torchrun, *train_command(demo, tmp_path, *flags, "--batch-size", "1")[1:]],
+                          {"step 2/": lambda p: os.killpg(p.pid, signal.SIGTERM)})  # 6 steps an epoch
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["world"] == 2 and ckpt["epoch"] == 0 and ckpt["samples_in_epoch"] == 2 * ckpt["step"], \
+        "".join(log[-30:])
+
+    def by_hand(epochs_done):
+        if epochs_done < 1:
+            return 1e-3 * (0.1 + 0.9 * epochs_done)
+        return 1e-3 * (1 + math.cos(math.pi * (epochs_done - 1))) / 2
+
+    logged = [re.search(r"epoch 1 step (\d+)/\d+ .* lr (\S+)", line) for line in log]
+    logged = {int(m.group(1)): float(m.group(2)) for m in logged if m}
+    assert len(logged) >= 2 and logged == pytest.approx({i: by_hand(2 * (i - 1) / 12) for i in logged}, rel=1e-4)
+    lrs, train_step = [], train.train_step
+
+    def recorded(s, batch, stop):
+        parts = train_step(s, batch, stop)
+        lrs.append([group["lr"] for group in s.optimizer.param_groups])
+        return parts
+
+    monkeypatch.setattr(train, "train_step", recorded)
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.main(small_run(demo, tmp_path, *flags, "--batch-size", "2"))
+    assert "1 process(es) x 2 videos a step, was 2 x 1" in caplog.text
+    taken = ckpt["samples_in_epoch"]
+    done = [(taken + 2 * j) / 12 for j in range((12 - taken) // 2)] + [1 + 2 * j / 12 for j in range(6)]
+    assert [lr for lr, _ in lrs] == pytest.approx([by_hand(e) for e in done], rel=1e-12, abs=1e-15)
+    assert all(a == b for a, b in lrs)  # both parameter groups
+
+
+@pytest.mark.slow
+def test_train_sigkill_during_evaluation_keeps_the_epochs_training(demo, tmp_path):
+    status, log = run_job(train_command(demo, tmp_path, "--epochs", "2", slow_eval=True),
+                          {"eval batch": lambda p: os.killpg(p.pid, signal.SIGKILL)})
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert status == -signal.SIGKILL and (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (1, 0, 3)
+    assert not (tmp_path / "metrics.jsonl").exists()  # only the evaluation is lost
+
+
+@pytest.mark.slow
+def test_train_sigterm_during_the_last_evaluation_stops_it_within_a_batch(demo, tmp_path):
+    job = train_command(demo, tmp_path, "--epochs", "1", "--batch-size", "1", slow_eval=True)  # 6 eval batches
+    status, log = run_job(job, {"eval batch": lambda p: os.kill(p.pid, signal.SIGTERM)})
+    assert status == 143 and log.count("eval batch\n") <= 2, "".join(log[-20:])
+    assert "stopped during the evaluation of epoch 1" in log[-1] and not (tmp_path / "final.json").exists()
+    status, log = run_job(job)  # the same command: the evaluation again, and the run is finished
+    assert status == 0 and log.count("eval batch\n") == 6 and (tmp_path / "final.json").exists()
+    assert epochs_recorded(tmp_path) == [1]
+
+
+@pytest.mark.slow
+def test_train_out_with_a_finished_or_another_run_is_never_overwritten(demo, tmp_path, caplog):
+    command = small_run(demo, tmp_path, "--epochs", "1")
+    train.main(command)
+    files = {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}
+    with pytest.raises(SystemExit, match=r"finished run \(epoch 1 of 1\): choose another --out, or pass "
+                                         r"--overwrite to replace it; --resume .*last\.pt --eval-only evaluates it"):
+        train.main(command)
+    with pytest.raises(SystemExit, match=r"other flags \(--lr 0\.001 there, 0\.5 now\): choose another --out, or "
+                                         r"pass --overwrite to replace it; --resume .*last\.pt continues that run"):
+        train.main(command + ["--lr", "0.5"])
+    with caplog.at_level(logging.INFO, logger="train"):
+        final = train.main(["--resume", str(tmp_path / "last.pt")])
+    assert "is a finished run (epoch 1 of 1): nothing to do" in caplog.text
+    assert final == json.loads(files["final.json"])
+    assert files == {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}  # nothing changed
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(SystemExit, match="holds another run's best.pt, metrics.jsonl, final.json"):
+        train.main(command)
+    train.main(command + ["--overwrite", "--lr", "0.5"])
+    assert epochs_recorded(tmp_path) == [1] and weights(tmp_path / "best.pt").keys()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["args"]["lr"] == 0.5
 
 
 @pytest.mark.slow

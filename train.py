@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -194,7 +195,10 @@ def run_flags(p: argparse.ArgumentParser):
     r("--device", help="default: cuda if available, else cpu")
     r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     r("--threads", type=int, help="torch CPU threads per process (default: cores / local processes)")
-    r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only)")
+    r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only); without it, an unfinished "
+                       "run of the same flags in --out is continued")
+    r("--overwrite", action="store_true", help="start afresh in an --out that holds a finished run or another "
+                                                "run's files (an unfinished run of the same flags goes on)")
     r("--eval-only", action="store_true")
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
@@ -325,38 +329,38 @@ def build_model(cfg: HaltingVTConfig, args, device):
     return model.to(device)
 
 
-def build_optimizer(model, args, steps_per_epoch):
-    """Adam(W) with no weight decay on the embeddings, class token, norms and biases; warm-up then cosine.
-
-    The schedule is stepped every iteration (not every epoch), so warm-up is smooth even for short runs:
-    LinearLR from 0.1 x lr over the warm-up iterations, then CosineAnnealingLR to 0. (The release's config steps
-    per epoch, its cosine's T_max all 20 epochs from epoch 5 on, so its last epoch runs near 0.2 x lr.)
-    """
+def build_optimizer(model, args):
+    """Adam(W) with no weight decay on the embeddings, class token, norms and biases; train_step sets its
+    learning rate each step (lr_at)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name in NO_DECAY else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_class(groups, lr=args.lr)
-    total = max(1, args.epochs * steps_per_epoch)
-    warm = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
-    sched = torch.optim.lr_scheduler
-    cosine = sched.CosineAnnealingLR(optimizer, T_max=total - warm, eta_min=0.0)
-    if warm == 0:
-        return optimizer, cosine
-    linear = sched.LinearLR(optimizer, start_factor=0.1, total_iters=warm)
-    return optimizer, sched.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
+    return opt_class(groups, lr=args.lr)
+
+
+def lr_at(args, epochs_done: float) -> float:
+    """The learning rate after `epochs_done` epochs (fractional: counted in samples, so a resumed run on another
+    number of processes or batch size continues the same curve in its own steps). Release config: a linear
+    warm-up from 0.1 x --lr over --warmup-epochs, then a cosine to 0 at --epochs. (The release steps its cosine
+    per epoch, over all 20 epochs from epoch 5 on, so its last epoch runs near 0.2 x lr; this one is smooth.)"""
+    warm = args.warmup_epochs
+    if epochs_done < warm:
+        return args.lr * (0.1 + 0.9 * epochs_done / warm)
+    return args.lr * (1 + math.cos(math.pi * (epochs_done - warm) / (args.epochs - warm))) / 2
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args, classes=None):
+def save_checkpoint(path, model, optimizer, state: dict, cfg: HaltingVTConfig, args, classes=None):
     """The run as a plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written whole
-    or not at all (data.write_checkpoint). `state`: the PROGRESS values; `classes`: the class names, or None."""
+    or not at all (data.write_checkpoint). `state`: the PROGRESS values and "world"; `classes`: the class names,
+    or None."""
     ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
+            **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
             "classes": classes, "rng": data.rng_states()}
     data.write_checkpoint(path, ckpt)
 
@@ -370,15 +374,14 @@ def read_run_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
-    """Load weights (and optimiser, scheduler, RNG states when given); returns the run state to continue."""
+def load_checkpoint(path, model, optimizer=None) -> dict:
+    """Load weights (and optimiser and RNG states when given); returns the checkpoint (PROGRESS: where it stood)."""
     ckpt = read_run_checkpoint(path)
     unwrap(model).load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         data.set_rng_states(ckpt["rng"])
-    return {k: ckpt[k] for k in PROGRESS}
+    return ckpt
 
 
 def unwrap(model):
@@ -398,17 +401,17 @@ def weights_sha(model) -> str:
 # Training
 # ----------------------------------------------------------------------------------------------------------
 
-PROGRESS = ("epoch", "batch_in_epoch", "step", "best")  # the RunState fields every checkpoint keeps
+PROGRESS = ("epoch", "samples_in_epoch", "step", "best")  # the RunState fields every checkpoint keeps
 
 
 @dataclass
 class RunState:
     """A training run: what it trains, and how far it has come. The PROGRESS fields go into every checkpoint and
-    --resume puts them back, so a resumed run takes the same batches and steps as one that never stopped."""
+    --resume puts them back, so a resumed run takes the same samples and learning rates as one that never stopped
+    (on another number of processes or batch size, in other steps: progress is counted in samples)."""
     args: argparse.Namespace
     model: torch.nn.Module  # in DistributedDataParallel with several processes
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     cfg: HaltingVTConfig
     device: torch.device
     rank: int
@@ -417,67 +420,93 @@ class RunState:
     classes: Optional[list]  # class names, for the checkpoints (data.class_names)
     steps_per_epoch: int
     epoch: int = 0  # epochs finished
-    batch_in_epoch: int = 0  # steps taken in the current epoch
+    samples_in_epoch: int = 0  # samples of the current epoch taken, by all processes (data.train_order)
     step: int = 0  # steps taken in all
     best: Optional[float] = None  # best val top-1 (or mAP) since the halting warm-up (record)
     start_step: int = 0  # the step this process started from, for the time left
     t0: float = field(default_factory=time.time)
 
+    def epochs_done(self) -> float:
+        """Epochs done, fractional: what the learning rate (lr_at) and the halting ramp follow."""
+        return self.epoch + self.samples_in_epoch / (self.steps_per_epoch * self.args.batch_size * self.world)
+
 
 def fit(s: RunState, train_set, val_loader) -> dict:
     """The training loop, from where `s` stands to --epochs (or --stop-after more epochs).
 
-    Each epoch: its batches (after a mid-epoch --resume, the rest of them), one train_step each; then evaluate
-    every --eval-every epochs and after the last (record: metrics.jsonl, best.pt), and save last.pt. SIGINT or
-    SIGTERM: last.pt after the step under way, then return. A NaN or infinite loss raises NonFiniteLoss and
-    leaves last.pt as it was. A finished run writes final.json (finish). Returns the last evaluation's metrics.
+    Each epoch: its batches (train_epoch), last.pt, then every --eval-every epochs and after the last an
+    evaluation (record: metrics.jsonl, best.pt). last.pt comes first, so a kill during a long evaluation loses that
+    evaluation only. SIGINT or SIGTERM (StopFlag) stop the step or evaluation batch under way; after last.pt,
+    Stopped. A NaN or infinite loss raises NonFiniteLoss and leaves last.pt as it was. A finished run writes
+    final.json (finish). Returns the last evaluation's metrics.
     """
     args, out, metrics = s.args, Path(s.args.out), {}
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, s.epoch + args.stop_after)
     with StopFlag() as stop:
         while s.epoch < last_epoch:
-            s.model.train()
-            loader = data.epoch_loader(train_set, args.batch_size, s.epoch, s.rank, s.world, seed=args.seed,
-                                       workers=args.workers, skip_batches=s.batch_in_epoch)
-            sums, skipped, tick = [0.0, 0], set(), (time.time(), s.step)  # loss sum and steps; bad videos
-            for batch in data.single_threaded(loader):
-                parts = train_step(s, batch, stop)
-                if parts is None:  # a stop signal, before this batch's update: --resume starts again from it
-                    save(s, out / "last.pt")
-                    log.warning("stopped at epoch %d, step %d; continue with --resume %s", s.epoch + 1, s.step,
-                                out / "last.pt")
-                    return metrics
-                sums, skipped = [sums[0] + parts["total"], sums[1] + 1], skipped | set(batch["skipped"])
-                if s.step % args.log_every == 0:
-                    tick = log_progress(s, parts, len(batch["video"]), tick)
-            train_loss = epoch_loss(s, sums, skipped)
-            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            if s.epoch % args.eval_every == 0 or s.epoch == last_epoch:
-                metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss,
-                           **evaluate(s.model, val_loader, args, s.device, s.cfg), "elapsed_s": time.time() - s.t0}
-                record(metrics, s, out)
+            train_loss = train_epoch(s, train_set, stop)
             save(s, out / "last.pt")
-    if not stop.set:
-        finish(s, metrics)
+            if train_loss is None:
+                raise stopped(s, stop.signum, "training")
+            if s.epoch % args.eval_every == 0 or s.epoch == last_epoch:
+                metrics = evaluation(s, val_loader, stop, train_loss)
+        if s.epoch == args.epochs and not metrics:  # resumed after the last epoch, whose evaluation was cut short
+            metrics = evaluation(s, val_loader, stop, None)
+        if s.epoch == args.epochs:
+            finish(s, metrics)
+    return metrics
+
+
+def train_epoch(s: RunState, train_set, stop: "StopFlag") -> Optional[float]:
+    """The rest of the current epoch, one train_step a batch: the epoch's mean loss, with `s` at the next epoch;
+    or None, with `s` before the batch under way, when a process got a stop signal."""
+    args = s.args
+    s.model.train()
+    loader = data.epoch_loader(train_set, args.batch_size, s.epoch, s.rank, s.world, seed=args.seed,
+                               workers=args.workers, skip_samples=s.samples_in_epoch)
+    sums, skipped, tick = [0.0, 0], set(), (time.time(), s.step)  # loss sum and steps; bad videos
+    for batch in data.single_threaded(loader):
+        parts = train_step(s, batch, stop)
+        if parts is None:  # returning here also shuts the DataLoader workers down before last.pt is written
+            return None
+        sums, skipped = [sums[0] + parts["total"], sums[1] + 1], skipped | set(batch["skipped"])
+        if s.step % args.log_every == 0:
+            tick = log_progress(s, parts, len(batch["video"]), tick)
+    train_loss = epoch_loss(s, sums, skipped)
+    s.epoch, s.samples_in_epoch = s.epoch + 1, 0
+    return train_loss
+
+
+def evaluation(s: RunState, val_loader, stop: "StopFlag", train_loss: Optional[float]) -> dict:
+    """Evaluate the epoch just finished and record it: its metrics. Stopped when a stop signal cut it short."""
+    log.info("epoch %d: last.pt saved; evaluating on %d videos", s.epoch, len(val_loader.dataset))
+    metrics = evaluate(s.model, val_loader, s.args, s.device, s.cfg, stop)
+    if metrics is None:
+        raise stopped(s, stop.signum, f"the evaluation of epoch {s.epoch}")
+    metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, **metrics, "elapsed_s": time.time() - s.t0}
+    record(metrics, s, Path(s.args.out))
     return metrics
 
 
 def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     """One optimiser step on a batch: the loss parts (floats), or None, with nothing updated, when any process
-    got a stop signal. Raises NonFiniteLoss, on every process and before any update, on a NaN or infinite loss
-    or gradient norm."""
+    got a stop signal (then stop.signum is that signal's on every process). Raises NonFiniteLoss, on every
+    process and before any update, on a NaN or infinite loss or gradient norm."""
     model, args, device, num_classes = s.model, s.args, s.device, s.num_classes
-    ramp = halting_ramp(args, s.step / s.steps_per_epoch)
+    ramp = halting_ramp(args, s.epochs_done())
     loss, parts = forward_loss(model, batch, args, device, num_classes, ramp)
     # one collective per step: did any process see a bad loss, or a stop signal?
     bad = float(not math.isfinite(parts["total"]))
-    flags = all_reduce(torch.tensor([bad, float(stop.set)], device=device), dist.ReduceOp.MAX).tolist()
+    flags = all_reduce(torch.tensor([bad, float(stop.signum)], device=device), dist.ReduceOp.MAX).tolist()
     if flags[0]:
         raise NonFiniteLoss(f"loss is {parts['total']} at epoch {s.epoch + 1}, step {s.step} (parts {parts}); "
                             f"stopping without writing a checkpoint, so {args.out}/last.pt is the last good state. "
                             "Try a lower --lr or no --amp.")
     if flags[1]:
+        stop.signum = int(flags[1])
         return None
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(args, s.epochs_done())
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -485,8 +514,7 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
         raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {s.epoch + 1}, step {s.step}; "
                             f"stopping before the update, {args.out}/last.pt is untouched.")
     s.optimizer.step()
-    s.scheduler.step()
-    s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + 1
+    s.step, s.samples_in_epoch = s.step + 1, s.samples_in_epoch + args.batch_size * s.world
     return parts
 
 
@@ -525,12 +553,12 @@ def halting_ramp(args, epochs_done: float) -> float:
 def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tuple:
     """One line: step/total, each loss part, lr, clips/s since `tick` (time, step), time left at this run's mean
     step time. Returns the next tick."""
-    total, now = s.args.epochs * s.steps_per_epoch, time.time()
+    total, now = s.step + round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch), time.time()
     clips_per_s = batch_clips * (s.step - tick[1]) / (now - tick[0])
     step_s = (now - s.t0) / max(s.step - s.start_step, 1)
     left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * step_s))
     terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
-    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s", s.epoch + 1, s.step, total,
+    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.4e  %.1f clips/s  left %s", s.epoch + 1, s.step, total,
              parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left)
     return now, s.step
 
@@ -545,13 +573,13 @@ def epoch_loss(s: RunState, sums: list, skipped: set) -> float:
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM while the training loop runs (a `with` block, which then puts the previous
-    handlers back); the loop saves last.pt at the end of the current step and returns."""
+    """The number of the SIGINT or SIGTERM received while the training loop runs (`signum`; 0 before one), in a
+    `with` block that then puts the previous handlers back. The loop stops at the next step or evaluation batch."""
 
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.set = False
+        self.signum = 0
         self.previous = [signal.signal(sig, self.handle) for sig in self.signals]
         return self
 
@@ -560,8 +588,24 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
-        log.warning("%s received: saving last.pt after this step", signal.Signals(signum).name)
-        self.set = True
+        log.warning("%s received: stopping after the step or evaluation batch under way", signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Stopped(SystemExit):
+    """A signal stopped the run, last.pt saved: exit status 128 + its number (130 SIGINT, 143 SIGTERM), as a shell
+    reports a process the signal killed, so that a script can tell it from a finished run."""
+
+
+def stopped(s: RunState, signum: int, during: str) -> Stopped:
+    """Log what was saved and, last, how to continue; the Stopped to raise."""
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else __file__
+    launcher = ["python"] if s.world == 1 else ["torchrun", f"--nproc-per-node={s.world}"]
+    command = shlex.join([*launcher, script, "--resume", str(Path(s.args.out) / "last.pt")])
+    log.info("%s: stopped during %s; %s/last.pt holds the run at step %d, %d samples into epoch %d. To continue, "
+             "run the same command again, or: %s", signal.Signals(signum).name, during, s.args.out, s.step,
+             s.samples_in_epoch, s.epoch + 1, command)
+    return Stopped(128 + signum)
 
 
 def autocast(args, device):
@@ -581,14 +625,17 @@ def reduce_counters(counters: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
+def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional["StopFlag"] = None):
     """Drop mode (halted tokens leave the computation) on each video's real clip; motion accuracy on the
     real clips and their static fakes. Each readable video counts once; an unreadable one is left out, named in
     a warning and counted in val_skipped. The counters are summed across processes (a process may have no
-    video at all); every process gets the result."""
+    video at all); every process gets the result. None, on every process, when a process got a stop signal
+    (it stops after the batch under way; stop.signum is then that signal's everywhere)."""
     model = unwrap(model).eval()
     count, scores, targets, skipped = losses.eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
     for batch in data.single_threaded(loader):
+        if stop and stop.signum:
+            break
         skipped += batch["skipped"]
         if "video" not in batch:  # every video of the batch was unreadable
             continue
@@ -596,6 +643,10 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
         with autocast(args, device):
             out = model(video, drop_halted=not cfg.release_compat)  # B real clips, then their B fakes
         losses.add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
+    if stop is not None:  # did any process get a stop signal? (every process takes part in this collective)
+        stop.signum = int(all_reduce(torch.tensor([stop.signum], device=device), dist.ReduceOp.MAX).item())
+        if stop.signum:
+            return None
     if skipped:
         log.warning("evaluation: %d unreadable videos left out: %s", len(skipped), skipped[:5])
     count["skipped"] += len(skipped)
@@ -669,9 +720,15 @@ def run(args, rank, world, device) -> dict:
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
+    if not args.eval_only:
+        claim_out(args)
     cfg = model_config(args, num_classes)
     if args.resume:
-        saved = HaltingVTConfig(**read_run_checkpoint(args.resume)["config"])
+        ckpt = read_run_checkpoint(args.resume)
+        if not args.eval_only and finished(ckpt, args):
+            log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
+            return json.loads((Path(args.out) / "final.json").read_text())
+        saved = HaltingVTConfig(**ckpt["config"])
         if saved != cfg:
             log.warning("--resume: using the checkpoint's model config %s", saved)
         cfg = saved
@@ -691,8 +748,8 @@ def run(args, rank, world, device) -> dict:
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training videos are fewer than one batch of {args.batch_size} "
                          f"per process x {world} processes: lower --batch-size")
-    s = RunState(args, model, *build_optimizer(model, args, steps_per_epoch), cfg, device, rank, world,
-                 num_classes, data.class_names(train_set, args.train), steps_per_epoch)
+    s = RunState(args, model, build_optimizer(model, args), cfg, device, rank, world, num_classes,
+                 data.class_names(train_set, args.train), steps_per_epoch)
     start(s)
     log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %d process(es), %s",
              cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
@@ -700,22 +757,78 @@ def run(args, rank, world, device) -> dict:
     return fit(s, train_set, val_loader)
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "final.json")  # what a training run writes into OUT
+# The flags a run may go on with changed (a requeued job on other machines): how it runs, not what it learns.
+RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "threads", "device", "log_every",
+               "batch_size"}
+
+
+def claim_out(args):
+    """A training run without --resume whose OUT holds a run already. A requeued or restarted job runs the same
+    command again, so an unfinished run there with these flags (but RESUME_FREE) is continued: args.resume becomes
+    its last.pt, even with --overwrite (a job script may hold it). A finished run, another run's flags or files:
+    SystemExit saying what to do, or with --overwrite a fresh run (start clears the files)."""
+    out, last = Path(args.out), Path(args.out) / "last.pt"
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume or not found:
+        return
+    if "last.pt" not in found:
+        problem, hint = f"another run's {', '.join(found)}", ""
+    else:
+        ckpt = read_run_checkpoint(last)
+        saved, now = ckpt.get("args", {}), data.plain(vars(args))
+        differ = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now"
+                  for k in sorted(saved.keys() & now.keys() - RESUME_FREE) if saved[k] != now[k]]
+        if not differ and not finished(ckpt, args):
+            args.resume = str(last)
+            return
+        problem = f"a run with other flags ({'; '.join(differ)})" if differ else \
+            f"a finished run (epoch {ckpt['epoch']} of {args.epochs})"
+        hint = f"; --resume {last} continues that run" if differ else f"; --resume {last} --eval-only evaluates it"
+    if not args.overwrite:
+        raise SystemExit(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
+
+
+def finished(ckpt: dict, args) -> bool:
+    """Whether the checkpoint's run trained all its epochs and wrote OUT/final.json (after its last evaluation)."""
+    return ckpt["epoch"] >= args.epochs and (Path(args.out) / "final.json").exists()
+
+
 def start(s: RunState):
-    """Continue from --resume (weights, optimiser, schedule, RNGs, progress), wrap the model for several
-    processes, make OUT (a fresh run starts a fresh metrics.jsonl)."""
+    """Continue from --resume (resume), wrap the model for several processes, make OUT (a fresh run clears the
+    RUN_FILES of one it replaces: --overwrite)."""
+    out = Path(s.args.out)
     if s.args.resume:
-        for key, value in load_checkpoint(s.args.resume, s.model, s.optimizer, s.scheduler).items():
-            setattr(s, key, value)
-        s.start_step = s.step
-        log.info("resumed from %s in epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
+        resume(s)
     if s.world > 1:
         # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
         # batch halted earlier, and without the motion term the motion head gets no gradient.
         s.model = torch.nn.parallel.DistributedDataParallel(
             s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, find_unused_parameters=True)
-    Path(s.args.out).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if s.rank == 0 and not s.args.resume:
-        (Path(s.args.out) / "metrics.jsonl").unlink(missing_ok=True)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def resume(s: RunState):
+    """Weights, optimiser, RNG states and progress from the --resume checkpoint; logs where the run goes on, and
+    how, when the number of processes or the batch size changed."""
+    ckpt = load_checkpoint(s.args.resume, s.model, s.optimizer)
+    for key in PROGRESS:
+        setattr(s, key, ckpt[key])
+    s.start_step = s.step
+    best = Path(s.args.out) / "best.pt"  # written after its epoch's last.pt, so its score can be newer
+    if best.exists():
+        kept = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        if kept["epoch"] <= s.epoch and (s.best is None or kept["best"] > s.best):
+            s.best = kept["best"]
+    log.info("resuming from %s, epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
+    was = (ckpt.get("world", s.world), ckpt["args"].get("batch_size", s.args.batch_size))
+    if was != (s.world, s.args.batch_size):
+        log.info("%d process(es) x %d videos a step, was %d x %d: epoch %d goes on after its first %d samples, the "
+                 "learning rate over the %d steps left", s.world, s.args.batch_size, *was, s.epoch + 1,
+                 s.samples_in_epoch, round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch))
 
 
 def record(metrics: dict, s: RunState, out: Path):
@@ -736,8 +849,8 @@ def record(metrics: dict, s: RunState, out: Path):
 def save(s: RunState, path: Path):
     """The run as it stands to `path` (rank 0; save_checkpoint)."""
     if s.rank == 0:
-        save_checkpoint(path, s.model, s.optimizer, s.scheduler, {k: getattr(s, k) for k in PROGRESS}, s.cfg,
-                        s.args, s.classes)
+        save_checkpoint(path, s.model, s.optimizer, {**{k: getattr(s, k) for k in PROGRESS}, "world": s.world},
+                        s.cfg, s.args, s.classes)
 
 
 def finish(s: RunState, metrics: dict):
