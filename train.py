@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -86,14 +87,38 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was left as it was."""
 
 
+class UsageError(Exception):
+    """A mistake in the command: main prints it as one line, `error: --flag value: what is wrong`, and exits with
+    status 2 (HALTINGVT_DEBUG=1 shows the traceback). Any other exception is a bug and keeps its traceback."""
+
+
+@contextlib.contextmanager
+def blame(flag: str, value, errors=(OSError, ValueError, data.VideoDecodeError)):
+    """Turn `errors` raised about what a flag names (a missing file, a list file's bad line, a file that is no
+    checkpoint) into a UsageError that starts with the flag as typed."""
+    try:
+        yield
+    except errors as err:
+        why = err.strerror if isinstance(err, OSError) and err.filename == str(value) else str(err).strip()
+        # an error from a DataLoader worker carries the worker's traceback: keep its last line, the error itself
+        why = re.sub(r"^[\w.]+: ", "", why.splitlines()[-1]) if "\n" in why else why
+        raise UsageError(f"{flag} {why}" if why.startswith(str(value)) else f"{flag} {value}: {why}") from err
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage text: `--frames: invalid int value: 'x'`
+        raise UsageError(f"{message.removeprefix('argument ')} (python train.py --help lists the flags)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, every unset optimisation value filled in from the preset (apply_preset)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py).")
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
+               epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py). A mistake in the "
+                      "command is one line and status 2; HALTINGVT_DEBUG=1 shows its traceback.")
     for add_flags in (data_flags, model_flags, optimisation_flags, run_flags):
         add_flags(p)
     args = p.parse_args(argv)
@@ -199,13 +224,36 @@ def apply_preset(args):
     """Fill every unset optimisation value from the demo preset or the real-data defaults."""
     args.preset = args.preset or ("real" if args.train else "demo")
     if args.preset == "real" and not (args.train and args.val):
-        raise SystemExit("--preset real needs --train and --val")
+        raise UsageError("--preset real needs --train and --val")
     preset = {**REAL_DEFAULTS, **(DEMO_PRESET if args.preset == "demo" else {})}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.train_mode = args.train_mode or (AMP_TRAIN_MODE if args.amp else TRAIN_MODE)
     return args
+
+
+# The least value of each numeric flag (the model's are checked by HaltingVTConfig, through model_config).
+AT_LEAST = dict(batch_size=1, epochs=1, eval_every=1, log_every=1, stop_after=1, threads=1, workers=0, lr=0,
+                weight_decay=0, warmup_epochs=0, halting_warmup=0, alpha_p=0, alpha_m=0, alpha_d=0)
+
+
+def check_args(args):
+    """UsageError, before any work, for flags no run can use: a number out of range, a model the flags cannot
+    build, --eval-only without weights, RandAugment without a torchvision that imports."""
+    for dest, least in AT_LEAST.items():
+        if getattr(args, dest) is not None and getattr(args, dest) < least:
+            raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: must be at least {least}")
+    size = model_config(args, 1 if args.num_classes is None else args.num_classes).img_size
+    if min(args.eval_short_side or size, *(args.train_scale or [size])) < size:
+        raise UsageError(f"--eval-short-side and --train-scale must be at least the crop, {size} (--img-size)")
+    if args.eval_only and not (args.resume or args.init):
+        raise UsageError("--eval-only needs weights to evaluate: --resume CHECKPOINT (a train.py run's) or --init")
+    if args.randaugment and not (args.eval_only or args.predict or args.halting_map):
+        try:
+            data.rand_augment_class()
+        except ImportError as err:
+            raise UsageError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +267,7 @@ def setup_distributed(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         if local >= torch.cuda.device_count():
-            raise SystemExit(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
+            raise UsageError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
                              "torchrun with --nproc-per-node at most that, or pass --device cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -264,24 +312,37 @@ def build_data(args, rank):
     common = dict(root=args.root, num_frames=frames, img_size=size, multi_label=args.multi_label,
                   num_classes=args.num_classes, on_error=args.on_error, seed=args.seed, cache=args.cache,
                   short_side=args.eval_short_side, scale=args.train_scale)
-    train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only, **common)
+    with blame("--train", args.train):
+        train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
+                                  **common)
     # validation: each video's real clip and its static fake, for the motion accuracy; labelled with the
     # training set's classes (class folders by name)
     common["num_classes"] = train.num_classes
-    val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train.classes, **common)
+    with blame("--val", args.val):
+        val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train.classes, **common)
     data.log_labels_by_index(args.train, args.val, train, val)
     return train, val, train.num_classes
 
 
+# HaltingVTConfig's fields that flags set, and the flags
+MODEL_FLAGS = dict(num_frames="--frames", img_size="--img-size", embed_dim="--embed-dim", depth="--depth",
+                   num_heads="--heads", glimpser_depth="--glimpser-depth", keep_ratio="--keep-ratio", gamma="--gamma",
+                   beta="--beta", eps="--eps", drop_path="--drop-path", num_classes="--num-classes")
+
+
 def model_config(args, num_classes) -> HaltingVTConfig:
-    """The named setting with every model flag that was given on top."""
-    flags = dict(num_frames=args.frames, img_size=args.img_size, embed_dim=args.embed_dim, depth=args.depth,
-                 num_heads=args.heads, glimpser_depth=args.glimpser_depth, keep_ratio=args.keep_ratio,
-                 gamma=args.gamma, beta=args.beta, eps=args.eps, drop_path=args.drop_path)
-    overrides = {k: v for k, v in flags.items() if v is not None}
+    """The named setting with every model flag that was given on top; UsageError naming the flag for a value
+    the model cannot take."""
+    dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
+    overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
     # no motion loss, no motion head: an untrained head would only add parameters without gradients (DDP)
     overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0)
-    return getattr(HaltingVTConfig, args.model)(**overrides)
+    try:
+        return getattr(HaltingVTConfig, args.model)(**overrides)
+    except ValueError as err:  # "HaltingVTConfig.<field>=<value>: why"
+        field, value, why = re.match(r"HaltingVTConfig\.(\w+)=(.*?): (.*)", str(err)).groups()
+        default = "" if getattr(args, dest(field)) is not None else f" (--model {args.model}'s)"
+        raise UsageError(f"{MODEL_FLAGS[field]} {value}{default}: {why}") from err
 
 
 def build_model(cfg: HaltingVTConfig, args, device):
@@ -292,7 +353,8 @@ def build_model(cfg: HaltingVTConfig, args, device):
             model.time_embed.normal_(0, args.embed_std)
     if args.init:
         log.info("--init %s", args.init)
-        load_pretrained(model, data.read_checkpoint(args.init))  # logs what it loaded, left fresh and did not use
+        with blame("--init", args.init):
+            load_pretrained(model, data.read_checkpoint(args.init))  # logs what it loaded, left fresh, did not use
     return model.to(device)
 
 
@@ -332,11 +394,12 @@ def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: Halting
 
 
 def read_run_checkpoint(path) -> dict:
-    """A checkpoint written by train.py, read with weights_only=True; SystemExit naming the file for any other."""
-    ckpt = data.read_checkpoint(path)
+    """A checkpoint written by train.py, read with weights_only=True; UsageError naming the file for any other."""
+    with blame("--resume", path):
+        ckpt = data.read_checkpoint(path)
     if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
-        raise SystemExit(f"{path} was not written by train.py (it has no 'model' and 'config'); to start from "
-                         "other weights, pass it to --init")
+        raise UsageError(f"--resume {path}: not written by train.py (it has no 'model' and 'config'); to start "
+                         "from other weights, pass it to --init")
     return ckpt
 
 
@@ -500,8 +563,10 @@ def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tup
     step_s = (now - s.t0) / max(s.step - s.start_step, 1)
     left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * step_s))
     terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
-    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s", s.epoch + 1, s.step, total,
-             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left)
+    ramp = halting_ramp(s.args, s.step / s.steps_per_epoch)
+    warmup = "" if ramp == 1 else "  halting warm-up: off" if ramp == 0 else f"  halting warm-up: {ramp:.2f} on"
+    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s%s", s.epoch + 1, s.step, total,
+             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left, warmup)
     return now, s.step
 
 
@@ -509,7 +574,7 @@ def epoch_loss(s: RunState, sums: list, skipped: set) -> float:
     """The epoch's mean total loss over every process's steps, from this process's [loss sum, steps]; logs the
     bad videos the dataset passed over (--on-error skip)."""
     if skipped:
-        log.warning("epoch %d: %d bad videos skipped: %s", s.epoch + 1, len(skipped), sorted(skipped)[:3])
+        log.warning("epoch %d: %s skipped: %s", s.epoch + 1, plural(len(skipped), "bad video"), sorted(skipped)[:3])
     total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
     return total / max(count, 1)
 
@@ -567,12 +632,14 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
             out = model(video, drop_halted=True)  # B real clips, then their B fakes (data.collate)
         losses.add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
     if skipped:
-        log.warning("evaluation: %d unreadable videos left out: %s", len(skipped), skipped[:5])
+        log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
     count["skipped"] += len(skipped)
     count = reduce_counters(count, device)
     if count["videos"] == 0:
         log.warning("evaluation: no readable validation video; the metrics are nan")
     metrics = losses.eval_metrics(count, dense_gflops(cfg), args.multi_label)
+    if cfg.num_classes <= 5:
+        metrics.pop("val_top5", None)  # every class is in the top 5
     if args.multi_label:
         metrics["val_map"] = losses.average_precision(*gather_scores(scores, targets, cfg.num_classes))
     return metrics
@@ -590,11 +657,11 @@ def gather_scores(scores: list, targets: list, num_classes: int):
 
 
 def summary(m: dict) -> str:
-    acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else \
-        f"val top-1 {m['val_top1']:.3f} (top-5 {m['val_top5']:.3f})"
+    acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else f"val top-1 {m['val_top1']:.3f}" + \
+        (f" (top-5 {m['val_top5']:.3f})" if "val_top5" in m else "")
     skipped = f" ({m['val_skipped']} unreadable, left out)" if m.get("val_skipped") else ""
     ratio = m["val_gflops"] / m["dense_gflops"]
-    return (f"{acc} on {m['val_videos']} videos{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
+    return (f"{acc} on {plural(m['val_videos'], 'video')}{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
             f"{m['val_gflops']:.4f} spent vs {m['dense_gflops']:.4f} dense ({ratio:.2f}x), mean halting depth "
             f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
             ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
@@ -606,14 +673,22 @@ def summary(m: dict) -> str:
 
 def main(argv=None):
     """Train (or evaluate, predict, draw a halting map) as the flags say: the last evaluation's metrics (or the
-    --predict results, or write_halting_map's summary)."""
-    args = parse_args(argv)
-    with processes(args) as (rank, world, device):
-        if args.predict:
-            return predict(args, device)
-        if args.halting_map:
-            return write_halting_map(args, device)
-        return run(args, rank, world, device)
+    --predict results, or write_halting_map's summary). A UsageError ends it with its one line and status 2."""
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        with processes(args) as (rank, world, device):
+            if args.predict:
+                return predict(args, device)
+            if args.halting_map:
+                return write_halting_map(args, device)
+            with blame("--on-error", args.on_error, data.VideoDecodeError):  # only "raise" lets one through
+                return run(args, rank, world, device)
+    except UsageError as err:
+        if os.environ.get("HALTINGVT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @contextlib.contextmanager
@@ -635,6 +710,8 @@ def processes(args):
 def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
     seed_everything(args.seed)
+    if not args.eval_only:
+        log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
@@ -646,7 +723,7 @@ def run(args, rank, world, device) -> dict:
         cfg = saved
     model = build_model(cfg, args, device)
     val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
-    if args.eval_only:
+    if args.eval_only:  # check_args: --resume or --init
         if args.resume:
             load_checkpoint(args.resume, model)
         metrics = evaluate(model, val_loader, args, device, cfg)
@@ -654,15 +731,25 @@ def run(args, rank, world, device) -> dict:
         return metrics
     steps_per_epoch = len(train_set) // world // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training videos are fewer than one batch of {args.batch_size} "
-                         f"per process x {world} processes: lower --batch-size")
+        raise UsageError(f"--batch-size {args.batch_size}: the training set has {plural(len(train_set), 'video')}, "
+                         f"fewer than one batch per process x {plural(world, 'process', 'processes')}")
+    with blame("--train", args.train):
+        classes = data.class_names(train_set, args.train)
     s = RunState(args, model, *build_optimizer(model, args, steps_per_epoch), cfg, device, rank, world,
-                 num_classes, data.class_names(train_set, args.train), steps_per_epoch)
+                 num_classes, classes, steps_per_epoch)
     start(s)
-    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %d process(es), %s",
+    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %s, %s",
              cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
-             world, device)
+             plural(world, "process", "processes"), device)
+    if args.halting_warmup:
+        log.info("halting warm-up: no halting nor ponder loss until epoch %g, then both rise to full by epoch %g",
+                 args.halting_warmup / 2, args.halting_warmup)
     return fit(s, train_set, val_loader)
+
+
+def plural(n: int, one: str, many: Optional[str] = None) -> str:
+    """`1 video`, `2 videos`."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def start(s: RunState):
@@ -714,7 +801,7 @@ def finish(s: RunState, metrics: dict):
     if s.rank == 0:
         (Path(s.args.out) / "final.json").write_text(json.dumps(metrics, indent=1))
         if metrics:
-            log.info("done in %.0f s: %s", time.time() - s.t0, summary(metrics))
+            log.info("done in %.0f s (outputs in %s): %s", time.time() - s.t0, s.args.out, summary(metrics))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -761,7 +848,7 @@ def predict(args, device) -> list:
     printed with its error and the others still run; then SystemExit (status 1) names the failed ones. Returns
     the results (predict_clip's dicts with "video", or {"video", "error"})."""
     if not args.resume:
-        raise SystemExit("--predict needs --resume CHECKPOINT")
+        raise UsageError("--predict needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
     short_side = run_args.get("eval_short_side")  # the run's eval pipeline
@@ -786,7 +873,7 @@ def map_layers(layers, L) -> list:
     still active, which the Glimpser row already shows)."""
     if layers:
         if not all(1 <= layer <= L for layer in layers):
-            raise SystemExit(f"--map-layers {layers}: joint layers are 1..{L}")
+            raise UsageError(f"--map-layers {' '.join(map(str, layers))}: joint layers are 1..{L}")
         return list(layers)
     return sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]
 
@@ -797,18 +884,21 @@ def write_halting_map(args, device) -> dict:
     Rows: the input, the patches the Glimpser kept, the tokens still active at each of `map_layers`; columns:
     the sampled frames. Returns {"path": ..., "active": {row name: fraction of the T x S patches active}}."""
     if not args.resume:
-        raise SystemExit("--halting-map needs --resume CHECKPOINT")
+        raise UsageError("--halting-map needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
     short_side = ckpt.get("args", {}).get("eval_short_side")  # the run's eval pipeline
-    video = data.eval_clip(args.halting_map, cfg.num_frames, cfg.img_size, short_side)  # (C, T, H, W)
+    with blame("--halting-map", args.halting_map):
+        video = data.eval_clip(args.halting_map, cfg.num_frames, cfg.img_size, short_side)  # (C, T, H, W)
+        frames = data.sample_indices(data.count_frames(args.halting_map), cfg.num_frames, train=False)
     masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
+    names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
+    image = data.label_map(image, ["input"] + names, [f"frame {i}" for i in frames])  # in the picture itself
     path = Path(args.out) / "halting_map.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     data.write_png(path, image)
-    names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
     active = {name: m.float().mean().item() for name, m in zip(names, masks)}
     log.info("wrote %s (rows: input, %s); patches active: %s", path, ", ".join(names),
              ", ".join(f"{name} {a:.2f}" for name, a in active.items()))
