@@ -1730,7 +1730,7 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
     torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
-    with pytest.raises(SystemExit, match=r"deit\.pth was not written by train\.py.*--init"):
+    with pytest.raises(train.UsageError, match=r"--resume .*deit\.pth: not written by train\.py.*--init"):
         train.load_checkpoint(tmp_path / "deit.pth", model)  # what --resume and --eval-only call
 
 
@@ -1998,7 +1998,7 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     (tmp_path / "with_bad.txt").write_text(listing)
     args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
     train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
-    assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text
+    assert "1 bad video skipped" in caplog.text and "broken.mp4" in caplog.text  # the plural right
 
 
 @pytest.mark.slow
@@ -2019,7 +2019,9 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
     assert result["active"]["Glimpser"] == pytest.approx(0.5)  # R = 0.5 of every frame's patches
     with av.open(result["path"]) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3)  # input, Glimpser, layer 2; 4 frames
+    # input, Glimpser, layer 2 of 4 frames; above them the frame numbers, left of them the row names
+    labels = (7 * 2, 2 * 2 + 4 * 2 * len("joint layer 2"))
+    assert decoded.shape == (labels[0] + 3 * (128 + data.GAP), labels[1] + 4 * (128 + data.GAP), 3)
     again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
                         "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
     assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]

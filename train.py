@@ -335,7 +335,7 @@ def model_config(args, num_classes) -> HaltingVTConfig:
     the model cannot take."""
     dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
     overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
-    # no motion loss, no motion head: an untrained head would only add parameters without gradients (DDP)
+    # no motion loss, no motion head: an untrained head would only add parameters without gradients
     overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0)
     try:
         return getattr(HaltingVTConfig, args.model)(**overrides)
@@ -387,7 +387,7 @@ def build_optimizer(model, args, steps_per_epoch):
 def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args, classes=None):
     """The run as a plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written whole
     or not at all (data.write_checkpoint). `state`: the PROGRESS values; `classes`: the class names, or None."""
-    ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
             "classes": classes, "rng": data.rng_states()}
     data.write_checkpoint(path, ckpt)
@@ -406,7 +406,7 @@ def read_run_checkpoint(path) -> dict:
 def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     """Load weights (and optimiser, scheduler, RNG states when given); returns the run state to continue."""
     ckpt = read_run_checkpoint(path)
-    unwrap(model).load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -414,14 +414,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     return {k: ckpt[k] for k in PROGRESS}
 
 
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def weights_sha(model) -> str:
     """A hash of every parameter's bytes: equal replicas have equal hashes."""
     h = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
+    for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -439,7 +435,7 @@ class RunState:
     """A training run: what it trains, and how far it has come. The PROGRESS fields go into every checkpoint and
     --resume puts them back, so a resumed run takes the same batches and steps as one that never stopped."""
     args: argparse.Namespace
-    model: torch.nn.Module  # in DistributedDataParallel with several processes
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     cfg: HaltingVTConfig
@@ -513,6 +509,8 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
         return None
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if s.world > 1:
+        average_gradients(model, s.world)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
     if not torch.isfinite(grad_norm):  # the same on every process: gradients were already averaged
         raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {s.epoch + 1}, step {s.step}; "
@@ -523,12 +521,25 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     return parts
 
 
+def average_gradients(model, world: int):
+    """What DistributedDataParallel does, as one all_reduce after backward: each gradient averaged over the
+    processes, a missing one counting as zero; a parameter no process gave a gradient keeps none, as in one
+    process. (In drop mode a joint layer that no token of a batch reached gets no gradient: DDP would need
+    find_unused_parameters=True, and then warns in every process of every run that it found none unused.)"""
+    params = list(model.parameters())
+    flat = torch.cat([t for p in params for t in (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(
+        p.numel()), p.new_tensor([float(p.grad is not None)]))])  # each gradient, then 1 if it exists
+    parts = all_reduce(flat).split([p.numel() + 1 for p in params])
+    for p, part, got in zip(params, parts, torch.stack([part[-1] for part in parts]).tolist()):
+        p.grad = part[:-1].view_as(p) / world if got else None
+
+
 def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
     """Eq. (9) on B videos = 2B clips (real, then fake): (loss tensor, parts as floats). `ramp` scales the
     ponder and depth-prior weights (halting_ramp)."""
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
     with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
-        beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
+        beta = model.cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
         out = model(video, drop_halted=args.train_mode == "drop", beta=beta)
         prior = {}
         if args.alpha_d:  # the depth prior, off by default
@@ -621,7 +632,7 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
     real clips and their static fakes. Each readable video counts once; an unreadable one is left out, named in
     a warning and counted in val_skipped. The counters are summed across processes (a process may have no
     video at all); every process gets the result."""
-    model = unwrap(model).eval()
+    model.eval()
     count, scores, targets, skipped = losses.eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
     for batch in data.single_threaded(loader):
         skipped += batch["skipped"]
@@ -753,18 +764,17 @@ def plural(n: int, one: str, many: Optional[str] = None) -> str:
 
 
 def start(s: RunState):
-    """Continue from --resume (weights, optimiser, schedule, RNGs, progress), wrap the model for several
-    processes, make OUT (a fresh run starts a fresh metrics.jsonl)."""
+    """Continue from --resume (weights, optimiser, schedule, RNGs, progress), give every process rank 0's
+    weights, make OUT (a fresh run starts a fresh metrics.jsonl)."""
     if s.args.resume:
         for key, value in load_checkpoint(s.args.resume, s.model, s.optimizer, s.scheduler).items():
             setattr(s, key, value)
         s.start_step = s.step
         log.info("resumed from %s in epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
-    if s.world > 1:
-        # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
-        # batch halted earlier, and without the motion term the motion head gets no gradient.
-        s.model = torch.nn.parallel.DistributedDataParallel(
-            s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, find_unused_parameters=True)
+    if s.world > 1:  # every process starts from rank 0's weights; train_step averages the gradients
+        flat = torch.nn.utils.parameters_to_vector(s.model.parameters())
+        dist.broadcast(flat, 0)
+        torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
     Path(s.args.out).mkdir(parents=True, exist_ok=True)
     if s.rank == 0 and not s.args.resume:
         (Path(s.args.out) / "metrics.jsonl").unlink(missing_ok=True)
