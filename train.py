@@ -726,6 +726,8 @@ def run(args, rank, world, device) -> dict:
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
+    with blame("--train", args.train):
+        classes = data.class_names(train_set, args.train)  # checks a classes.txt's names against the labels
     cfg = model_config(args, num_classes)
     if args.resume:
         saved = HaltingVTConfig(**read_run_checkpoint(args.resume)["config"])
@@ -744,8 +746,6 @@ def run(args, rank, world, device) -> dict:
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {args.batch_size}: the training set has {plural(len(train_set), 'video')}, "
                          f"fewer than one batch per process x {plural(world, 'process', 'processes')}")
-    with blame("--train", args.train):
-        classes = data.class_names(train_set, args.train)
     s = RunState(args, model, *build_optimizer(model, args, steps_per_epoch), cfg, device, rank, world,
                  num_classes, classes, steps_per_epoch)
     start(s)
