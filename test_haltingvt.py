@@ -2147,8 +2147,7 @@ def test_train_each_mistake_is_one_line_naming_the_flag_and_status_2(demo, tmp_p
     assert list(mistakes) == MISTAKES
     flags, expected = mistakes[name]
     with pytest.raises(SystemExit) as stop:
-        train.main(flags + ["--out", str(tmp_path / "out"), "--demo-root", str(demo), "--demo-videos", "2", "1",
-                            "--threads", "1"])
+        train.main(small_run(demo, tmp_path / "out", "--threads", "1") + flags)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
