@@ -17,7 +17,9 @@ Evaluation: centre frame of each segment, short-side resize, centre crop, one cl
 """
 import argparse
 import bisect
+import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ import random
 import re
 import shutil
 import signal
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -39,9 +42,6 @@ from av.video.reformatter import Interpolation, VideoReformatter
 # with ImageNet's per-channel mean/std. The one place these constants live.
 MEAN = 127.5
 STD = 127.5
-
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv"}
-
 
 class VideoDecodeError(RuntimeError):
     """A video that cannot be opened or decoded; the message names the file."""
@@ -192,9 +192,9 @@ def _from_keyframe(container, stream, packets, keys, pos, later):
         yield (at if packet.size > 0 else None), packet
 
 
-def _decode_seeking(container, stream, packets, index, wanted, put):
-    """Decode the frames `wanted` (indices into `index`) and hand each to put(k, frame). Returns the number of
-    packets decoded.
+def _decode_seeking(container, stream, packets, index, clip):
+    """Decode the frames `clip` wants (indices into `index`), handing every frame decoded to clip.put. Returns
+    the number of packets decoded.
 
     For the next frame still missing: seek to its keyframe when that lies ahead of the decoder, otherwise read
     straight on (close frames share one pass); frames are matched by timestamp, so a seek that lands on an
@@ -202,11 +202,11 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
     wanted: the decoder drops them unseen, and what it outputs stays bit-identical.
     """
     pts, pos, start = index
-    todo = sorted(set(wanted))  # by index, i.e. by timestamp
-    want, needed = {pts[k]: k for k in todo}, {pos[k] for k in todo}
+    todo = sorted(clip.slots)  # by index, i.e. by timestamp
+    number, needed = {t: k for k, t in enumerate(pts)}, {pos[k] for k in todo}
     keys = {p.pts: j for j, p in enumerate(packets) if p.keyframe}
     shown = sorted(p.pts for p in packets if p.pts is not None)  # presentation order, pre-roll included
-    done, landed, decoded, i = set(), {}, 0, 0  # landed: keyframe position -> where its seek landed
+    landed, decoded, i = {}, 0, 0  # landed: keyframe position -> where its seek landed
     while i < len(todo):
         key = start[todo[i]]
         j = bisect.bisect_right(shown, packets[key].pts)
@@ -214,12 +214,9 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
             landed.setdefault(key, at)
             decoded += packet.size > 0
             stream.codec_context.skip_frame = "DEFAULT" if at is None or at in needed else "NONREF"
-            for frame in packet.decode():
-                k = want.get(frame.pts)
-                if k is not None and k not in done:
-                    put(k, frame)
-                    done.add(k)
-            while i < len(todo) and todo[i] in done:
+            for frame in _decode_packet(packet, clip):
+                clip.put(number.get(frame.pts), frame)
+            while i < len(todo) and todo[i] in clip.done:
                 i += 1
             if i == len(todo) or (at is not None and landed.get(start[todo[i]], start[todo[i]]) > at + 1):
                 break  # all found, or the next missing frame's keyframe lies ahead (a seek gets nearer): go there
@@ -229,30 +226,38 @@ def _decode_seeking(container, stream, packets, index, wanted, put):
     return decoded
 
 
-def _decode(path, stream_index, wanted, put):
-    """Decode the stream `stream_index` of `path` from its first frame, in presentation order, handing each frame
-    whose index is in `wanted` (all if None) to put(k, frame). Returns the number of frames decoded.
+def _decode_packet(packet, clip):
+    """The frames the decoder gives for `packet`; none for a damaged packet, counted in clip.damaged. As FFmpeg's
+    own tools do, decoding goes on with the next packet: the frames that refer to the damaged one come out with
+    its errors concealed, and only its own frame is lost."""
+    try:
+        return packet.decode()
+    except av.error.FFmpegError:
+        clip.damaged += 1
+        return ()
 
-    Stops once the last wanted frame is read. A decoding error after at least one good frame (a truncated or
-    damaged tail, common in scraped datasets) ends the video there, with a warning.
-    """
-    last = None if wanted is None else max(wanted)
-    n = 0
+
+def _decode(path, stream_index, index, clip):
+    """Decode the stream `stream_index` of `path` from its first packet, handing every frame to clip.put with its
+    index in presentation order: by timestamp from `index`, else by order of output, a damaged packet counting
+    as one lost frame. Stops once the clip has every frame it wants; a file that cannot be read on (a truncated
+    tail) ends there. Returns the number of packets decoded."""
+    number = None if index is None else {t: k for k, t in enumerate(index[0])}
+    seen = decoded = 0
     with av.open(str(path)) as container:
         stream = container.streams[stream_index]
         stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
         try:
-            for frame in container.decode(stream):
-                if wanted is None or n in wanted:
-                    put(n, frame)
-                n += 1
-                if n - 1 == last:
+            for packet in container.demux(stream):
+                decoded += packet.size > 0
+                for frame in _decode_packet(packet, clip):
+                    clip.put(seen + clip.damaged if number is None else number.get(frame.pts), frame)
+                    seen += 1
+                if len(clip.done) == len(clip.slots):
                     break
-        except av.error.FFmpegError as err:
-            if n == 0:
-                raise
-            logging.warning("%s: decoding stopped after %d frames: %s", path, n, err)
-    return n
+        except av.error.FFmpegError as err:  # from the demuxer: packet errors are _decode_packet's
+            logging.info("%s: reading stopped after %d packets: %s", path, decoded, err)
+    return decoded
 
 
 def _short_side_size(height, width, short_side):
@@ -270,29 +275,50 @@ class _Clip:
     """Frames as a player shows them, gathered into uint8 (T, H, W, 3) for the frame indices `indices`.
 
     Each decoded frame goes through FFmpeg's scaler once: to RGB (by the frame's own colour matrix and range,
-    BT.601 or BT.709, limited or full) and, when `short_side` is given and the frame is larger, down to that
-    short side; then it is turned by its display matrix (phones store portrait video landscape, tagged 90 or 270
-    degrees) and copied into every clip slot that shows it. So no full-size RGB frame outlives its conversion.
+    BT.601 or BT.709, limited or full), to square pixels (the stored width stretched by the sample aspect ratio
+    `sar` of anamorphic video, as a player does) and, when `short_side` is given and the frame is larger, down to
+    that short side; then it is turned by its display matrix (phones store portrait video landscape, tagged 90
+    or 270 degrees) and copied into every clip slot that shows it. So no full-size RGB frame outlives its
+    conversion. Frames come in presentation order (`put`); a wanted frame that the decoder passed without giving
+    it (its packet damaged) shows its nearest decoded neighbour instead, the earlier on a tie, and is in `lost`.
     """
 
-    def __init__(self, indices, short_side=None):
+    def __init__(self, indices, short_side=None, sar=None):
         self.slots = {}  # frame index -> clip positions (a short video repeats frames)
         for t, k in enumerate(indices):
             self.slots.setdefault(k, []).append(t)
-        self.T, self.short_side, self.frames, self.size, self.done = len(indices), short_side, None, None, set()
+        self.T, self.short_side, self.frames, self.size, self.last = len(indices), short_side, None, None, None
+        self.sar = sar if sar and 0.25 <= sar <= 4 else 1  # outside that range the tag is taken for damage
+        self.pending = collections.deque(sorted(self.slots))  # wanted frames not yet put, by index
+        self.done, self.lost, self.damaged = set(), set(), 0  # damaged: packets the decoder refused
         self.scaler = VideoReformatter()  # one scaler for the clip rather than one per frame
 
     def rgb(self, frame):
         """One decoded frame as uint8 (h, w, 3), scaled and upright (a view: copy it to keep it)."""
         if self.size is None:  # every frame gets the first one's size, so a resolution change cannot break a clip
-            small = self.short_side is None or min(frame.height, frame.width) <= self.short_side
-            self.size = (frame.height, frame.width) if small else _short_side_size(frame.height, frame.width,
-                                                                                     self.short_side)
+            h, w = frame.height, round(frame.width * self.sar)
+            small = self.short_side is None or min(h, w) <= self.short_side
+            self.size = (h, w) if small else _short_side_size(h, w, self.short_side)
         h, w = self.size
         image = self.scaler.reformat(frame, w, h, "rgb24", interpolation=_SCALING, threads=1).to_ndarray()
         return np.rot90(image, k=round(frame.rotation / 90) % 4)  # (h, w, 3) or (w, h, 3): counter-clockwise
 
     def put(self, k, frame):
+        """Take decoded frame k (None: not one of the video's frames, pre-roll say). Wanted frames before k that
+        are still missing were lost: the nearer of the previous frame and this one stands in for each."""
+        if k is None:
+            return
+        if k in self.slots and k not in self.done:
+            self._store(k, frame)
+        while self.pending and (self.pending[0] in self.done or self.pending[0] < k):
+            m = self.pending.popleft()
+            if m not in self.done:
+                before = self.last is not None and abs(m - self.last[0]) <= abs(k - m)
+                self._store(m, self.last[1] if before else frame)
+                self.lost.add(m)
+        self.last = (k, frame)
+
+    def _store(self, k, frame):
         image = self.rgb(frame)
         if self.frames is None:
             self.frames = np.empty((self.T, *image.shape), np.uint8)  # (T, H, W, 3)
@@ -306,62 +332,68 @@ class _Clip:
 def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats=None):
     """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices`: uint8 (T, H, W, 3).
 
-    The frames are those a player shows (see `_Clip`): display rotation applied, colours by the video's own
-    matrix and range, the real recording rather than a cover-art or thumbnail track. With `short_side`, frames
-    larger than that are scaled down while decoding so that min(H, W) == short_side. Only the frames needed are
-    decoded: a seek to the keyframe before each sampled frame, reading straight on where they are close; the
-    result is identical to a full sequential decode at the same indices. `stats`, a dict, receives the counts
-    "frames" (of the video), "decoded" (packets or frames decoded) and "minimum" (what seeking allows).
+    The frames are those a player shows (see `_Clip`): display rotation and sample aspect ratio applied, colours
+    by the video's own matrix and range, the real recording rather than a cover-art or thumbnail track. With
+    `short_side`, frames larger than that are scaled down while decoding so that min(H, W) == short_side. Only
+    the frames needed are decoded: a seek to the keyframe before each sampled frame, reading straight on where
+    they are close; the result is identical to a full sequential decode at the same indices. `stats`, a dict,
+    receives the counts "frames" (of the video), "decoded" (packets decoded), "minimum" (what seeking allows)
+    and "lost" (clip frames shown by a neighbour).
 
     Raises VideoDecodeError (naming the path) for a missing, empty or corrupt file, one without a video stream,
-    one with no decodable frame, or whatever else fails while reading it. A truncated or damaged file whose
-    first frames decode is treated as the shorter video made of those frames.
+    one with no decodable frame, or whatever else fails while reading it. A damaged packet costs its own frame
+    only: decoding goes on past it, as FFmpeg's tools do, and a sampled frame that cannot be decoded is shown by
+    its nearest decodable neighbour. When nothing decodes after the damage (a truncated file), the video ends
+    at its last good frame and the clip is sampled from the frames before it. Either is logged once per file.
     """
-    with _errors_name(path):
-        with av.open(str(path)) as container:
-            stream, packets = _demux(container, path)
-            stream_index, n, index = stream.index, _count(packets), _frame_index(packets)
-            if n == 0:
-                raise VideoDecodeError(f"no video frames in {path}")
-            indices = sample_indices(n, num_frames, train, rng)
-            clip, decoded = _Clip(indices, short_side), None
-            if index is not None:
-                stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
-                try:
-                    decoded = _decode_seeking(container, stream, packets, index, clip.slots, clip.put)
-                except (_SeekMissed, av.error.FFmpegError) as err:  # a damaged file: the sequential rules apply
-                    logging.info("%s: reading from the start after: %s", path, err)
-        if decoded is None:
-            clip, decoded = _read_from_start(path, stream_index, indices, num_frames, train, rng, short_side)
-        if stats is not None:
-            stats.update(frames=n, decoded=decoded, minimum=None if index is None else _seek_minimum(index, indices))
-        return clip.tensor()
-
-
-def _read_from_start(path, stream_index, indices, num_frames, train, rng, short_side):
-    """(clip, frames decoded) by a sequential decode. Fewer decodable frames than packets (a truncated or damaged
-    tail): sample again from the frames that do decode."""
-    clip = _Clip(indices, short_side)
-    n_decoded = _decode(path, stream_index, clip.slots, clip.put)
-    if len(clip.done) < len(clip.slots):
-        if n_decoded == 0:
-            raise VideoDecodeError(f"no decodable frame in {path}")
-        clip = _Clip(sample_indices(n_decoded, num_frames, train, rng), short_side)
-        n_decoded += _decode(path, stream_index, clip.slots, clip.put)
-    return clip, n_decoded
+    return _read(path, lambda n: sample_indices(n, num_frames, train, rng), short_side, stats)
 
 
 def read_all_frames(path, *, short_side=None):
     """Every frame of a (short) video, uint8 (n, H, W, 3), as `read_clip` shows them (`short_side` likewise):
     what `VideoDataset(cache=True)` keeps in memory."""
+    return _read(path, range, short_side)
+
+
+_WARNED = set()  # the damaged files already named in a warning: one line per file and process, not per epoch
+
+
+def _read(path, choose, short_side, stats=None):
+    """The frames choose(n) of the video at `path`, n its number of frames, as read_clip describes."""
     with _errors_name(path):
         with av.open(str(path)) as container:
-            stream_index = _demux(container, path)[0].index  # the probe, before a threaded decoder sees the file
-        clip, frames = _Clip([], short_side), []
-        n = _decode(path, stream_index, None, lambda k, frame: frames.append(np.array(clip.rgb(frame))))
-        if n == 0:
-            raise VideoDecodeError(f"no decodable frame in {path}")
-        return torch.from_numpy(np.stack(frames))  # (n, H, W, 3)
+            stream, packets = _demux(container, path)
+            n, index, stream_index = _count(packets), _frame_index(packets), stream.index
+            if n == 0:
+                raise VideoDecodeError(f"no video frames in {path}")
+            make = functools.partial(_Clip, short_side=short_side, sar=stream.sample_aspect_ratio)
+            indices = choose(n)
+            clip, decoded, good = make(indices), None, n
+            if index is not None:
+                stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
+                try:
+                    decoded = _decode_seeking(container, stream, packets, index, clip)
+                except (_SeekMissed, av.error.FFmpegError) as err:  # damage seeking cannot pass: read it all
+                    logging.info("%s: reading from the start after: %s", path, err)
+        if decoded is None:
+            clip = make(indices)
+            decoded = _decode(path, stream_index, index, clip)
+            if len(clip.done) < len(clip.slots):  # nothing decodes after clip.last: the video ends there
+                if clip.last is None:
+                    raise VideoDecodeError(f"no decodable frame in {path}")
+                good = clip.last[0] + 1
+                clip = make(choose(good))
+                decoded += _decode(path, stream_index, index, clip)
+        notes = [f"{len(clip.lost)} of the {len(clip.slots)} frames read could not be decoded and show their "
+                 f"nearest decodable neighbour ({clip.damaged} damaged packets skipped)"] if clip.lost else []
+        notes += [f"nothing decodes after frame {good - 1} of {n}, so the video ends there"] if good < n else []
+        if notes and str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            logging.warning("%s: %s", path, "; ".join(notes))
+        if stats is not None:
+            stats.update(frames=n, decoded=decoded, lost=sum(len(clip.slots[k]) for k in clip.lost),
+                         minimum=None if index is None else _seek_minimum(index, indices))
+        return clip.tensor()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,9 +557,12 @@ def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
 def read_class_folders(root, classes=None):
     """[(path, [label])] and the class names in label order, from a `root/<class name>/<video>` layout.
 
-    Without `classes` the names are the sorted folder names. With `classes` (the training set's names in label
-    order) each folder takes the label of its name: a folder whose name is not in `classes` raises a ValueError
-    naming it; classes without a folder or without videos are fine and are named in a warning.
+    Every regular file of a class folder whose name does not start with "." is taken as a video, whatever its
+    extension (.3gp, .MTS, .wmv, .gif, ...): the decoder decides, and a file that is not a video is a bad video
+    (VideoDataset's on_error). The log says how many files each class has. Without `classes` the names are the
+    sorted folder names. With `classes` (the training set's names in label order) each folder takes the label
+    of its name: a folder whose name is not in `classes` raises a ValueError naming it; classes without a
+    folder or without files are fine and are named in a warning.
     """
     root = Path(root)
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -538,12 +573,55 @@ def read_class_folders(root, classes=None):
         raise ValueError(f"{root}: class folders {unknown} are not among the {len(classes)} training classes "
                          f"(first ones: {classes[:5]})")
     samples = [(f, [label]) for label, name in enumerate(classes) if name in folders
-               for f in sorted((root / name).iterdir()) if f.suffix.lower() in VIDEO_EXTENSIONS]
-    seen = {labels[0] for _, labels in samples}
-    empty = [name for label, name in enumerate(classes) if label not in seen]
-    if empty and seen:  # (no video at all is an error of load_samples)
+               for f in sorted((root / name).iterdir()) if f.is_file() and not f.name.startswith(".")]
+    counts = collections.Counter(classes[labels[0]] for _, labels in samples)
+    logging.info("%s: %d files in %d classes: %s", root, len(samples), len(classes),
+                 ", ".join(f"{name} {counts[name]}" for name in classes))
+    empty = [name for name in classes if not counts[name]]
+    if empty and samples:  # (no video at all is an error of load_samples)
         logging.warning("%s: no videos of %d of the %d classes: %s", root, len(empty), len(classes), empty[:10])
     return samples, classes
+
+
+def find_listed_files(source, samples, on_error="skip"):
+    """The `samples` of the list file `source` whose files exist, each with its path as on disk (`_respelled`).
+
+    The missing ones are reported together (count, first names) in one warning and left out, or raise a
+    FileNotFoundError with on_error="raise" or when none is left: not a damaged video each, so that a wrong
+    --root stops a run at once rather than skipping every video.
+    """
+    found, missing, listings = [], [], {}
+    for path, labels in samples:
+        on_disk = path if path.exists() else _respelled(path, listings)
+        if on_disk is None:
+            missing.append(path)
+        else:
+            found.append((on_disk, labels))
+    if missing:
+        message = (f"{source}: {len(missing)} of the {len(samples)} listed files do not exist, e.g. "
+                   f"{[str(path) for path in missing[:5]]}")
+        if on_error == "raise" or not found:
+            raise FileNotFoundError(message)
+        logging.warning("%s; left out", message)
+    return found
+
+
+def _respelled(path, listings):
+    """The file `path` names as a list file written on another system spells it, or None: backslashes read as
+    separators, each part that does not exist matched to the one name in its folder that equals it in Unicode
+    NFC form (macOS writes NFD) or, failing that, ignoring case. `listings` caches folder listings."""
+    path = Path(str(path).replace("\\", "/"))
+    at, nfc = Path(path.anchor), functools.partial(unicodedata.normalize, "NFC")
+    for part in path.parts[1 if path.anchor else 0:]:
+        if not (at / part).exists():
+            if at not in listings:
+                listings[at] = os.listdir(at) if at.is_dir() else []
+            hits = [[n for n in listings[at] if key(n) == key(part)] for key in (nfc, lambda x: nfc(x).casefold())]
+            part = next((h[0] for h in hits if len(h) == 1), None)
+            if part is None:
+                return None  # none, or several that differ only in case
+        at = at / part
+    return at
 
 
 def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None):
@@ -643,6 +721,8 @@ class VideoDataset(torch.utils.data.Dataset):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes, classes)
+        if not Path(source).is_dir():  # a list file: its files may be missing
+            self.samples = find_listed_files(source, self.samples, on_error)
         if randaugment:
             rand_augment_class()  # fail now, not in a worker an epoch later
         self.num_frames, self.img_size, self.train = num_frames, img_size, train

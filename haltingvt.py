@@ -631,12 +631,18 @@ HEADS = ("head.", "motion_head.")  # task heads: another task's checkpoint may l
 
 
 def find_state_dict(ckpt) -> tuple:
-    """(state dict, where it was found) in a raw state dict or any WEIGHT_KEYS wrapper; (None, None) if neither."""
-    if isinstance(ckpt, dict) and any(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt, "the top level"
-    for key in WEIGHT_KEYS if isinstance(ckpt, dict) else ():
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key], f'"{key}"'
+    """(state dict, where it was found): the first WEIGHT_KEYS wrapper, else the top level, that holds a tensor
+    named *ANCHOR. The wrappers come first, since a training script's file may hold scalar tensors beside its
+    `state_dict` (pytorch/examples' ImageNet script saves `best_acc1` so). Without ANCHOR anywhere: the first
+    wrapper or a top level holding tensors, for the error to describe; (None, None) if neither."""
+    if not isinstance(ckpt, dict):
+        return None, None
+    places = [(ckpt[k], f'"{k}"') for k in WEIGHT_KEYS if isinstance(ckpt.get(k), dict)] + [(ckpt, "the top level")]
+    for state, where in places:
+        if any(str(k).endswith(ANCHOR) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            return state, where
+    if len(places) > 1 or any(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return places[0]
     return None, None
 
 

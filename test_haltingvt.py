@@ -6,6 +6,7 @@ not tests. Tests marked `slow` (a few seconds each: several processes, whole tra
 `python -m pytest -q -m "not slow" test_haltingvt.py`; CI runs them all.
 """
 import argparse
+import fractions
 import json
 import logging
 import math
@@ -697,6 +698,10 @@ def image_checkpoints(state):
         "timm train.py": {"epoch": 9, "arch": "deit_small_patch16_224", "state_dict": state, "state_dict_ema": ema,
                           "optimizer": {"state": {}, "param_groups": []}, "args": namespace, "version": 2,
                           "metric": 71.2},
+        # pytorch/examples' ImageNet main.py (and MoCo v3's main_lincls.py): a 0-dim tensor beside the weights
+        "imagenet main.py": {"epoch": 90, "arch": "vit_small", "best_acc1": torch.tensor(73.2),
+                             "state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}},
+        "raw, a note under model": {**state, "model": {"name": "deit_small"}},  # the top level is the weights
     }
 
 
@@ -1057,17 +1062,56 @@ def test_data_truncated_after_index_decodes_the_frames_it_has(videos):
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 20  # the header lies
     assert _frame_ids(data.read_clip(path, 8)) == data.sample_indices(decodable, 8, train=False)
-    # garbage in the middle of the frame data: the decoder raises after some good frames, which are the video
-    damaged = bytearray(content)
-    at = int(0.83 * len(content))
-    damaged[at:at + 40] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(damaged))
-    decodable = len(data.read_all_frames(path))
-    assert 1 < decodable < 20
-    assert _frame_ids(data.read_clip(path, 8)) == data.sample_indices(decodable, 8, train=False)
     path.write_bytes(content[: len(content) // 2])  # only a broken first frame left: nothing decodes
     with pytest.raises(data.VideoDecodeError, match=str(path)):
         data.read_clip(path, 8)
+
+
+def _damaged(path, codec, k, n=20):
+    """A grey video (frame k at grey GREY_STEP * k, 8 fps, a keyframe every 5 frames) whose frame k has a damaged
+    packet: zeroed, all of it for MJPEG (its JPEG header too), the middle half for H.264 and VP9."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width = 32, 48
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.options = {"threads": "1", "g": "5", **({"bf": "2"} if codec == "libx264" else {})}
+        for j in range(n):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), GREY_STEP * j, np.uint8),
+                                                                   format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        packet = sorted((p for p in container.demux(video=0) if p.size), key=lambda p: p.pts)[k]
+        start, end = (0, packet.size) if codec == "mjpeg" else (packet.size // 4, 3 * packet.size // 4)
+        start, end = packet.pos + start, packet.pos + end
+    raw = bytearray(path.read_bytes())
+    raw[start:end] = bytes(end - start)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("codec, ext", [("mjpeg", "avi"), ("libx264", "mp4"), ("libvpx-vp9", "webm")])
+def test_data_decoding_goes_on_past_a_damaged_packet(tmp_path, caplog, monkeypatch, codec, ext):
+    path = _damaged(tmp_path / f"damaged.{ext}", codec, 11)  # frame 11 of 20: keyframes at 0, 5, 10, 15
+    centres = data.sample_indices(20, 8, train=False)
+    assert centres == [1, 3, 6, 8, 11, 13, 16, 18]
+    for read in ("seeking", "every frame", "sequential"):
+        if read == "sequential":  # as for a file whose timestamps cannot number the frames: frames in output order
+            monkeypatch.setattr(data, "_frame_index", lambda packets: None)
+        stats = {}
+        ids = _frame_ids(data.read_all_frames(path) if read == "every frame" else data.read_clip(path, 8, stats=stats))
+        ids = [ids[k] for k in centres] if read == "every frame" else ids
+        # (in output order the lost frame is placed where the decoder reports it: with B-frames, on another frame)
+        assert stats.get("lost", 1) == 1 or read == "sequential" and stats["lost"] == 0, read
+        assert stats.get("frames", 20) == 20
+        # the whole video, not the frames before the damage; exact but in the damaged frame's group of pictures,
+        # whose later frames FFmpeg decodes from a stand-in reference (concealed, as players show them)
+        assert [i for i, k in zip(ids, centres) if not 10 <= k < 15] == [1, 3, 6, 8, 16, 18], read
+        if codec == "mjpeg":  # every frame stands alone: only frame 11 is lost, shown by a neighbour
+            assert ids[4] in (10, 12) and ids[5] == 13, read
+    assert data.read_all_frames(path).shape[0] == 20
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lines == [f"{path}: 1 of the 8 frames read could not be decoded and show their nearest decodable "
+                     "neighbour (1 damaged packets skipped)"]  # once per file, however often it is read
 
 
 def _h264(path, frames, fps=25, rotation=None, **options):
@@ -1149,6 +1193,34 @@ def test_data_display_rotation_is_applied(tmp_path, degrees):
     small = data.read_clip(path, 2, short_side=12)  # scaling and rotation together
     assert small.shape == (2, 20, 12, 3)
     assert (corners(small[0]) - corners(torch.from_numpy(upright))).abs().max() <= 30  # and blurred edges
+
+
+def test_data_anamorphic_video_comes_out_with_square_pixels(tmp_path, monkeypatch):
+    # a round disc on a 112 x 64 screen, stored squeezed to 80 x 64 and tagged with sample aspect ratio 7:5
+    # (as DV, HDV and DVD video is): a player stretches it back, and so must the reader
+    y, x = np.mgrid[0:64, 0:112] + 0.5
+    disc = np.where(((x - 56) ** 2 + (y - 32) ** 2 <= 24 ** 2)[..., None], 230, 40).astype(np.float32)
+    stored = F.interpolate(torch.from_numpy(disc).permute(2, 0, 1)[None], size=(64, 80), mode="area")[0]
+    stored = np.repeat(stored.expand(3, -1, -1).permute(1, 2, 0).round().byte().numpy()[None], 4, 0)
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 80, 64, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = fractions.Fraction(7, 5)
+        container.mux([p for image in stored for p in stream.encode(av.VideoFrame.from_ndarray(image))])
+        container.mux(stream.encode())
+
+    def aspect(frame):  # width / height of the bright disc
+        ys, xs = np.nonzero(frame[..., 1].numpy() > 135)
+        return (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+
+    for read in ("seeking", "sequential"):
+        if read == "sequential":  # the other path of the reader (see the damaged-packet test)
+            monkeypatch.setattr(data, "_frame_index", lambda packets: None)
+        clip, small = data.read_clip(path, 2), data.read_clip(path, 2, short_side=32)
+        assert clip.shape == (2, 64, 112, 3) and small.shape == (2, 32, 56, 3), read
+        assert abs(aspect(clip[0]) - 1) < 0.05 and abs(aspect(small[1]) - 1) < 0.08, read  # stored: 0.71
+    assert data.read_all_frames(path).shape == (4, 64, 112, 3)
 
 
 def test_data_reads_the_recording_not_a_thumbnail_or_cover_art(tmp_path):
@@ -1305,12 +1377,15 @@ def test_data_list_file_labels(tmp_path):
     assert data.parse_list_line("my clips/a b.mp4 3", multi_label=False) == ("my clips/a b.mp4", [3])
     assert data.parse_list_line("clip 2.mp4 5 7", multi_label=True) == ("clip 2.mp4", [5, 7])
     assert data.parse_list_line("   ", multi_label=False) is None
+    for name in ("a b.mp4", "sub/c.mp4", "x 1.mp4", "y.mp4"):  # listed files must exist (not decoded here)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
     single = _write(tmp_path / "single.txt", "a b.mp4 2\n\nsub/c.mp4 0\n")
     ds = data.VideoDataset(single, num_frames=8, img_size=32, train=False)
     assert [(p, l) for p, l in ds.samples] == [(tmp_path / "a b.mp4", [2]), (tmp_path / "sub/c.mp4", [0])]
     assert ds.num_classes == 3 and ds.classes is None
-    ds = data.VideoDataset(single, root="/videos", num_frames=8, img_size=32, train=False)
-    assert ds.samples[0][0] == data.Path("/videos/a b.mp4")
+    with pytest.raises(FileNotFoundError, match=r"2 of the 2 listed files do not exist, e.g. \['/videos/a b.mp4'"):
+        data.VideoDataset(single, root="/videos", num_frames=8, img_size=32, train=False)  # a wrong root
     multi = _write(tmp_path / "multi.txt", "x 1.mp4 0 3\ny.mp4 2\n")
     ds = data.VideoDataset(multi, num_frames=8, img_size=32, train=False, multi_label=True, num_classes=5)
     assert ds.samples[0] == (tmp_path / "x 1.mp4", [0, 3])
@@ -1335,15 +1410,58 @@ def test_data_class_folders_sorted_with_spaces(tmp_path, videos):
     for name in ["walk the dog", "ride a bike"]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "v 1.mp4").write_bytes(videos["v5"].read_bytes())
-    (tmp_path / "ride a bike" / "notes.txt").write_text("not a video")
+    (tmp_path / "ride a bike" / "notes.txt").write_text("not a video")  # taken, then a bad video
     ds = data.VideoDataset(tmp_path, num_frames=4, img_size=32, train=False, short_side=32)
     assert ds.classes == ["ride a bike", "walk the dog"]
-    assert [(p.parent.name, l) for p, l in ds.samples] == [("ride a bike", [0]), ("walk the dog", [1])]
-    assert ds[1]["label"] == 1 and ds[1]["video"].shape == (3, 4, 32, 32)
+    assert [(p.parent.name, p.name, l) for p, l in ds.samples] == [
+        ("ride a bike", "notes.txt", [0]), ("ride a bike", "v 1.mp4", [0]), ("walk the dog", "v 1.mp4", [1])]
+    assert ds[2]["label"] == 1 and ds[2]["video"].shape == (3, 4, 32, 32)
+    assert ds[0] == {"skipped": [str(tmp_path / "ride a bike" / "notes.txt")]}
+
+
+def test_data_class_folders_take_every_file_and_the_decoder_decides(tmp_path, videos, caplog):
+    caplog.set_level(logging.INFO)
+    files = {"clapping": ["0.mp4", "1.MTS", "2.m2ts", "3.3gp", ".DS_Store", "._0.mp4"],
+             "jumping": ["0.wmv", "Thumbs.db"]}
+    for name, names in files.items():
+        (tmp_path / name / "sub").mkdir(parents=True)  # a folder inside a class is not a video
+        for f in names:  # every one a video but the two hidden files and Thumbs.db, whatever the extension
+            (tmp_path / name / f).write_bytes(b"not a video" if f in (".DS_Store", "._0.mp4", "Thumbs.db") else
+                                               videos["v20"].read_bytes())
+    ds = data.VideoDataset(tmp_path, num_frames=4, img_size=32, train=False, short_side=32, motion_pairs=False)
+    assert [(p.parent.name, p.name, l) for p, l in ds.samples] == [
+        ("clapping", "0.mp4", [0]), ("clapping", "1.MTS", [0]), ("clapping", "2.m2ts", [0]), ("clapping", "3.3gp", [0]),
+        ("jumping", "0.wmv", [1]), ("jumping", "Thumbs.db", [1])]
+    assert f"{tmp_path}: 6 files in 2 classes: clapping 4, jumping 2" in caplog.text
+    assert [ds[i]["label"] for i in range(5)] == [0, 0, 0, 0, 1]
+    assert ds[5] == {"skipped": [str(tmp_path / "jumping" / "Thumbs.db")]}  # the decoder said no: a bad video
+
+
+def test_data_missing_listed_files_are_reported_together_and_other_spellings_found(tmp_path, videos, caplog):
+    nfc, nfd = "caf\u00e9", "cafe\u0301"  # "café" composed (Linux, Windows) and decomposed (macOS)
+    for rel in ["Clips/a.mp4", f"Clips/{nfc}.mp4", "Clips/Case.mp4", "Clips/x.mp4", "Clips/X.mp4"]:
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(videos["v5"].read_bytes())
+    listed = ["Clips\\a.mp4", f"Clips/{nfd}.mp4", "clips/case.MP4",  # Windows separators, macOS NFD, case
+              "Clips/x.MP4",  # two files match it ignoring case: not found
+              *(f"Clips/gone{i}.mp4" for i in range(7))]
+    lst = _write(tmp_path / "l.txt", "".join(f"{rel} {i % 2}\n" for i, rel in enumerate(listed)))
+    common = dict(num_frames=4, img_size=32, short_side=32, train=False, motion_pairs=False)
+    ds = data.VideoDataset(lst, **common)
+    assert ds.samples == [(tmp_path / "Clips/a.mp4", [0]), (tmp_path / f"Clips/{nfc}.mp4", [1]),
+                          (tmp_path / "Clips/Case.mp4", [0])]
+    assert ds[1]["video"].shape == (3, 4, 32, 32)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    gone = [str(tmp_path / "Clips/x.MP4")] + [str(tmp_path / f"Clips/gone{i}.mp4") for i in range(4)]
+    assert warnings == [f"{lst}: 8 of the 11 listed files do not exist, e.g. {gone}; left out"]  # one line
+    with pytest.raises(FileNotFoundError, match=r"8 of the 11 listed files do not exist"):
+        data.VideoDataset(lst, on_error="raise", **common)
 
 
 def test_data_list_file_with_a_bom_and_windows_line_ends(tmp_path, videos):
     (tmp_path / "clip0.mp4").write_bytes(videos["v5"].read_bytes())
+    (tmp_path / "my clips").mkdir()
+    (tmp_path / "my clips/b.mp4").touch()
     text = "clip0.mp4 0\r\nmy clips/b.mp4 2\r\n\r\n"  # as Notepad saves "UTF-8 with BOM"
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
     ds = data.VideoDataset(tmp_path / "bom.txt", num_frames=4, img_size=32, train=False, short_side=32)
@@ -1380,6 +1498,7 @@ def test_data_validation_folders_take_the_training_labels_by_name(tmp_path, vide
     with pytest.raises(ValueError, match=r"class folders \['curling'\] are not among the 3 training classes"):
         data.VideoDataset(val_root, num_frames=4, img_size=32, train=False, classes=names)
     # a list file beside class folders: its labels are indices into the training classes, and must name one
+    (tmp_path / "a.mp4").touch()
     listed = data.VideoDataset(_write(tmp_path / "val.txt", "a.mp4 2\n"), num_frames=4, img_size=32,
                                train=False, classes=names)
     assert listed.classes == names and listed.samples == [(tmp_path / "a.mp4", [2])]
@@ -1944,6 +2063,7 @@ def test_train_build_data_labels_validation_by_the_training_classes(tmp_path, vi
     assert [(p.parent.name, l) for p, l in val.samples] == [("abseiling", [0]), ("cartwheeling", [2])]
     assert "['bowling']" in caplog.text
     # a validation list file beside training folders, or the other way round: by index, and the log says so
+    (tmp_path / "a").touch()
     args = train.parse_args(["--train", str(tmp_path / "train"), "--val", str(_write(tmp_path / "v.txt", "a 2\n")),
                               "--no-randaugment"])
     assert train.build_data(args, rank=0)[1].samples == [(tmp_path / "a", [2])]
