@@ -2013,6 +2013,7 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "find_unused_parameters" not in done.stderr  # no warning the user cannot act on
     final = json.loads((tmp_path / "final.json").read_text())
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
     assert final["val_videos"] == 6  # each validation video counted once across the two ranks
@@ -2128,6 +2129,15 @@ def test_train_evaluate_counts_each_readable_video_once(tmp_path, videos, caplog
     assert 0 < top5  # the figures compared are not all zero
     nothing = _evaluate(_write(tmp_path / "bad.txt", "bad0.mp4 0\n"), multi_label=False)
     assert (nothing["val_videos"], nothing["val_skipped"]) == (0, 1) and math.isnan(nothing["val_top1"])
+
+
+def test_train_no_top5_for_five_classes_or_fewer(tmp_path, videos):
+    lst = _write(tmp_path / "val.txt", f"{videos['v20']} 1\n{videos['v5']} 0\n")
+    _, _, args, val = _eval_set(lst, multi_label=False)
+    model = HaltingVT(HaltingVTConfig.tiny(**EVAL_CFG, num_classes=2)).eval()
+    metrics = train.evaluate(model, data.epoch_loader(val, 2, 0, train=False), args, torch.device("cpu"), model.cfg)
+    assert "val_top5" not in metrics and "top-5" not in train.summary(metrics)
+    assert train.summary(metrics).startswith(f"val top-1 {metrics['val_top1']:.3f} on 2 videos, motion acc")
 
 
 def _assert_same_metrics(a, b):
