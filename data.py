@@ -5,9 +5,11 @@ Axis letters: B batch, C channels (RGB), T frames of a clip, H height, W width, 
 A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per clip, (B, C, T, H, W) per batch.
 
 Pipeline of one training sample (paper Sec. 4.1 and 3.4):
- 1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video;
- 2) `read_clip`: decode just those frames with PyAV (seeking to the keyframe before each), upright, in the
-    video's own colours, scaled down in FFmpeg's scaler to the largest short side step 3 needs;
+ 1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video (or the
+    release's T frames I apart);
+ 2) `read_clip` (`read_frames` for a folder of JPEG frames): decode just those frames with PyAV (seeking to the
+    keyframe before each), upright, in the video's own colours, scaled down in FFmpeg's scaler to the largest
+    short side step 3 needs;
  3) `train_transform`: random short-side rescale, one random crop for all frames (in uint8, frame by frame),
     optional RandAugment, normalise to [-1, 1];
  4) `make_motion_pair`: the real clip (motion label 1) and a fake clip, one of its frames repeated T times and
@@ -51,17 +53,26 @@ class VideoDecodeError(RuntimeError):
 # Frame sampling and decoding
 
 
-def sample_indices(n_frames, num_frames, train, rng=None):
-    """Which of a video's `n_frames` frames form the clip: TSN-style "uniform" sampling (paper Sec. 4.1).
+def sample_indices(n_frames, num_frames, train, rng=None, frame_interval=None):
+    """Which of a video's `n_frames` frames form the clip: TSN-style "uniform" sampling (paper Sec. 4.1), or with
+    `frame_interval` the release's strided clip. Every reader samples here.
 
-    Picture frame k as shown during the time [k, k+1). Cut the time line [0, n_frames) into `num_frames` equal
-    segments and take the frame on screen at a random time inside each segment (training) or at its midpoint
-    (evaluation). A video shorter than the clip repeats frames, because several segments fall in one frame.
+    TSN: picture frame k as shown during the time [k, k+1). Cut the time line [0, n_frames) into `num_frames`
+    equal segments and take the frame on screen at a random time inside each segment (training) or at its
+    midpoint (evaluation). A video shorter than the clip repeats frames, because several segments fall in one.
+    Strided (mmaction2's SampleFrames(clip_len=T, frame_interval=I, num_clips=1), which the release's configs
+    use): T frames I apart from a start drawn from [0, n - T*I] in training (0 when n < T*I) or, in evaluation,
+    the centred start max(n - ((T-1)*I + 1), 0) // 2; indices past the end wrap around (mod n).
     `rng` is a `random.Random`; pass a seeded one for reproducible training samples.
     """
-    if n_frames < 1 or num_frames < 1:
-        raise ValueError(f"need at least one frame, got n_frames={n_frames}, num_frames={num_frames}")
+    if n_frames < 1 or num_frames < 1 or (frame_interval is not None and frame_interval < 1):
+        raise ValueError(f"need at least one frame, got n_frames={n_frames}, num_frames={num_frames}, "
+                         f"frame_interval={frame_interval}")
     rng = random.Random() if rng is None else rng
+    if frame_interval:
+        T, I = num_frames, frame_interval
+        start = rng.randint(0, max(n_frames - T * I, 0)) if train else max(n_frames - ((T - 1) * I + 1), 0) // 2
+        return [(start + t * I) % n_frames for t in range(T)]
     seg = n_frames / num_frames
     offsets = [rng.random() if train else 0.5 for _ in range(num_frames)]
     return [min(int((i + u) * seg), n_frames - 1) for i, u in enumerate(offsets)]  # min: float round-off
@@ -329,8 +340,9 @@ class _Clip:
         return torch.from_numpy(self.frames)  # (T, H, W, 3)
 
 
-def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats=None):
-    """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices`: uint8 (T, H, W, 3).
+def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats=None, frame_interval=None):
+    """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices` (TSN segments, or frames
+    `frame_interval` apart): uint8 (T, H, W, 3).
 
     The frames are those a player shows (see `_Clip`): display rotation and sample aspect ratio applied, colours
     by the video's own matrix and range, the real recording rather than a cover-art or thumbnail track. With
@@ -346,7 +358,7 @@ def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats
     its nearest decodable neighbour. When nothing decodes after the damage (a truncated file), the video ends
     at its last good frame and the clip is sampled from the frames before it. Either is logged once per file.
     """
-    return _read(path, lambda n: sample_indices(n, num_frames, train, rng), short_side, stats)
+    return _read(path, lambda n: sample_indices(n, num_frames, train, rng, frame_interval), short_side, stats)
 
 
 def read_all_frames(path, *, short_side=None):
@@ -394,6 +406,53 @@ def _read(path, choose, short_side, stats=None):
             stats.update(frames=n, decoded=decoded, lost=sum(len(clip.slots[k]) for k in clip.lost),
                          minimum=None if index is None else _seek_minimum(index, indices))
         return clip.tensor()
+
+
+# mmaction2's frame folders (RawframeDataset): frame_dir/img_00001.jpg, img_00002.jpg, ...
+FRAME_TEMPLATE = "img_{:05}.jpg"
+_MISCOUNTED = set()  # frame folders whose listed frame count was found wrong, already logged (once per process)
+
+
+def count_frame_files(folder, template=FRAME_TEMPLATE, start_index=1, listed=None):
+    """The frames `folder` holds from `start_index` on, by a binary search over which files exist (so a gap
+    ends the count); at most `listed`, the count a list file gives, which is logged once when it is wrong."""
+    present = lambda k: (folder / template.format(start_index + k)).is_file()  # frame k, counted from 0
+    if listed and present(listed - 1):
+        n = listed
+    else:  # the first missing frame
+        hi = listed or 1
+        while not listed and present(hi - 1):
+            hi *= 2  # no count given: double until a frame is missing
+        lo, hi = 0, hi - 1  # frames < lo exist, frame hi does not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if present(mid) else (lo, mid)
+        n = lo
+    if listed and (n < listed or present(listed)) and folder not in _MISCOUNTED:
+        _MISCOUNTED.add(folder)
+        logging.warning("%s: the list says %d frames, the folder holds %s; sampling from the first %d", folder,
+                        listed, n if n < listed else "more", n)
+    return n
+
+
+def read_frames(folder, num_frames, train=False, rng=None, *, total_frames=None, template=FRAME_TEMPLATE,
+                start_index=1, short_side=None, frame_interval=None):
+    """`read_clip` for a folder of frame images, as mmaction2's RawframeDataset holds a video (frame k in
+    folder / template.format(start_index + k)), each decoded with PyAV: uint8 (T, H, W, 3), sampled by
+    `sample_indices` among the frames present (`count_frame_files`; `total_frames`: the list file's count).
+    Raises VideoDecodeError naming the folder (missing, no first frame) or the frame file that cannot be read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VideoDecodeError(f"no frame folder {folder}")
+    n = count_frame_files(folder, template, start_index, total_frames)
+    if n == 0:
+        raise VideoDecodeError(f"no frame {template.format(start_index)} in {folder}")
+    clip = _Clip(sample_indices(n, num_frames, train, rng, frame_interval), short_side)
+    for k in sorted(clip.slots):  # in order, as put expects
+        path = folder / template.format(start_index + k)
+        with _errors_name(path), open(path, "rb") as f, av.open(f) as container:  # a file object: no image2 pattern
+            clip.put(k, next(container.decode(video=0)))
+    return clip.tensor()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,10 +541,16 @@ def eval_transform(clip, size, short_side):
     return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))  # (C, T, size, size)
 
 
-def eval_clip(path, num_frames, img_size, short_side=None):
-    """The video at `path` as evaluation feeds it to the model (VideoDataset with train=False): float
-    (C, T, H, W). `short_side`: before the centre crop, default img_size * 8/7. Raises VideoDecodeError."""
-    clip = read_clip(path, num_frames, train=False)  # (T, H, W, 3)
+def eval_clip(path, num_frames, img_size, short_side=None, *, frame_interval=None, template=FRAME_TEMPLATE,
+              start_index=1):
+    """The video at `path`, a file or a frame folder (read_frames), as evaluation feeds it to the model
+    (VideoDataset with train=False): float (C, T, H, W). `short_side`: before the centre crop, default
+    img_size * 8/7. Raises VideoDecodeError."""
+    if Path(path).is_dir():
+        clip = read_frames(path, num_frames, template=template, start_index=start_index,
+                           frame_interval=frame_interval)
+    else:
+        clip = read_clip(path, num_frames, train=False, frame_interval=frame_interval)  # (T, H, W, 3)
     return eval_transform(clip, img_size, short_side or round(img_size * 8 / 7))
 
 
@@ -510,26 +575,32 @@ def make_motion_pair(clip, transform, rng):
 # Datasets
 
 
-def parse_list_line(line, multi_label):
-    """Split one list-file line into (path, labels); None for a blank line.
+def parse_list_line(line, multi_label, rawframes=False):
+    """Split one list-file line into (path, labels), or with `rawframes` (path, labels, total_frames); None for a
+    blank line.
 
     Single-label (mmaction's `path label`): the last whitespace-separated token is the label and everything
     before it, inner spaces included, is the path. Multi-label (`path l1 l2 ...`): the labels are the longest run
     of integer tokens at the end of the line and the rest is the path, so a path must not itself end in a
     space-separated integer (a file extension is enough: `clip 2.mp4 5 7` -> `clip 2.mp4`, [5, 7]).
+    Frame folders (mmaction2's RawframeDataset lists): `frame_dir total_frames label` or `... l1 l2 ...`.
     """
     line = line.strip()
     if not line:
         return None
-    pattern = r"(.+?)((?:\s+-?\d+)+)" if multi_label else r"(.+)\s+(-?\d+)"
+    pattern = (r"(.+?)" if multi_label else r"(.+)") + (r"\s+(\d+)" if rawframes else "()") + \
+        (r"((?:\s+-?\d+)+)" if multi_label else r"\s+(-?\d+)")
     match = re.fullmatch(pattern, line)
     if match is None:
-        raise ValueError(f"expected 'path label{' label ...' if multi_label else ''}', got {line!r}")
-    return match.group(1), [int(tok) for tok in match.group(2).split()]
+        raise ValueError(f"expected '{'frame_dir total_frames' if rawframes else 'path'} label"
+                         f"{' label ...' if multi_label else ''}', got {line!r}")
+    path, labels = match.group(1), [int(tok) for tok in match.group(3).split()]
+    return (path, labels, int(match.group(2))) if rawframes else (path, labels)
 
 
-def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
-    """[(path, labels)] from a list file; paths relative to `root`, by default the list file's folder.
+def read_list_file(list_file, root=None, multi_label=False, num_classes=None, rawframes=False):
+    """[(path, labels)] from a list file, [(path, labels, total_frames)] from a `rawframes` list (frame folders);
+    paths relative to `root`, by default the list file's folder.
 
     Labels are checked while parsing: a label outside [0, num_classes) (or negative) raises a ValueError naming
     the file, line and label, rather than failing later inside the loss.
@@ -541,16 +612,16 @@ def read_list_file(list_file, root=None, multi_label=False, num_classes=None):
     # mode reads "\r\n" line ends as "\n"
     for lineno, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         try:
-            parsed = parse_list_line(line, multi_label)
+            parsed = parse_list_line(line, multi_label, rawframes)
         except ValueError as err:
             raise ValueError(f"{list_file}, line {lineno}: {err}") from None
         if parsed is None:
             continue
-        path, labels = parsed
+        path, labels, *total = parsed
         for label in labels:
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise ValueError(f"{list_file}, line {lineno}: label {label} is outside [0, {num_classes})")
-        samples.append((root / path, labels))
+        samples.append((root / path, labels, *total))
     return samples
 
 
@@ -591,12 +662,12 @@ def find_listed_files(source, samples, on_error="skip"):
     --root stops a run at once rather than skipping every video.
     """
     found, missing, listings = [], [], {}
-    for path, labels in samples:
+    for path, *rest in samples:  # rest: labels (and a frame folder's listed count)
         on_disk = path if path.exists() else _respelled(path, listings)
         if on_disk is None:
             missing.append(path)
         else:
-            found.append((on_disk, labels))
+            found.append((on_disk, *rest))
     if missing:
         message = (f"{source}: {len(missing)} of the {len(samples)} listed files do not exist, e.g. "
                    f"{[str(path) for path in missing[:5]]}")
@@ -624,8 +695,9 @@ def _respelled(path, listings):
     return at
 
 
-def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None):
-    """(samples, class names in label order or None, num_classes) from a list file or a class-folder root.
+def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None, rawframes=False):
+    """(samples, class names in label order or None, num_classes) from a list file or a class-folder root;
+    `rawframes`: a list of frame folders (read_list_file).
 
     `classes`: the training set's class names. Class folders are then labelled by name (read_class_folders);
     a list file's labels stay indices, into `classes`. Without it, class folders are numbered in sorted order.
@@ -636,6 +708,9 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     """
     source = Path(source)
     if source.is_dir():
+        if rawframes:
+            raise ValueError(f"{source} is a folder: frame folders are listed in a list file (`frame_dir "
+                             "total_frames label`)")
         if multi_label:
             raise ValueError("class folders give one label per video; use a list file for multi-label")
         samples, found = read_class_folders(source, classes)
@@ -646,7 +721,7 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     else:
         if classes is not None and num_classes is None:
             num_classes = len(classes)  # every label must name a class
-        samples = read_list_file(source, root, multi_label, num_classes)
+        samples = read_list_file(source, root, multi_label, num_classes, rawframes)
     if classes is not None:
         num_classes = len(classes) if num_classes is None else num_classes
         if len(classes) > num_classes:
@@ -654,7 +729,7 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     if not samples:
         raise ValueError(f"no videos found in {source}")
     if num_classes is None:
-        num_classes = 1 + max(label for _, labels in samples for label in labels)
+        num_classes = 1 + max(label for _, labels, *_ in samples for label in labels)
     return samples, classes, num_classes
 
 
@@ -712,17 +787,27 @@ class VideoDataset(torch.utils.data.Dataset):
     augmentations. cache=True keeps every decoded frame of each video in memory (per worker): for the short
     demo videos, where decoding would dominate a CPU step; not for real datasets.
     Defaults follow the paper's 256-320 / 224 and 256 / 224 ratios: scale = img_size * (8/7, 10/7) and
-    short_side = img_size * 8/7.
+    short_side = img_size * 8/7. frame_interval: the release's strided sampler (sample_indices), else TSN.
+    rawframes: the list names frame folders (read_frames with `frame_template`, `start_index`; a missing or
+    unreadable frame is a bad video), never cached.
     """
 
     def __init__(self, source, root=None, *, num_frames, img_size, train, short_side=None, scale=None,
                  multi_label=False, num_classes=None, on_error="skip", randaugment=False, seed=0, cache=False,
-                 motion_pairs=None, classes=None):
+                 motion_pairs=None, classes=None, frame_interval=None, rawframes=False,
+                 frame_template=FRAME_TEMPLATE, start_index=1):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        self.samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes, classes)
+        samples, self.classes, num_classes = load_samples(source, root, multi_label, num_classes, classes, rawframes)
         if not Path(source).is_dir():  # a list file: its files may be missing
-            self.samples = find_listed_files(source, self.samples, on_error)
+            samples = find_listed_files(source, samples, on_error)
+        self.samples = [sample[:2] for sample in samples]  # (path, labels)
+        self.frame_counts = {sample[0]: sample[2] for sample in samples} if rawframes else None  # listed counts
+        try:
+            frame_template.format(start_index)
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"frame_template {frame_template!r} does not format a frame number: {err}") from None
+        self.frame_interval, self.frame_template, self.start_index = frame_interval, frame_template, start_index
         if randaugment:
             rand_augment_class()  # fail now, not in a worker an epoch later
         self.num_frames, self.img_size, self.train = num_frames, img_size, train
@@ -748,12 +833,17 @@ class VideoDataset(torch.utils.data.Dataset):
         """uint8 (T, H, W, 3): decoded now, or sampled from the cached frames of the whole video; scaled while
         decoding to the largest short side the transform asks for (training: the top of `scale`)."""
         short_side = self.scale[1] if self.train else self.short_side
+        if self.frame_counts is not None:
+            return read_frames(path, self.num_frames, self.train, rng, total_frames=self.frame_counts[path],
+                               template=self.frame_template, start_index=self.start_index, short_side=short_side,
+                               frame_interval=self.frame_interval)
         if self.cache is None:
-            return read_clip(path, self.num_frames, self.train, rng, short_side=short_side)
+            return read_clip(path, self.num_frames, self.train, rng, short_side=short_side,
+                             frame_interval=self.frame_interval)
         if path not in self.cache:
             self.cache[path] = read_all_frames(path, short_side=short_side)  # (n, H, W, 3)
         frames = self.cache[path]
-        return frames[sample_indices(len(frames), self.num_frames, self.train, rng)]  # (T, H, W, 3)
+        return frames[sample_indices(len(frames), self.num_frames, self.train, rng, self.frame_interval)]
 
     def _transform(self, clip, rng):
         if self.train:
@@ -1154,9 +1244,10 @@ def active_token_masks(keep_index, halt_depth, num_patches, layers):
 
 @torch.no_grad()
 def token_masks(model, video, layers):
-    """Run one clip (C, T, H, W) through a HaltingVT in drop mode: bool masks (1 + len(layers), T, S) of the
-    patches the Glimpser kept and of those still active at each joint layer (active_token_masks)."""
-    out = model(video.unsqueeze(0), drop_halted=True)
+    """Run one clip (C, T, H, W) through a HaltingVT in drop mode (mask mode when release-compatible): bool
+    masks (1 + len(layers), T, S) of the patches the Glimpser kept and of those still active at each joint layer
+    (active_token_masks)."""
+    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
     keep_index = out.keep_index[0] if out.keep_index is not None else None
     S = (model.cfg.img_size // model.cfg.patch_size) ** 2
     return active_token_masks(keep_index, out.halt_depth[0], S, layers)
@@ -1182,8 +1273,9 @@ def halting_map(frames, masks, patch_size, scale=2):
 
 # A 3x5 pixel font for the map's labels (no imaging library needed): a glyph is 5 rows, top first, each an octal
 # digit whose 3 bits are its pixels (7 = ###, 5 = #.#, 2 = .#.).
-FONT = dict(zip("0123456789AEFGIJLMNOPRSTUY ", "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 74647 "
-                "74644 74557 72227 11157 44447 57755 65555 25552 65644 65655 34216 72222 55557 55222 00000".split()))
+FONT = dict(zip("0123456789AEFGIJLMNOPRSTUY ", "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 "
+                "74647 74644 74557 72227 11157 44447 57755 65555 25552 65644 65655 34216 72222 55557 55222 00000"
+                .split()))
 
 
 def text_mask(text, scale=2):

@@ -48,6 +48,7 @@ class HaltingVTConfig:
     eps: float = 0.01  # Eq. (3), official config
     motion_head: bool = True  # Sec. 3.4: the real/fake head of the Motion Loss
     drop_path: float = 0.1  # stochastic depth of the official config
+    release_compat: bool = False  # the release's forward, to run its checkpoints as trained (HaltingStage, Glimpser)
 
     def __post_init__(self):
         def check(name, ok, why):
@@ -66,6 +67,7 @@ class HaltingVTConfig:
         check("gamma", self.gamma > 0, "must be > 0")
         check("mlp_ratio", self.mlp_ratio > 0, "must be > 0")
         check("drop_path", 0.0 <= self.drop_path < 1.0, "must be in [0, 1)")
+        check("eps", self.eps > 0 or not self.release_compat, "must be > 0 with release_compat (halting on > 1 - eps)")
 
     @classmethod
     def deit_small(cls, **overrides) -> "HaltingVTConfig":
@@ -91,12 +93,14 @@ class HaltingVTOutput:
     logits: torch.Tensor  # (B, num_classes): classifier on the halting-weighted class token, Eq. (6)
     motion_logits: Optional[torch.Tensor]  # (B, 2) real/fake logits (Sec. 3.4), or None without the head
     halt_scores: torch.Tensor  # (L, B, K) h_k^l of the K tokens entering the joint stage; 0 once halted
-    halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3); in evaluation at most the class token's
+    halt_depth: torch.Tensor  # (B, K) N_k in 1..L, Eq. (3); in evaluation at most the class token's (not with
+    #                           release_compat, where every token runs to its own halt, as in the release)
     remainder: torch.Tensor  # (B, K) r_k, Eq. (4); for a token stopped with its class token: 1 - its sum
     ponder: torch.Tensor  # (B,) mean over tokens of N_k + r_k, Eq. (5)
     tokens_per_layer: torch.Tensor  # (B, depth) tokens entering each layer as drop mode runs it
     keep_index: Optional[torch.Tensor]  # (B, T, kept) patch indices kept by the Glimpser, or None
     gflops: torch.Tensor  # (B,) GFLOPs (multiply-adds) drop mode spends on each sample
+    gflops_release: Optional[torch.Tensor] = None  # (B,) with release_compat: the release's count (HaltingVT.forward)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,9 +258,10 @@ class DividedBlock(Block):
         """x (B, 1+T*S, D) -> (B, 1+T*S, D): attention, then the MLP."""
         return self.feed_forward(self.attend(x, num_frames, cls_row=False)[0])
 
-    def attend(self, x, num_frames: int, *, cls_row: bool):
+    def attend(self, x, num_frames: int, *, cls_row: bool, cls_residual: bool = True):
         """Both attentions with their residuals: x (B, 1+T*S, D) -> x (B, 1+T*S, D) and, with `cls_row`, the
-        class token's spatial attention (B, T, S) that the Glimpser prunes by (else None)."""
+        class token's spatial attention (B, T, S) that the Glimpser prunes by (else None). cls_residual=False:
+        the class token leaves as its averaged attention output alone (the release's pruning layer)."""
         B, K, D = x.shape
         T, S = num_frames, (K - 1) // num_frames
         cls, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, T*S, D)
@@ -271,7 +276,7 @@ class DividedBlock(Block):
         xs, row = self.attn.forward_with_cls_row(xs) if cls_row else (self.attn(xs), None)
         xs = xs.view(B, T, 1 + S, D)
         res = torch.cat([xs[:, :, 0].mean(1, keepdim=True), xs[:, :, 1:].reshape(B, T * S, D)], 1)
-        x = torch.cat([cls, patches], 1) + self.drop_path(res)  # (B, 1+T*S, D)
+        x = torch.cat([cls if cls_residual else torch.zeros_like(cls), patches], 1) + self.drop_path(res)
         return x, None if row is None else row[:, 1:].reshape(B, T, S)
 
     def feed_forward(self, x):
@@ -303,19 +308,20 @@ class Glimpser(nn.Module):
     """Divided space-time layers; in the last, each frame keeps its top ceil(R * S) patches (Eq. 7), as in the
     authors' release after its spatial attention (whose class-token row scores them) and before its MLP. The
     class token keeps its residual there as in every layer (the release drops it in that layer only, which reads
-    as a slip: the class token would restart from its attention output)."""
+    as a slip: the class token would restart from its attention output); cls_residual=False does as the release."""
 
-    def __init__(self, blocks: list, keep_ratio: float):
+    def __init__(self, blocks: list, keep_ratio: float, cls_residual: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
-        self.keep_ratio = keep_ratio
+        self.keep_ratio, self.cls_residual = keep_ratio, cls_residual
 
     def forward(self, x, num_frames: int):
         """x (B, 1+T*S, D) -> x (B, 1+T*k, D), keep_index (B, T, k) with k = ceil(R * S)."""
         *layers, last = self.blocks
         for blk in layers:
             x = blk(x, num_frames)  # (B, 1+T*S, D)
-        x, cls_attn = last.attend(x, num_frames, cls_row=True)  # (B, 1+T*S, D), (B, T, S)
+        x, cls_attn = last.attend(x, num_frames, cls_row=True, cls_residual=self.cls_residual)  # (B, 1+T*S, D),
+        # and the class token's attention (B, T, S)
         index = top_k_per_frame(cls_attn, math.ceil(self.keep_ratio * cls_attn.shape[-1]))  # (B, T, k)
         return last.feed_forward(gather_patches(x, index)), index  # the MLP on 1 + T*k tokens
 
@@ -332,12 +338,14 @@ class HaltingStage(nn.Module):
         and (4) and enter the ponder loss (Eq. 5), as in the authors' release; x_o (Eq. 6) no longer changes;
       - evaluation: the sample stops when its class token halts (where inference saves time); a token still
         running gets the class token's depth and the remainder of its budget, 1 - its sum so far.
-    The logits are the same either way; depths, remainders and token counts report what ran."""
+    The logits are the same either way; depths, remainders and token counts report what ran.
+    release_compat: the release's loop (forward_masked), in training and evaluation alike."""
 
-    def __init__(self, blocks: list, gamma: float, beta: float, eps: float, halting: bool):
+    def __init__(self, blocks: list, gamma: float, beta: float, eps: float, halting: bool, release_compat=False):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.gamma, self.beta, self.eps, self.halting = gamma, beta, eps, halting
+        self.release_compat = release_compat
 
     def scores(self, x, layer: int, beta: float):
         """h^l of every token (Eq. 2), forced to 1 at the last layer; all 0 before it without halting."""
@@ -355,7 +363,11 @@ class HaltingStage(nn.Module):
         return halting_dropped(self, x, beta) if drop else self.forward_masked(x, beta)
 
     def forward_masked(self, x, beta: float) -> dict:
-        """Fixed shapes: halted tokens stay in x, frozen, and hidden from attention by a key mask."""
+        """Fixed shapes: halted tokens stay in x, frozen, and hidden from attention by a key mask. With
+        release_compat, the release's loop instead: halted tokens enter each layer as zeros and are attended to (a
+        zero token after LayerNorm is the norm's bias: a real key and value), a token halts once its sum passes
+        1 - eps (strictly), and every token runs to its own halt in evaluation too."""
+        release = self.release_compat
         (B, K, D), L = x.shape, len(self.blocks)
         total = x.new_zeros(B, K)  # running sum of scores, Eq. (3)
         active = torch.ones(B, K, dtype=torch.bool, device=x.device)
@@ -364,12 +376,15 @@ class HaltingStage(nn.Module):
         scores, tokens = [], []
         for l, blk in enumerate(self.blocks):
             tokens.append(active.sum(1))
-            x = torch.where(active.unsqueeze(-1), blk(x, key_mask=active), x)  # halted tokens stay frozen
+            if release:
+                x = blk(x * active.unsqueeze(-1))  # halted tokens zeroed, still in every attention
+            else:
+                x = torch.where(active.unsqueeze(-1), blk(x, key_mask=active), x)  # halted tokens stay frozen
             # 1) halting score, 0 for tokens that already halted
             h = self.scores(x, l, beta) * active
             # 2) accumulate; 3) the tokens whose sum reaches 1 - eps halt here, with their remainder
-            stop = active & (total + h >= 1 - self.eps)  # Eq. (3)
-            if not self.training:  # evaluation: the sample is done when its class token halts
+            stop = active & (total + h > 1 - self.eps if release else total + h >= 1 - self.eps)  # Eq. (3)
+            if not self.training and not release:  # evaluation: the sample is done when its class token halts
                 stop = stop | (active & stop[:, :1])
             r = 1 - total  # Eq. (4)
             depth = torch.where(stop, l + 1, depth)
@@ -418,10 +433,12 @@ class HaltingVT(nn.Module):
         self.time_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, D))  # zero at start: Sec. 3.1
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linearly rising
         layer = dict(dim=D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+        # the release's pruning layer drops the class token's residual; with R = 1 it does not prune
+        cls_residual = not (cfg.release_compat and cfg.keep_ratio < 1)
         self.glimpser = Glimpser([DividedBlock(**layer, drop_path=dpr[i]) for i in range(g)],
-                                 cfg.keep_ratio) if g else None
+                                 cfg.keep_ratio, cls_residual) if g else None
         self.joint = HaltingStage([Block(**layer, drop_path=dpr[i]) for i in range(g, cfg.depth)],
-                                  cfg.gamma, cfg.beta, cfg.eps, cfg.halting)
+                                  cfg.gamma, cfg.beta, cfg.eps, cfg.halting, cfg.release_compat)
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
         self.motion_head = nn.Linear(D, 2) if cfg.motion_head else None
@@ -450,26 +467,35 @@ class HaltingVT(nn.Module):
                 beta: Optional[float] = None) -> HaltingVTOutput:
         """video (B, C, T, H, W): any T, H and W multiples of patch_size (the embeddings are resized), else
         ValueError. drop_halted: remove halted tokens (True) or mask them (False); None = drop in evaluation,
-        mask in training. beta: Eq. (2)'s beta for this call (a halting warm-up raises it), None = cfg.beta."""
+        mask in training; with cfg.release_compat mask always (True is a ValueError). beta: Eq. (2)'s beta for this
+        call (a halting warm-up raises it), None = cfg.beta."""
         c, p = self.cfg, self.cfg.patch_size
         if video.dim() != 5 or video.shape[1] != c.in_chans or video.shape[-1] % p or video.shape[-2] % p:
             raise ValueError(f"expected video of shape (B, C={c.in_chans}, T, H, W) with H and W multiples of "
                              f"patch_size={p}, got {tuple(video.shape)}")
         B, _, T, H, W = video.shape
         S = (H // p) * (W // p)
-        drop = (not self.training) if drop_halted is None else drop_halted
+        drop = (not self.training and not c.release_compat) if drop_halted is None else drop_halted
+        if drop and c.release_compat:
+            raise ValueError("drop_halted=True with release_compat: the release's halted tokens stay in the sequence "
+                             "as zeros that every token attends to, which only mask execution computes")
         x = self.embed(video)  # (B, 1+T*S, D)
         keep_index = None
         if self.glimpser is not None:
             x, keep_index = self.glimpser(x, T)  # (B, 1+T*k, D), (B, T, k)
         out = self.joint(x, drop, beta)
         x_o, depth, remainder = self.norm(out["x_o"]), out["depth"], out["remainder"]
-        tokens = torch.cat([out["tokens"].new_full((B, c.glimpser_depth), 1 + T * S), out["tokens"]], 1)
+        glimpsed = out["tokens"].new_full((B, c.glimpser_depth), 1 + T * S)
+        tokens, release = torch.cat([glimpsed, out["tokens"]], 1), None
+        if c.release_compat:  # GFLOPs counted both ways: the release counts every token until its own halt;
+            release = count_gflops(c, tokens, T, S)  # ours stops a sample with its class token, as drop mode does
+            tokens = torch.cat([glimpsed, tokens_until_class_halts(depth, c.depth - c.glimpser_depth)], 1)
         return HaltingVTOutput(
             logits=self.head(x_o), motion_logits=self.motion_head(x_o) if self.motion_head is not None else None,
             halt_scores=out["halt_scores"], halt_depth=depth, remainder=remainder,
             ponder=(depth + remainder).mean(1),  # Eq. (5)
-            tokens_per_layer=tokens, keep_index=keep_index, gflops=count_gflops(c, tokens, T, S))
+            tokens_per_layer=tokens, keep_index=keep_index, gflops=count_gflops(c, tokens, T, S),
+            gflops_release=release)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -491,6 +517,13 @@ def count_gflops(cfg: HaltingVTConfig, tokens_per_layer: torch.Tensor, T: int, S
     macs = macs + (n * (4 * D * D + 2 * D * hidden) + 2 * n * n * D).sum(1)  # qkv, proj, MLP per token; QK^T, AV
     macs = macs + D * (cfg.num_classes + (2 if cfg.motion_head else 0))  # the heads
     return (macs / 1e9).float()
+
+
+def tokens_until_class_halts(depth: torch.Tensor, L: int) -> torch.Tensor:
+    """Tokens entering each of L joint layers when a sample stops with its class token: depth (B, K) N_k, class
+    token first -> (B, L)."""
+    stop = torch.minimum(depth, depth[:, :1])  # (B, K)
+    return (stop.unsqueeze(1) >= torch.arange(1, L + 1, device=depth.device).view(1, L, 1)).sum(2)  # (B, L)
 
 
 def dense_gflops(cfg: HaltingVTConfig, num_frames: Optional[int] = None, img_size: Optional[int] = None) -> float:
@@ -667,6 +700,13 @@ def checkpoint_layout(keys) -> str:
     if any(k.startswith(("glimpser.blocks.", "joint.blocks.")) for k in keys):
         return "video"
     return "release" if any(k.startswith("blocks.") and ".temporal_" in k for k in keys) else "image"
+
+
+def checkpoint_file_layout(ckpt) -> Optional[str]:
+    """The layout (checkpoint_layout) of a checkpoint file's contents, or None where no ViT weights are found."""
+    state = find_state_dict(ckpt)[0]
+    keys = strip_prefix(state) if state is not None else None
+    return None if keys is None else checkpoint_layout(keys)
 
 
 def model_keys(key: str, layout: str, g: int) -> list:

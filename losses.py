@@ -77,11 +77,11 @@ def depth_prior(num_layers, mean, std):
 def depth_prior_loss(halt_scores, target):
     """KL(target || p), p_l = the batch's mean halting score at joint layer l, normalised over layers.
 
-    Not in the paper: A-ViT's "distribution prior", which the authors' release carries as an off-by-default
-    switch. The ponder loss alone pushes every score up, and nothing pushes a patch token's score down (its halt
-    is a discrete decision, so the task loss sends it no gradient): at small scale every token then halts at the
-    first joint layer. Pulling the layer-wise mean of the scores towards a Gaussian over depth keeps halting
-    spread over layers. halt_scores (L, B, K), target (L,) -> ().
+    Not in the paper, nor in use in the authors' release (which stores a `use_distr_prior` flag that nothing
+    reads): A-ViT's "distribution prior". The ponder loss alone pushes every score up, and nothing pushes a patch
+    token's score down (its halt is a discrete decision, so the task loss sends it no gradient): at small scale
+    every token then halts at the first joint layer. Pulling the layer-wise mean of the scores towards a Gaussian
+    over depth keeps halting spread over layers. halt_scores (L, B, K), target (L,) -> ().
     """
     p = halt_scores.mean(dim=(1, 2))  # (L,)
     p = p / p.sum()
@@ -95,8 +95,9 @@ def haltingvt_loss(out, labels, motion_labels=None, *, num_classes=None, alpha_p
 
     alpha_p = 5e-4 and alpha_m = 0.01 are the paper's values (Sec. 4.1). The authors' release config sets the
     motion weight to 0.001, but its loss code only uses that number to switch the term on and then adds the
-    motion cross-entropy unweighted; we follow the paper. The motion term is left out entirely (not computed)
-    when alpha_m == 0, when the model gives no motion logits, or when no motion labels are given (evaluation).
+    motion cross-entropy unweighted (alpha_m = 1 in effect); we follow the paper. The motion term is left out
+    entirely (not computed) when alpha_m == 0, when the model gives no motion logits, or when no motion labels
+    are given (evaluation).
     task_on_fakes=False applies the task loss to the real clips only (motion label 1); the release applies it to
     both clips of a pair, which helps where one frame shows the scene (Kinetics), and only adds noise where a
     static clip cannot tell the class by construction (the demo dataset).
@@ -143,8 +144,8 @@ def average_precision(scores, targets):
 def eval_counters(depth, glimpser_depth):
     """The evaluation's sums, by name, for a model of `depth` layers: float64 tensors, scalars but for the
     per-layer ones."""
-    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "depth_sum",
-             "tokens")
+    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "gflops_release",
+             "depth_sum", "tokens")
     return {**{name: torch.zeros((), dtype=torch.float64) for name in names},
             "depth_hist": torch.zeros(depth - glimpser_depth, dtype=torch.float64),  # halted at joint layer 1..L
             "tokens_per_layer": torch.zeros(depth, dtype=torch.float64)}
@@ -169,6 +170,8 @@ def add_eval_batch(count, out, label, motion, multi_label, scores, targets):
         count["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
         count["motion_clips"] += len(out.logits)
     count["gflops"] += out.gflops[:B].sum().item()
+    if out.gflops_release is not None:  # a release-compatible forward: the release's count too
+        count["gflops_release"] += out.gflops_release[:B].sum().item()
     count["depth_sum"] += depth.sum().item()
     count["tokens"] += depth.numel()
     L = len(count["depth_hist"])
@@ -178,7 +181,8 @@ def add_eval_batch(count, out, label, motion, multi_label, scores, targets):
 
 def eval_metrics(c, dense_gflops, multi_label):
     """The metrics from the summed counters: means per readable video (nan when there was none).
-    `dense_gflops`: a video's GFLOPs without pruning or halting, reported beside those spent."""
+    `dense_gflops`: a video's GFLOPs without pruning or halting, reported beside those spent; val_gflops_release
+    (the release's count, every token until its own halt) where the model's forward gave it (release_compat)."""
     n, tokens = c["videos"].item() or math.nan, c["tokens"].item() or math.nan
     clips = c["motion_clips"].item() or math.nan  # nan: no motion head
     metrics = {"val_motion_acc": c["motion_correct"].item() / clips, "val_gflops": c["gflops"].item() / n,
@@ -186,6 +190,8 @@ def eval_metrics(c, dense_gflops, multi_label):
                "halt_depth_hist": (c["depth_hist"] / tokens).tolist(),
                "tokens_per_layer": (c["tokens_per_layer"] / n).tolist(),
                "val_videos": int(c["videos"].item()), "val_skipped": int(c["skipped"].item())}
+    if c["gflops_release"].item():  # counted (no video costs nothing)
+        metrics["val_gflops_release"] = c["gflops_release"].item() / n
     if not multi_label:
         metrics.update(val_top1=c["top1"].item() / n, val_top5=c["top5"].item() / n)
     return metrics

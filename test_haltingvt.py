@@ -20,6 +20,7 @@ import sys
 import tracemalloc
 import weakref
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -340,6 +341,111 @@ def test_mask_and_drop_modes_agree_on_halting_and_gradients(training):
         for b, k in np.ndindex(*out.halt_depth.shape):
             _, n, r = slow_halting(h[:, b, k].tolist(), model.cfg.eps)
             assert out.halt_depth[b, k].item() == n and out.remainder[b, k].item() == pytest.approx(r, abs=1e-6)
+
+
+def plain_attention(attn, x, heads):
+    """Softmax attention of x (n, D) over itself, every token a key, one query row at a time: (n, D) and the
+    head-averaged attention rows (n, n)."""
+    n, D = x.shape
+    d = D // heads
+    q, k, v = attn.qkv(x).view(n, 3, heads, d).unbind(1)  # each (n, h, d)
+    outs, rows = [], []
+    for i in range(n):
+        w = torch.einsum("hd,khd->hk", q[i], k).mul(d ** -0.5).softmax(-1)  # (h, n)
+        outs.append(attn.proj(torch.einsum("hk,khd->hd", w, v).reshape(D)))
+        rows.append(w.mean(0))
+    return torch.stack(outs), torch.stack(rows)
+
+
+def release_glimpser(model, x, T):
+    """The release's Glimpser (glimpser_helpers.py) on one sample's tokens x (1 + T*S, D): in the pruning layer
+    the class token is the mean of its per-frame attention outputs, without its residual."""
+    cfg, D = model.cfg, x.shape[1]
+    S, blocks = (x.shape[0] - 1) // T, model.glimpser.blocks
+    for i, blk in enumerate(blocks):
+        cls, patches = x[0], x[1:].view(T, S, D)
+        temporal = [plain_attention(blk.temporal_attn, blk.temporal_norm1(patches[:, s]), cfg.num_heads)[0]
+                    for s in range(S)]
+        patches = patches + blk.temporal_fc(torch.stack(temporal, 1))  # (T, S, D)
+        spatial = [plain_attention(blk.attn, blk.norm1(torch.cat([cls[None], patches[t]])), cfg.num_heads)
+                   for t in range(T)]
+        cls_out = torch.stack([out[0] for out, _ in spatial]).mean(0)
+        patches = patches + torch.stack([out[1:] for out, _ in spatial])
+        if i == len(blocks) - 1 and cfg.keep_ratio < 1:
+            cls, keep = cls_out, math.ceil(cfg.keep_ratio * S)
+            patches = torch.stack([patches[t, rows[0, 1:].topk(keep).indices] for t, (_, rows) in enumerate(spatial)])
+        else:
+            cls = cls + cls_out
+        x = torch.cat([cls[None], patches.reshape(-1, D)])
+        x = x + blk.mlp(blk.norm2(x))
+    return x
+
+
+def release_joint(model, x):
+    """The release's halting loop (haltingvt_model.py) on one sample's tokens x (K, D), token by token and layer
+    by layer: halted tokens enter each layer as zeros and stay keys and values; `>` for reached, `<` for not
+    reached. Returns x_o (D,) and the ponder cost, the mean of rho."""
+    cfg, K, blocks = model.cfg, x.shape[0], model.joint.blocks
+    c, R, rho, mask = [0.0] * K, [1.0] * K, [0.0] * K, [True] * K
+    out, x_o = x, torch.zeros(x.shape[1])
+    for l, blk in enumerate(blocks):
+        y = torch.stack([out[k] if mask[k] else torch.zeros_like(out[k]) for k in range(K)])
+        y = y + plain_attention(blk.attn, blk.norm1(y), cfg.num_heads)[0]
+        y = y + blk.mlp(blk.norm2(y))
+        for k in range(K):
+            h = 1.0 if l == len(blocks) - 1 else torch.sigmoid(cfg.gamma * y[k, 0] - cfg.beta).item()
+            c[k], running = c[k] + h, mask[k]
+            rho[k] += running
+            if c[k] > 1 - cfg.eps and running:  # case 1: the threshold is passed here
+                rho[k] += R[k]
+                x_o = x_o + R[k] * y[0] if k == 0 else x_o
+            if c[k] < 1 - cfg.eps:  # case 2: not reached
+                R[k] -= h
+                x_o = x_o + h * y[0] if k == 0 else x_o
+            mask[k] = c[k] < 1 - cfg.eps
+        out = y
+    return x_o, sum(rho) / K
+
+
+def test_release_compat_matches_the_releases_loop_token_by_token():
+    """release_compat against the release's forward written out per token and layer, in training and evaluation:
+    logits, motion logits and ponder agree; the same weights with the flag off give other logits."""
+    model, video = diverse_model()
+    video = video[:4]
+    compat = HaltingVT(HaltingVTConfig(**{**model.cfg.to_dict(), "release_compat": True}))
+    compat.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        x = compat.embed(video)
+        ref = [release_joint(compat, release_glimpser(compat, x[b], video.shape[2])) for b in range(len(video))]
+        x_o = compat.norm(torch.stack([x_o for x_o, _ in ref]))
+        ponder = torch.tensor([p for _, p in ref])
+        for training in (True, False):
+            out = compat.train(training)(video)
+            assert torch.allclose(out.logits, compat.head(x_o), atol=1e-5)
+            assert torch.allclose(out.motion_logits, compat.motion_head(x_o), atol=1e-5)
+            assert torch.allclose(out.ponder, ponder, atol=1e-5)
+            assert (model.train(training)(video, drop_halted=False).logits - out.logits).abs().max() > 1e-2
+    assert (out.halt_depth[:, 0] < len(model.joint.blocks)).any()  # class tokens halted early: the case at stake
+    with pytest.raises(ValueError, match="drop_halted=True with release_compat"):
+        compat(video, drop_halted=True)
+
+
+def test_release_compat_counts_gflops_both_ways():
+    """With release_compat the output counts GFLOPs as the release does (every token until its own halt) and as
+    drop mode would spend them (a sample stops with its class token); without it there is one count."""
+    model, video = diverse_model()
+    compat = HaltingVT(HaltingVTConfig(**{**model.cfg.to_dict(), "release_compat": True}))
+    compat.load_state_dict(model.state_dict())
+    cfg, g, L = compat.cfg, compat.cfg.glimpser_depth, len(compat.joint.blocks)
+    T, S = video.shape[2], (cfg.img_size // cfg.patch_size) ** 2
+    with torch.no_grad():
+        out = compat.eval()(video)
+    assert model(video).gflops_release is None
+    depth, glimpsed = out.halt_depth, out.tokens_per_layer[:, :g]  # each token's own N_k: no stop in evaluation
+    for counted, stop in ((out.gflops_release, depth), (out.gflops, torch.minimum(depth, depth[:, :1]))):
+        joint = torch.tensor([[int((row >= l).sum()) for l in range(1, L + 1)] for row in stop])  # a loop
+        assert torch.allclose(counted, count_gflops(cfg, torch.cat([glimpsed, joint], 1), T, S))
+    assert (out.gflops <= out.gflops_release).all() and (out.gflops < out.gflops_release).any()
 
 
 def module_state(model):
@@ -996,6 +1102,31 @@ def test_data_sample_indices_by_hand():
     assert len(draws) > 5  # training really is random
 
 
+def mmaction_sample_frames(n, T, I, test_mode, offset=None):
+    """mmaction2's SampleFrames(clip_len=T, frame_interval=I, num_clips=1), its 'loop' rule, by its own steps:
+    the indices for the clip start `offset` (training) and the starts training may draw."""
+    if test_mode:
+        offsets = [max(n - ((T - 1) * I + 1), 0) // 2]
+    else:
+        avg = n - T * I + 1  # (num_frames - ori_clip_len + 1) // num_clips
+        offsets = list(range(avg)) if avg > 0 else [0]  # randint(avg); avg == 0: around(0 * ratio) = 0; else 0
+    offset = offsets[0] if offset is None else offset
+    return [int(i) for i in np.mod(offset + np.arange(T) * I, n)], offsets
+
+
+@pytest.mark.parametrize("n, T, I", [(300, 8, 32), (256, 8, 32), (255, 8, 32), (250, 8, 32), (225, 8, 32),
+                                     (100, 8, 32), (1, 8, 32), (700, 10, 64), (20, 4, 5), (3, 4, 1)])
+def test_data_strided_sampler_is_mmaction_sample_frames(n, T, I):
+    assert data.sample_indices(n, T, False, frame_interval=I) == mmaction_sample_frames(n, T, I, True)[0]
+    drawn = set()
+    for seed in range(200):
+        got = data.sample_indices(n, T, True, random.Random(seed), frame_interval=I)
+        starts = mmaction_sample_frames(n, T, I, False)[1]
+        assert got in [mmaction_sample_frames(n, T, I, False, o)[0] for o in starts]
+        drawn.add(tuple(got))
+    assert len(drawn) >= min(len(starts), 10)  # training draws the start at random
+
+
 def test_data_read_clip_eval_takes_segment_centres(videos):
     clip = data.read_clip(videos["v20"], 8)
     assert clip.dtype == torch.uint8 and clip.shape == (8, 32, 48, 3)
@@ -1473,6 +1604,68 @@ def test_data_list_file_with_a_bom_and_windows_line_ends(tmp_path, videos):
                                                                               (tmp_path / "y.mp4", [2])]
 
 
+def write_jpeg_frames(folder, frames, start_index=1):
+    """uint8 (n, H, W, 3) frames as folder/img_00001.jpg, ... (mmaction2's layout), encoded with PyAV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(frames):
+        codec = av.CodecContext.create("mjpeg", "w")
+        codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
+        codec.time_base = Fraction(1, 25)
+        packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+        (folder / data.FRAME_TEMPLATE.format(start_index + k)).write_bytes(
+            b"".join(bytes(p) for p in packets + codec.encode(None)))
+    return folder
+
+
+@pytest.mark.parametrize("interval", [None, 3])
+def test_data_frame_folder_gives_the_videos_frames(tmp_path, interval):
+    """A video's frames written as JPEG come back, at the sampled indices, within 3 grey levels of the video."""
+    video = tmp_path / "v.mp4"
+    data.write_video(video, data.render_demo_video(2, np.random.default_rng(0)))
+    frames = data.read_all_frames(video)  # (16, 72, 72, 3)
+    folder = write_jpeg_frames(tmp_path / "frames", frames.numpy())
+    for train, rng in ((False, None), (True, random.Random(1))):
+        want = data.sample_indices(16, 8, train, random.Random(1) if train else None, interval)
+        got = data.read_frames(folder, 8, train, rng, frame_interval=interval)
+        assert got.shape == (8, 72, 72, 3)
+        assert (got.float() - frames[want].float()).abs().mean(dim=(1, 2, 3)).max() < 3
+        assert (got.float() - frames[want[::-1]].float()).abs().mean() > 3  # the frames differ: order tells
+    clip = data.eval_clip(folder, 8, 64, frame_interval=interval)  # --predict and --halting-map take folders
+    assert (clip - data.eval_clip(video, 8, 64, frame_interval=interval)).abs().mean() * data.STD < 3
+
+
+def test_data_rawframe_lists_missing_frames_and_counts(tmp_path, caplog):
+    frames = np.stack([np.full((32, 32, 3), GREY_STEP * k, np.uint8) for k in range(12)])
+    write_jpeg_frames(tmp_path / "a b", frames)
+    write_jpeg_frames(tmp_path / "short", frames[:6])
+    gap = write_jpeg_frames(tmp_path / "gap", frames)
+    (gap / "img_00005.jpg").unlink()  # frame 4, which the evaluation samples
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "img_00001.jpg").write_bytes(b"not a jpeg")
+    listed = _write(tmp_path / "list.txt", "a b 12 0 3\nshort 12 1\ngap 12 2\nbroken 1 1\nnone 5 0\n")
+    common = dict(num_frames=4, img_size=32, train=False, short_side=32, multi_label=True, num_classes=4,
+                  rawframes=True, frame_interval=3)
+    ds = data.VideoDataset(listed, **common)
+    assert ds.samples[0] == (tmp_path / "a b", [0, 3]) and ds.frame_counts[tmp_path / "a b"] == 12
+    assert _frame_ids(data.display_frames(ds[0]["video"])) == [1, 4, 7, 10]  # the centred start, (12 - 10) // 2
+    assert ds[0]["label"].tolist() == [1, 0, 0, 1]
+    with caplog.at_level(logging.WARNING):
+        ids = [_frame_ids(data.display_frames(ds[1]["video"])) for _ in range(2)]
+    assert ids == [[0, 3, 0, 3]] * 2  # sampled within the 6 frames there are (wrapping), said once
+    assert caplog.text.count("the list says 12 frames, the folder holds 6") == 1
+    assert len(ds) == 4  # the missing folder "none" is left out when the dataset is built, as a missing video is
+    with pytest.raises(FileNotFoundError, match="none"):
+        data.VideoDataset(listed, **common, on_error="raise")
+    present = _write(tmp_path / "present.txt", "a b 12 0 3\nshort 12 1\ngap 12 2\nbroken 1 1\n")
+    for i, folder, name in ((2, "gap", "gap/img_00005.jpg"), (3, "broken", "broken/img_00001.jpg")):
+        assert ds[i] == {"skipped": [str(tmp_path / folder)]}  # a bad video: left out of an evaluation
+        with pytest.raises(data.VideoDecodeError, match=name):  # the file named
+            data.VideoDataset(present, **common, on_error="raise")[i]
+    assert data.count_frame_files(tmp_path / "a b") == 12  # no list: counted from the files
+    with pytest.raises(ValueError, match="frame_template"):
+        data.VideoDataset(listed, **common, frame_template="img_{:05}_{}.jpg")
+
+
 def _class_folders(root, names, video):
     for name in names:
         (root / name).mkdir(parents=True)
@@ -1823,6 +2016,34 @@ def test_train_mode_default_follows_amp_and_a_flag_beats_it():
     assert train.parse_args(["--train-mode", "mask"]).train_mode == "mask"
 
 
+def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog):
+    """--eval-only --init of a release-layout checkpoint on an mmaction2 frame-folder list, with no training set:
+    the release-compatible forward comes on (logged) and both GFLOPs counts are reported; --no-release-compat
+    and any other layout leave it off; --train-mode drop with it is an error."""
+    source = random_video_model()
+    torch.save({"state_dict": release_names(source.state_dict(), g=2)}, tmp_path / "release.pth")
+    torch.save({"model": source.state_dict()}, tmp_path / "video.pth")
+    lines = []
+    for i in range(3):
+        frames = data.render_demo_video(i, np.random.default_rng(i))  # (16, 72, 72, 3)
+        write_jpeg_frames(tmp_path / "frames" / f"v{i}", frames)
+        lines.append(f"frames/v{i} 16 {i}\n")
+    val = _write(tmp_path / "val.txt", "".join(lines))
+    flags = ["--eval-only", "--val", str(val), "--rawframes", "--frame-interval", "2", "--model", "tiny",
+             "--embed-dim", "32", "--depth", "4", "--heads", "2", "--num-classes", "6", "--beta", "0",
+             "--out", str(tmp_path / "run"), "--threads", "1"]
+    with caplog.at_level(logging.INFO, logger="train"):
+        compat = train.main(flags + ["--init", str(tmp_path / "release.pth")])
+    assert "has the release's layout: release-compatible forward on" in caplog.text
+    assert compat["val_videos"] == 3 and compat["val_gflops"] <= compat["val_gflops_release"]
+    for init, extra in (("release.pth", ["--no-release-compat"]), ("video.pth", [])):
+        plain = train.main(flags + ["--init", str(tmp_path / init), *extra])
+        assert "val_gflops_release" not in plain and plain["val_top1"] >= 0
+    with pytest.raises(SystemExit, match="mask mode only"):
+        train.parse_args(flags + ["--release-compat", "--train-mode", "drop"])
+    assert train.parse_args(flags + ["--release-compat"]).train_mode == "mask"
+
+
 def test_train_optimizer_groups_and_schedule():
     args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
     model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
@@ -1955,6 +2176,13 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
         assert [c["prob"] for c in result["top5"]] == pytest.approx(probs[order].tolist())
         assert result["gflops"] == pytest.approx(out.gflops[0].item())
         assert result["halt_depth_mean"] == pytest.approx(out.halt_depth[0].float().mean().item())
+    folder = write_jpeg_frames(tmp_path / "frames", data.read_all_frames(good[0]).numpy())  # a frame folder too
+    train.main(["--predict", str(folder), "--resume", str(ckpt_path), "--json", "--threads", "1"])
+    clip = data.eval_transform(data.read_frames(folder, 4), 64, data.DEMO_EVAL_SHORT_SIDE)
+    with torch.no_grad():
+        probs = model(clip.unsqueeze(0), drop_halted=True).logits[0].softmax(0)
+    result = json.loads(capsys.readouterr().out)
+    assert [c["prob"] for c in result["top5"]] == pytest.approx(probs.sort(descending=True).values[:5].tolist())
     torch.save({**ckpt, "classes": None}, tmp_path / "unnamed.pt")
     train.main(["--predict", str(good[0]), "--resume", str(tmp_path / "unnamed.pt"), "--threads", "1"])
     text = capsys.readouterr().out.splitlines()
@@ -2289,8 +2517,10 @@ def test_train_command_line_errors_without_traceback_unless_asked(tmp_path, monk
     """The real command: one line and status 2; HALTINGVT_DEBUG=1 shows the traceback; a torchvision that does not
     import stops a real-data run before anything is written, with the pip command that installs the right one."""
     script, env = str(Path(train.__file__)), {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = lambda *flags, **extra: subprocess.run([sys.executable, script, *flags], capture_output=True, text=True,  # noqa
-                                                 cwd=tmp_path, timeout=120, env={**env, **extra})
+    def run(*flags, **extra):
+        return subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120, env={**env, **extra})
+
     done = run("--frames", "0")
     assert (done.returncode, done.stderr) == (2, "error: --frames 0: must be a positive integer\n")
     debug = run("--frames", "0", HALTINGVT_DEBUG="1")

@@ -20,6 +20,7 @@ joint stage.
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ import torch.distributed as dist
 
 import data
 import losses
-from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops, load_pretrained
+from haltingvt import HaltingVT, HaltingVTConfig, checkpoint_file_layout, dense_gflops, load_pretrained
 from losses import haltingvt_loss
 
 log = logging.getLogger("train")
@@ -79,7 +80,8 @@ DEMO_PRESET = dict(model="tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, 
 # x0 a fresh model has, so every token runs through every joint layer while the layers learn something.
 BETA_OFF = 20.0
 
-# Parameters without weight decay: the embeddings and class token (as in the release), norms and biases.
+# Parameters without weight decay: the embeddings and class token (the release's config means to spare them, but
+# its keys match no parameter, so it decays everything), norms and biases.
 NO_DECAY = ("cls_token", "pos_embed", "time_embed")
 
 
@@ -159,6 +161,12 @@ def data_flags(p: argparse.ArgumentParser):
     a("--randaugment", action=argparse.BooleanOptionalAction,
       help="torchvision's RandAugment in training (paper Sec. 4.1; default: on with --train, off in the demo)")
     a("--cache", action=argparse.BooleanOptionalAction, help="keep decoded videos in RAM (small sets only)")
+    a("--rawframes", action="store_true", help="the lists name frame folders, mmaction2's RawframeDataset lists: "
+                                               "`frame_dir total_frames label` (or `... l1 l2 ...`)")
+    a("--frame-template", default=data.FRAME_TEMPLATE, help="a frame's file name in its folder (img_{:05}.jpg)")
+    a("--start-index", type=int, default=1, help="number of a folder's first frame (1)")
+    a("--frame-interval", type=int, help="sample T frames this far apart (mmaction2's SampleFrames, as the release: "
+                                         "32 Mini-Kinetics, 64 ActivityNet); default: TSN segments")
     a("--demo-root", default="data/demo", help="where the sanity run writes its demo dataset (data/demo)")
     a("--demo-videos", type=int, nargs=2, default=(100, 20), metavar=("TRAIN", "VAL"),
       help="demo videos per class (100 20)")
@@ -176,6 +184,9 @@ def model_flags(p: argparse.ArgumentParser):
                         ("--beta", "Eq. (2), subtracted: larger beta halts later"), ("--drop-path", None)):
         m(name, type=float, help=where)
     m("--no-halting", dest="halting", action="store_false", help="run every joint layer on every token")
+    m("--release-compat", action=argparse.BooleanOptionalAction,
+      help="the release's forward (HaltingVTConfig.release_compat), mask execution; default: on when --init is a "
+           "checkpoint of the release's layout")
 
 
 def optimisation_flags(p: argparse.ArgumentParser):
@@ -187,12 +198,13 @@ def optimisation_flags(p: argparse.ArgumentParser):
     o("--batch-size", type=int, help="videos per process; each gives a real and a fake clip")
     o("--clip-grad", type=float, help="max gradient norm")
     o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
-    o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's; see losses.py)")
+    o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's 0.01; 1 is the release's in effect)")
     o("--alpha-d", type=float, help="halting-depth prior weight (not in the paper: losses.depth_prior_loss); 0 off")
     o("--depth-prior", type=float, nargs=2, metavar=("MEAN", "STD"),
       help="the prior's Gaussian over joint layers 1..L (default: the middle layer, std L/4)")
     o("--train-mode", choices=["mask", "drop"],
-      help="halted tokens in training (default: TRAIN_MODE, or AMP_TRAIN_MODE with --amp)")
+      help="halted tokens in training (default: TRAIN_MODE, or AMP_TRAIN_MODE with --amp; mask with the "
+           "release-compatible forward)")
     o("--task-on-fakes", action=argparse.BooleanOptionalAction,
       help="the task loss on the static fake clips too (as the release; see losses.haltingvt_loss)")
     o("--halting-warmup", type=float, help="epochs of halting warm-up: off for half, then a linear rise; 0 = off")
@@ -212,24 +224,27 @@ def run_flags(p: argparse.ArgumentParser):
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
     r("--stop-after", type=int, help="stop after N epochs of this run (the schedule still spans --epochs)")
-    r("--predict", nargs="+", metavar="VIDEO", help="print each video's top-5 classes, GFLOPs and mean halting "
-                                                    "depth with the --resume checkpoint, then exit")
+    r("--predict", nargs="+", metavar="VIDEO", help="print each video's (file or frame folder) top-5 classes, "
+                                                    "GFLOPs and mean halting depth with the --resume checkpoint")
     r("--json", action="store_true", help="with --predict: one JSON object per video, one a line")
-    r("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (paper Fig. 4) for this video with the "
-                                             "--resume checkpoint, then exit")
+    r("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (paper Fig. 4) for this video (file or "
+                                             "frame folder) with the --resume checkpoint, then exit")
     r("--map-layers", type=int, nargs="+", help="joint layers (1..L) the map shows (default: up to 3 over 2..L)")
 
 
 def apply_preset(args):
     """Fill every unset optimisation value from the demo preset or the real-data defaults."""
-    args.preset = args.preset or ("real" if args.train else "demo")
-    if args.preset == "real" and not (args.train and args.val):
-        raise UsageError("--preset real needs --train and --val")
+    args.preset = args.preset or ("real" if args.train or args.val else "demo")
+    if args.preset == "real" and not (args.val and (args.train or args.eval_only)):
+        raise UsageError("--preset real needs --train and --val (--eval-only: --val)")
+    if args.release_compat and args.train_mode == "drop":
+        raise UsageError("--train-mode drop: the release-compatible forward runs in mask mode only (its halted "
+                         "tokens stay in the sequence as zeros that every token attends to)")
     preset = {**REAL_DEFAULTS, **(DEMO_PRESET if args.preset == "demo" else {})}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.train_mode = args.train_mode or (AMP_TRAIN_MODE if args.amp else TRAIN_MODE)
+    args.train_mode = args.train_mode or ("mask" if args.release_compat else AMP_TRAIN_MODE if args.amp else TRAIN_MODE)
     return args
 
 
@@ -311,17 +326,21 @@ def build_data(args, rank):
     frames, size = args.frames or base.num_frames, args.img_size or base.img_size
     common = dict(root=args.root, num_frames=frames, img_size=size, multi_label=args.multi_label,
                   num_classes=args.num_classes, on_error=args.on_error, seed=args.seed, cache=args.cache,
-                  short_side=args.eval_short_side, scale=args.train_scale)
-    with blame("--train", args.train):
-        train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
-                                  **common)
+                  short_side=args.eval_short_side, scale=args.train_scale, frame_interval=args.frame_interval,
+                  rawframes=args.rawframes, frame_template=args.frame_template, start_index=args.start_index)
+    train = None  # --eval-only may come without a training set
+    if args.train:
+        with blame("--train", args.train):
+            train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
+                                      **common)
+        common["num_classes"] = train.num_classes
     # validation: each video's real clip and its static fake, for the motion accuracy; labelled with the
     # training set's classes (class folders by name)
-    common["num_classes"] = train.num_classes
     with blame("--val", args.val):
-        val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train.classes, **common)
-    data.log_labels_by_index(args.train, args.val, train, val)
-    return train, val, train.num_classes
+        val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train and train.classes, **common)
+    if train:
+        data.log_labels_by_index(args.train, args.val, train, val)
+    return train, val, (train or val).num_classes
 
 
 # HaltingVTConfig's fields that flags set, and the flags
@@ -336,7 +355,8 @@ def model_config(args, num_classes) -> HaltingVTConfig:
     dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
     overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
     # no motion loss, no motion head: an untrained head would only add parameters without gradients
-    overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0)
+    overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0,
+                     release_compat=bool(args.release_compat))
     try:
         return getattr(HaltingVTConfig, args.model)(**overrides)
     except ValueError as err:  # "HaltingVTConfig.<field>=<value>: why"
@@ -346,6 +366,15 @@ def model_config(args, num_classes) -> HaltingVTConfig:
 
 
 def build_model(cfg: HaltingVTConfig, args, device):
+    """The model of `cfg` on `device`, with --init's weights. A checkpoint of the release's layout turns on the
+    release-compatible forward (its cfg says so) unless --no-release-compat was given."""
+    with blame("--init", args.init):
+        ckpt = data.read_checkpoint(args.init) if args.init else None
+    if ckpt is not None and args.release_compat is None and checkpoint_file_layout(ckpt) == "release":
+        log.info("--init %s has the release's layout: release-compatible forward on (halted tokens zeroed and "
+                 "still attended, halting on > 1 - eps, no class-token residual in the pruning layer; mask "
+                 "execution); --no-release-compat turns it off", args.init)
+        cfg = dataclasses.replace(cfg, release_compat=True)
     model = HaltingVT(cfg)
     if args.embed_std and not args.init:
         with torch.no_grad():
@@ -354,7 +383,7 @@ def build_model(cfg: HaltingVTConfig, args, device):
     if args.init:
         log.info("--init %s", args.init)
         with blame("--init", args.init):
-            load_pretrained(model, data.read_checkpoint(args.init))  # logs what it loaded, left fresh, did not use
+            load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
 
@@ -362,7 +391,8 @@ def build_optimizer(model, args, steps_per_epoch):
     """Adam(W) with no weight decay on the embeddings, class token, norms and biases; warm-up then cosine.
 
     The schedule is stepped every iteration (not every epoch), so warm-up is smooth even for short runs:
-    LinearLR from 0.1 x lr over the warm-up iterations, then CosineAnnealingLR to 0 (release config).
+    LinearLR from 0.1 x lr over the warm-up iterations, then CosineAnnealingLR to 0. (The release's config steps
+    per epoch, its cosine's T_max all 20 epochs from epoch 5 on, so its last epoch runs near 0.2 x lr.)
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -640,7 +670,7 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
             continue
         video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
         with autocast(args, device):
-            out = model(video, drop_halted=True)  # B real clips, then their B fakes (data.collate)
+            out = model(video, drop_halted=not cfg.release_compat)  # B real clips, then their B fakes
         losses.add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
     if skipped:
         log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
@@ -672,8 +702,9 @@ def summary(m: dict) -> str:
         (f" (top-5 {m['val_top5']:.3f})" if "val_top5" in m else "")
     skipped = f" ({m['val_skipped']} unreadable, left out)" if m.get("val_skipped") else ""
     ratio = m["val_gflops"] / m["dense_gflops"]
+    release = f" ({m['val_gflops_release']:.4f} as the release counts)" if "val_gflops_release" in m else ""
     return (f"{acc} on {plural(m['val_videos'], 'video')}{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
-            f"{m['val_gflops']:.4f} spent vs {m['dense_gflops']:.4f} dense ({ratio:.2f}x), mean halting depth "
+            f"{m['val_gflops']:.4f} spent{release} vs {m['dense_gflops']:.4f} dense ({ratio:.2f}x), mean halting depth "
             f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
             ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
 
@@ -726,8 +757,8 @@ def run(args, rank, world, device) -> dict:
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
-    with blame("--train", args.train):
-        classes = data.class_names(train_set, args.train)  # checks a classes.txt's names against the labels
+    with blame("--train", args.train):  # checks a classes.txt's names against the labels
+        classes = data.class_names(train_set, args.train) if train_set else None
     cfg = model_config(args, num_classes)
     if args.resume:
         saved = HaltingVTConfig(**read_run_checkpoint(args.resume)["config"])
@@ -735,6 +766,10 @@ def run(args, rank, world, device) -> dict:
             log.warning("--resume: using the checkpoint's model config %s", saved)
         cfg = saved
     model = build_model(cfg, args, device)
+    cfg = model.cfg  # the release-compatible forward may have been turned on
+    if cfg.release_compat and args.train_mode == "drop":
+        log.info("training in mask mode: the release-compatible forward has no drop mode")
+        args.train_mode = "mask"
     val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
     if args.eval_only:  # check_args: --resume or --init
         if args.resume:
@@ -832,7 +867,7 @@ def predict_clip(model, video, classes, multi_label: bool, k: int = 5) -> dict:
     """One clip (C, T, H, W) in drop mode: {"top5": [{"label", "class" (name or None), "prob"}, ...] best first,
     "gflops" spent, "halt_depth_mean" (mean joint layer 1..L where its tokens halted), "joint_layers" L}.
     Probabilities: softmax over the classes, or each class's sigmoid for a multi-label run."""
-    out = model(video.unsqueeze(0), drop_halted=True)
+    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
     logits = out.logits[0].float()
     probs = logits.sigmoid() if multi_label else logits.softmax(0)
     top = probs.topk(min(k, len(probs)))
@@ -840,6 +875,14 @@ def predict_clip(model, video, classes, multi_label: bool, k: int = 5) -> dict:
             for i, p in zip(top.indices.tolist(), top.values.tolist())]
     return {"top5": best, "gflops": out.gflops[0].item(), "halt_depth_mean": out.halt_depth[0].float().mean().item(),
             "joint_layers": model.cfg.depth - model.cfg.glimpser_depth}
+
+
+def eval_clip(args, run_args: dict, cfg: HaltingVTConfig, path):
+    """A video file or frame folder through the run's eval pipeline (its short side and sampler; the frame files
+    named as this command's flags say)."""
+    return data.eval_clip(path, cfg.num_frames, cfg.img_size, run_args.get("eval_short_side"),
+                          frame_interval=run_args.get("frame_interval"), template=args.frame_template,
+                          start_index=args.start_index)
 
 
 def prediction_text(result: dict) -> str:
@@ -861,11 +904,10 @@ def predict(args, device) -> list:
         raise UsageError("--predict needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
-    short_side = run_args.get("eval_short_side")  # the run's eval pipeline
     results = []
     for path in args.predict:
         try:
-            video = data.eval_clip(path, model.cfg.num_frames, model.cfg.img_size, short_side)
+            video = eval_clip(args, run_args, model.cfg, path)
         except data.VideoDecodeError as err:
             result = {"video": path, "error": str(err)}
         else:
@@ -898,10 +940,12 @@ def write_halting_map(args, device) -> dict:
     model, ckpt = load_trained_model(args.resume, device)
     cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
-    short_side = ckpt.get("args", {}).get("eval_short_side")  # the run's eval pipeline
     with blame("--halting-map", args.halting_map):
-        video = data.eval_clip(args.halting_map, cfg.num_frames, cfg.img_size, short_side)  # (C, T, H, W)
-        frames = data.sample_indices(data.count_frames(args.halting_map), cfg.num_frames, train=False)
+        video = eval_clip(args, ckpt.get("args", {}), cfg, args.halting_map)  # (C, T, H, W)
+        source = Path(args.halting_map)  # the column labels: the frames sampled, numbered from 0
+        n = data.count_frame_files(source, args.frame_template, args.start_index) if source.is_dir() else \
+            data.count_frames(source)
+    frames = data.sample_indices(n, cfg.num_frames, False, frame_interval=ckpt.get("args", {}).get("frame_interval"))
     masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
     names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
