@@ -2039,7 +2039,7 @@ def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog)
     for init, extra in (("release.pth", ["--no-release-compat"]), ("video.pth", [])):
         plain = train.main(flags + ["--init", str(tmp_path / init), *extra])
         assert "val_gflops_release" not in plain and plain["val_top1"] >= 0
-    with pytest.raises(SystemExit, match="mask mode only"):
+    with pytest.raises(train.UsageError, match="--train-mode drop: .*mask mode only"):
         train.parse_args(flags + ["--release-compat", "--train-mode", "drop"])
     assert train.parse_args(flags + ["--release-compat"]).train_mode == "mask"
 
