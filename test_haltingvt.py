@@ -13,12 +13,14 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import tracemalloc
 import weakref
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -1804,6 +1806,32 @@ def test_data_randaugment_without_torchvision_says_what_to_install(videos, monke
         data.VideoDataset(lst, num_frames=4, img_size=24, train=True, randaugment=True)
 
 
+def broken_torchvision(monkeypatch, tmp_path):
+    """A torchvision that is installed but built for another torch: importing it raises what such a build does."""
+    hide_torchvision(monkeypatch)
+    monkeypatch.delitem(sys.modules, "torchvision")
+    (tmp_path / "torchvision").mkdir(parents=True)
+    (tmp_path / "torchvision/__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_data_a_broken_torchvision_is_reported_like_a_missing_one(monkeypatch, tmp_path):
+    broken_torchvision(monkeypatch, tmp_path)
+    with pytest.raises(ImportError, match=r"\(RuntimeError: operator torchvision::nms does not exist\): install the "
+                                          r"build for torch .* with `pip install torchvision==.*or pass --no-rand"):
+        data.rand_augment_class()
+
+
+def test_data_torchvision_install_command_matches_the_torch_build():
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert data.torchvision_install_command("2.13.0+cpu") == f"pip install torchvision==0.28.0 --index-url {cpu}"
+    assert data.torchvision_install_command("2.5.1") == "pip install torchvision==0.20.1"  # PyPI's own build
+    assert data.torchvision_install_command("2.7.1+cu126").endswith("0.22.1 --index-url "
+                                                                  "https://download.pytorch.org/whl/cu126")
+    assert data.torchvision_install_command("1.13.1") == "pip install torchvision==0.14.1"
+
+
 def test_data_demo_dataset_is_deterministic(tmp_path):
     a = data.make_demo_dataset(tmp_path / "a", seed=3, num_train=2, num_val=1)
     b = data.make_demo_dataset(tmp_path / "b", seed=3, num_train=2, num_val=1)
@@ -1920,6 +1948,28 @@ def test_map_png_round_trips_through_pyav(tmp_path):
     assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
 
 
+def test_map_labels_are_drawn_in_the_picture():
+    one = [".#.", "##.", ".#.", ".#.", "###"]  # the font's "1", written out
+    expected = np.array([[c == "#" for c in row + "."] for row in one])
+    assert np.array_equal(data.text_mask("1", scale=1), expected)
+    assert np.array_equal(data.text_mask("1", scale=2), expected.repeat(2, 0).repeat(2, 1))
+    assert data.text_mask("joint layer 2", 1).shape == (5, 4 * 13) and data.text_mask("Gg", 1)[:, :4].any()
+    rows, columns, tile = ["input", "Glimpser", "joint layer 3"], ["frame 0", "frame 17"], 40
+    image = np.full((3 * tile, 2 * tile, 3), 128, np.uint8)
+    out = data.label_map(image, rows, columns)
+    top, left = out.shape[0] - image.shape[0], out.shape[1] - image.shape[1]
+    assert (top, left) == (14, 2 * 2 + 4 * 2 * len("joint layer 3")) and np.array_equal(out[top:, left:], image)
+    for i, name in enumerate(rows):  # each row's name, black on white, left of its row
+        mask = data.text_mask(name)
+        band = out[top + i * tile:top + (i + 1) * tile, :left, 0]
+        y = (tile - mask.shape[0]) // 2
+        assert np.array_equal(band[y:y + mask.shape[0], 2:2 + mask.shape[1]] == 0, mask)
+        assert (band == 0).sum() == mask.sum()
+    for j, name in enumerate(columns):  # each column's frame above it, cut at the column's width
+        mask = data.text_mask(name)[:, :tile]
+        assert np.array_equal(out[2:12, left + j * tile:left + j * tile + mask.shape[1], 0] == 0, mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train.py: training, evaluation, checkpoints, prediction, the halting map
 # ----------------------------------------------------------------------------------------------------------
@@ -2004,7 +2054,7 @@ def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog)
     for init, extra in (("release.pth", ["--no-release-compat"]), ("video.pth", [])):
         plain = train.main(flags + ["--init", str(tmp_path / init), *extra])
         assert "val_gflops_release" not in plain and plain["val_top1"] >= 0
-    with pytest.raises(SystemExit, match="mask mode only"):
+    with pytest.raises(train.UsageError, match="--train-mode drop: .*mask mode only"):
         train.parse_args(flags + ["--release-compat", "--train-mode", "drop"])
     assert train.parse_args(flags + ["--release-compat"]).train_mode == "mask"
 
@@ -2032,8 +2082,14 @@ def test_train_average_precision():
     assert losses.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
-def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
+def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     metrics = train.main(small_run(demo, tmp_path, "--epochs", "2"))
+    said = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert said[0] == f"outputs: {tmp_path} (metrics.jsonl, last.pt, best.pt, final.json)"
+    assert "halting warm-up: no halting nor ponder loss until epoch 7, then both rise to full by epoch 14" in said
+    assert said[-1].startswith(f"done in") and f"(outputs in {tmp_path})" in said[-1]
+    assert all(line.endswith("halting warm-up: off") for line in said if " step " in line)  # 2 of 14 epochs
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1] == json.loads((tmp_path / "final.json").read_text())
     for key in ("epoch", "step", "train_loss", "val_top1", "val_top5", "val_motion_acc", "val_gflops",
@@ -2082,7 +2138,7 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
     torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
-    with pytest.raises(SystemExit, match=r"deit\.pth was not written by train\.py.*--init"):
+    with pytest.raises(train.UsageError, match=r"--resume .*deit\.pth: not written by train\.py.*--init"):
         train.load_checkpoint(tmp_path / "deit.pth", model)  # what --resume and --eval-only call
 
 
@@ -2304,24 +2360,30 @@ def test_train_sigterm_during_the_last_evaluation_stops_it_within_a_batch(demo, 
 
 
 @pytest.mark.slow
-def test_train_out_with_a_finished_or_another_run_is_never_overwritten(demo, tmp_path, caplog):
+def usage_error(capsys, argv) -> str:
+    """The one line train.main prints for a mistake in `argv` (it exits with status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_train_out_with_a_finished_or_another_run_is_never_overwritten(demo, tmp_path, caplog, capsys):
     command = small_run(demo, tmp_path, "--epochs", "1")
     train.main(command)
     files = {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}
-    with pytest.raises(SystemExit, match=r"finished run \(epoch 1 of 1\): choose another --out, or pass "
-                                         r"--overwrite to replace it; --resume .*last\.pt --eval-only evaluates it"):
-        train.main(command)
-    with pytest.raises(SystemExit, match=r"other flags \(--lr 0\.001 there, 0\.5 now\): choose another --out, or "
-                                         r"pass --overwrite to replace it; --resume .*last\.pt continues that run"):
-        train.main(command + ["--lr", "0.5"])
+    assert re.search(r"finished run \(epoch 1 of 1\): choose another --out, or pass --overwrite to replace it; "
+                     r"--resume .*last\.pt --eval-only evaluates it", usage_error(capsys, command))
+    assert re.search(r"other flags \(--lr 0\.001 there, 0\.5 now\): choose another --out, or pass --overwrite to "
+                     r"replace it; --resume .*last\.pt continues that run", usage_error(capsys, command + ["--lr", "0.5"]))
     with caplog.at_level(logging.INFO, logger="train"):
         final = train.main(["--resume", str(tmp_path / "last.pt")])
     assert "is a finished run (epoch 1 of 1): nothing to do" in caplog.text
     assert final == json.loads(files["final.json"])
     assert files == {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}  # nothing changed
     (tmp_path / "last.pt").unlink()
-    with pytest.raises(SystemExit, match="holds another run's best.pt, metrics.jsonl, final.json"):
-        train.main(command)
+    assert "holds another run's best.pt, metrics.jsonl, final.json" in usage_error(capsys, command)
     train.main(command + ["--overwrite", "--lr", "0.5"])
     assert epochs_recorded(tmp_path) == [1] and weights(tmp_path / "best.pt").keys()
     assert torch.load(tmp_path / "last.pt", weights_only=True)["args"]["lr"] == 0.5
@@ -2355,6 +2417,7 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "find_unused_parameters" not in done.stderr  # no warning the user cannot act on
     final = json.loads((tmp_path / "final.json").read_text())
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
     assert final["val_videos"] == 6  # each validation video counted once across the two ranks
@@ -2472,6 +2535,15 @@ def test_train_evaluate_counts_each_readable_video_once(tmp_path, videos, caplog
     assert (nothing["val_videos"], nothing["val_skipped"]) == (0, 1) and math.isnan(nothing["val_top1"])
 
 
+def test_train_no_top5_for_five_classes_or_fewer(tmp_path, videos):
+    lst = _write(tmp_path / "val.txt", f"{videos['v20']} 1\n{videos['v5']} 0\n")
+    _, _, args, val = _eval_set(lst, multi_label=False)
+    model = HaltingVT(HaltingVTConfig.tiny(**EVAL_CFG, num_classes=2)).eval()
+    metrics = train.evaluate(model, data.epoch_loader(val, 2, 0, train=False), args, torch.device("cpu"), model.cfg)
+    assert "val_top5" not in metrics and "top-5" not in train.summary(metrics)
+    assert train.summary(metrics).startswith(f"val top-1 {metrics['val_top1']:.3f} on 2 videos, motion acc")
+
+
 def _assert_same_metrics(a, b):
     assert a.keys() == b.keys()
     for key in a:
@@ -2517,7 +2589,7 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     (tmp_path / "with_bad.txt").write_text(listing)
     args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
     train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
-    assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text
+    assert "1 bad video skipped" in caplog.text and "broken.mp4" in caplog.text  # the plural right
 
 
 @pytest.mark.slow
@@ -2538,11 +2610,148 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
     assert result["active"]["Glimpser"] == pytest.approx(0.5)  # R = 0.5 of every frame's patches
     with av.open(result["path"]) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3)  # input, Glimpser, layer 2; 4 frames
+    # input, Glimpser, layer 2 of 4 frames; above them the frame numbers, left of them the row names
+    labels = (7 * 2, 2 * 2 + 4 * 2 * len("joint layer 2"))
+    assert decoded.shape == (labels[0] + 3 * (128 + data.GAP), labels[1] + 4 * (128 + data.GAP), 3)
     again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
                         "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
     assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
     assert again["active"]["joint layer 1"] == pytest.approx(0.5)
+
+
+def usage_mistakes(demo, tmp):
+    """{name: (flags, the error line expected)}: each mistake a newcomer makes, on the demo set's files."""
+    real = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt"), "--no-randaugment"]
+    (tmp / "notes.txt").write_text("not a video\n")
+    (tmp / "text_as_video.txt").write_text(f"{tmp / 'notes.txt'} 0\n")
+    lines = [f"{demo / path} {label}" for path, label in (line.rsplit(" ", 1) for line in
+                                                          (demo / "train.txt").read_text().splitlines())]
+    (tmp / "lists").mkdir(exist_ok=True)
+    shutil.copy(demo / "classes.txt", tmp / "lists/classes.txt")
+    (tmp / "lists/train.txt").write_text("\n".join(lines + [lines[0].rsplit(" ", 1)[0] + " 6"]) + "\n")
+    _class_folders(tmp / "walk", ["walk"], demo / "videos/val/move up/0000.mp4")
+    zipfile.ZipFile(tmp / "clips.zip", "w").writestr("a.txt", "hi")
+    torch.save({"weights": torch.ones(2)}, tmp / "other.pth")
+    missing = str(tmp / "missing.txt")
+    return {
+        "frames 0": (["--frames", "0"], r"--frames 0: must be a positive integer"),
+        "not an int": (["--frames", "x"], r"--frames: invalid int value: 'x'"),
+        "size not a multiple of 16": (["--img-size", "60"], r"--img-size 60: must be a multiple of patch_size=16"),
+        "a default made invalid": (["--depth", "2"], r"--glimpser-depth 2 \(--model tiny's\): must be in \[0, depth=2"),
+        "batch size 0": (["--batch-size", "0"], r"--batch-size 0: must be at least 1"),
+        "negative lr": (["--lr", "-1"], r"--lr -1.0: must be at least 0"),
+        "short side below the crop": (["--eval-short-side", "60"], r"--eval-short-side and --train-scale must be at "
+                                                                   r"least the crop, 64 \(--img-size\)"),
+        "unknown model": (["--model", "big"], r"--model: invalid choice: 'big'"),
+        "missing path": (["--train", missing, "--val", missing, "--no-randaugment"],
+                         f"--train {re.escape(missing)}: No such file or directory$"),
+        "label out of range": (real + ["--num-classes", "3"], r"--train .*train\.txt, line \d+: label [345] is outside"
+                                                              r" \[0, 3\)"),
+        "label beyond classes.txt": (["--train", str(tmp / "lists/train.txt")] + real[2:],
+                                     rf"--train .*train\.txt, line {len(lines) + 1}: label 6 is outside \[0, 6\), "
+                                     r"beyond the 6 classes .*classes\.txt names"),
+        "unknown class folder": (["--train", str(demo / "videos/train"), "--val", str(tmp / "walk")] + real[4:],
+                                 r"--val .*walk: class folders \['walk'\] are not among the 6 training classes"),
+        "text file for --init": (real + ["--init", str(tmp / "notes.txt")], r"--init .*notes\.txt: not a checkpoint"),
+        "zip for --init": (real + ["--init", str(tmp / "clips.zip")], r"--init .*clips\.zip: a zip archive but not a"
+                                                                      r" checkpoint torch\.save wrote"),
+        "no weights for --init": (real + ["--init", str(tmp / "other.pth")], r"--init .*other\.pth: no ViT weights"),
+        "text file as a video": (["--train", str(tmp / "text_as_video.txt"), "--val", str(tmp / "text_as_video.txt"),
+                                  "--on-error", "raise", "--batch-size", "1", "--no-randaugment"],
+                                 r"--on-error raise: cannot decode video .*notes\.txt"),
+        "eval-only untrained": (["--eval-only"], r"--eval-only needs weights to evaluate: --resume"),
+        "predict without a checkpoint": (["--predict", "x.mp4"], r"--predict needs --resume CHECKPOINT"),
+        "missing checkpoint": (["--resume", str(tmp / "run.pt")], r"--resume .*run\.pt: No such file or directory$"),
+        "not a run's checkpoint": (["--resume", str(tmp / "other.pth")], r"--resume .*other\.pth: not written by "
+                                                                        r"train\.py .* pass it to --init"),
+        "real preset without data": (["--preset", "real"], r"--preset real needs --train and --val"),
+    }
+
+
+MISTAKES = ["frames 0", "not an int", "size not a multiple of 16", "a default made invalid", "batch size 0",
+            "negative lr", "short side below the crop", "unknown model", "missing path", "label out of range",
+            "label beyond classes.txt", "unknown class folder", "text file for --init", "zip for --init",
+            "no weights for --init", "text file as a video", "eval-only untrained", "predict without a checkpoint",
+            "missing checkpoint", "not a run's checkpoint", "real preset without data"]
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_train_each_mistake_is_one_line_naming_the_flag_and_status_2(demo, tmp_path, capsys, name):
+    mistakes = usage_mistakes(demo, tmp_path)
+    assert list(mistakes) == MISTAKES
+    flags, expected = mistakes[name]
+    with pytest.raises(SystemExit) as stop:
+        train.main(small_run(demo, tmp_path / "out", "--threads", "1") + flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(f"error: {expected}.*", errors[0]), err
+
+
+@pytest.mark.slow
+def test_train_command_line_errors_without_traceback_unless_asked(tmp_path, monkeypatch):
+    """The real command: one line and status 2; HALTINGVT_DEBUG=1 shows the traceback; a torchvision that does not
+    import stops a real-data run before anything is written, with the pip command that installs the right one."""
+    script, env = str(Path(train.__file__)), {**os.environ, "OMP_NUM_THREADS": "1"}
+    def run(*flags, **extra):
+        return subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120, env={**env, **extra})
+
+    done = run("--frames", "0")
+    assert (done.returncode, done.stderr) == (2, "error: --frames 0: must be a positive integer\n")
+    debug = run("--frames", "0", HALTINGVT_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UsageError: --frames 0" in debug.stderr
+    broken_torchvision(monkeypatch, tmp_path / "site")
+    (tmp_path / "t.txt").write_text("a.mp4 0\n")
+    done = run("--train", "t.txt", "--val", "t.txt", "--out", "run", PYTHONPATH=str(tmp_path / "site"))
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
+    assert re.fullmatch(r"error: RandAugment needs torchvision, which does not import here \(RuntimeError: operator "
+                        r"torchvision::nms does not exist\): install the build for torch \S+ with `pip install "
+                        r"torchvision==0\.\d+\.\d+.*`, or pass --no-randaugment to train\.py\n", done.stderr)
+
+
+def test_train_a_broken_torchvision_stops_before_any_work(demo, tmp_path, monkeypatch, capsys):
+    broken_torchvision(monkeypatch, tmp_path / "site")
+    flags = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags)
+    assert stop.value.code == 2 and "operator torchvision::nms does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_gradients_averaged_as_ddp_does(monkeypatch):
+    """average_gradients against a second process faked in all_reduce: a gradient missing on one process counts
+    as zero, one missing on both stays None."""
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 3), "b": torch.nn.Linear(3, 1), "c": torch.nn.Linear(1, 1)})
+    mine = {"a.weight": torch.randn(3, 2), "a.bias": torch.randn(3), "b.weight": None, "b.bias": None,
+            "c.weight": None, "c.bias": None}
+    theirs = {"a.weight": torch.randn(3, 2), "a.bias": None, "b.weight": torch.randn(1, 3), "b.bias": torch.randn(1),
+              "c.weight": None, "c.bias": None}
+    for name, p in model.named_parameters():
+        p.grad = None if mine[name] is None else mine[name].clone()
+    other = torch.cat([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1),
+                                  torch.tensor([float(g is not None)])])
+                       for (name, p), g in zip(model.named_parameters(), theirs.values())])
+    monkeypatch.setattr(train, "all_reduce", lambda t, op=None: t.add_(other))
+    train.average_gradients(model, world=2)
+    for name, p in model.named_parameters():
+        if mine[name] is None and theirs[name] is None:
+            assert p.grad is None, name
+        else:
+            zero = torch.zeros_like(p)
+            expected = ((mine[name] if mine[name] is not None else zero) +
+                        (theirs[name] if theirs[name] is not None else zero)) / 2
+            assert torch.equal(p.grad, expected), name
+
+
+def test_load_report_counts_a_fresh_head_out_of_the_share(caplog):
+    caplog.set_level(logging.INFO)
+    source = HaltingVT(HaltingVTConfig.tiny(num_classes=2)).state_dict()
+    model = HaltingVT(HaltingVTConfig.tiny(num_classes=1))
+    report = load_pretrained(model, source)
+    total = sum(t.numel() for t in model.state_dict().values())
+    assert report["share"] == (total - 64 - 1) / total and report["missing"] == ["head.weight", "head.bias"]
+    assert f"loaded {len(source) - 2} of {len(source)} tensors (99.9% of the parameters)" in caplog.text  # not 100.0%
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -89,14 +90,38 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was left as it was."""
 
 
+class UsageError(Exception):
+    """A mistake in the command: main prints it as one line, `error: --flag value: what is wrong`, and exits with
+    status 2 (HALTINGVT_DEBUG=1 shows the traceback). Any other exception is a bug and keeps its traceback."""
+
+
+@contextlib.contextmanager
+def blame(flag: str, value, errors=(OSError, ValueError, data.VideoDecodeError)):
+    """Turn `errors` raised about what a flag names (a missing file, a list file's bad line, a file that is no
+    checkpoint) into a UsageError that starts with the flag as typed."""
+    try:
+        yield
+    except errors as err:
+        why = err.strerror if isinstance(err, OSError) and err.filename == str(value) else str(err).strip()
+        # an error from a DataLoader worker carries the worker's traceback: keep its last line, the error itself
+        why = re.sub(r"^[\w.]+: ", "", why.splitlines()[-1]) if "\n" in why else why
+        raise UsageError(f"{flag} {why}" if why.startswith(str(value)) else f"{flag} {value}: {why}") from err
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage text: `--frames: invalid int value: 'x'`
+        raise UsageError(f"{message.removeprefix('argument ')} (python train.py --help lists the flags)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, every unset optimisation value filled in from the preset (apply_preset)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py).")
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
+               epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py). A mistake in the "
+                      "command is one line and status 2; HALTINGVT_DEBUG=1 shows its traceback.")
     for add_flags in (data_flags, model_flags, optimisation_flags, run_flags):
         add_flags(p)
     args = p.parse_args(argv)
@@ -215,9 +240,9 @@ def apply_preset(args):
     """Fill every unset optimisation value from the demo preset or the real-data defaults."""
     args.preset = args.preset or ("real" if args.train or args.val else "demo")
     if args.preset == "real" and not (args.val and (args.train or args.eval_only)):
-        raise SystemExit("--preset real needs --train and --val (--eval-only: --val)")
+        raise UsageError("--preset real needs --train and --val (--eval-only: --val)")
     if args.release_compat and args.train_mode == "drop":
-        raise SystemExit("--train-mode drop: the release-compatible forward runs in mask mode only (its halted "
+        raise UsageError("--train-mode drop: the release-compatible forward runs in mask mode only (its halted "
                          "tokens stay in the sequence as zeros that every token attends to)")
     preset = {**REAL_DEFAULTS, **(DEMO_PRESET if args.preset == "demo" else {})}
     for key, value in preset.items():
@@ -225,6 +250,29 @@ def apply_preset(args):
             setattr(args, key, value)
     args.train_mode = args.train_mode or ("mask" if args.release_compat else AMP_TRAIN_MODE if args.amp else TRAIN_MODE)
     return args
+
+
+# The least value of each numeric flag (the model's are checked by HaltingVTConfig, through model_config).
+AT_LEAST = dict(batch_size=1, epochs=1, eval_every=1, log_every=1, stop_after=1, threads=1, workers=0, lr=0,
+                weight_decay=0, warmup_epochs=0, halting_warmup=0, alpha_p=0, alpha_m=0, alpha_d=0)
+
+
+def check_args(args):
+    """UsageError, before any work, for flags no run can use: a number out of range, a model the flags cannot
+    build, --eval-only without weights, RandAugment without a torchvision that imports."""
+    for dest, least in AT_LEAST.items():
+        if getattr(args, dest) is not None and getattr(args, dest) < least:
+            raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: must be at least {least}")
+    size = model_config(args, 1 if args.num_classes is None else args.num_classes).img_size
+    if min(args.eval_short_side or size, *(args.train_scale or [size])) < size:
+        raise UsageError(f"--eval-short-side and --train-scale must be at least the crop, {size} (--img-size)")
+    if args.eval_only and not (args.resume or args.init):
+        raise UsageError("--eval-only needs weights to evaluate: --resume CHECKPOINT (a train.py run's) or --init")
+    if args.randaugment and not (args.eval_only or args.predict or args.halting_map):
+        try:
+            data.rand_augment_class()
+        except ImportError as err:
+            raise UsageError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +286,7 @@ def setup_distributed(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         if local >= torch.cuda.device_count():
-            raise SystemExit(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
+            raise UsageError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
                              "torchrun with --nproc-per-node at most that, or pass --device cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -286,33 +334,46 @@ def build_data(args, rank):
                   rawframes=args.rawframes, frame_template=args.frame_template, start_index=args.start_index)
     train = None  # --eval-only may come without a training set
     if args.train:
-        train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
-                                  **common)
+        with blame("--train", args.train):
+            train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
+                                      **common)
         common["num_classes"] = train.num_classes
     # validation: each video's real clip and its static fake, for the motion accuracy; labelled with the
     # training set's classes (class folders by name)
-    val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train and train.classes, **common)
+    with blame("--val", args.val):
+        val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train and train.classes, **common)
     if train:
         data.log_labels_by_index(args.train, args.val, train, val)
     return train, val, (train or val).num_classes
 
 
+# HaltingVTConfig's fields that flags set, and the flags
+MODEL_FLAGS = dict(num_frames="--frames", img_size="--img-size", embed_dim="--embed-dim", depth="--depth",
+                   num_heads="--heads", glimpser_depth="--glimpser-depth", keep_ratio="--keep-ratio", gamma="--gamma",
+                   beta="--beta", eps="--eps", drop_path="--drop-path", num_classes="--num-classes")
+
+
 def model_config(args, num_classes) -> HaltingVTConfig:
-    """The named setting with every model flag that was given on top."""
-    flags = dict(num_frames=args.frames, img_size=args.img_size, embed_dim=args.embed_dim, depth=args.depth,
-                 num_heads=args.heads, glimpser_depth=args.glimpser_depth, keep_ratio=args.keep_ratio,
-                 gamma=args.gamma, beta=args.beta, eps=args.eps, drop_path=args.drop_path)
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    # no motion loss, no motion head: an untrained head would only add parameters without gradients (DDP)
+    """The named setting with every model flag that was given on top; UsageError naming the flag for a value
+    the model cannot take."""
+    dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
+    overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
+    # no motion loss, no motion head: an untrained head would only add parameters without gradients
     overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0,
                      release_compat=bool(args.release_compat))
-    return getattr(HaltingVTConfig, args.model)(**overrides)
+    try:
+        return getattr(HaltingVTConfig, args.model)(**overrides)
+    except ValueError as err:  # "HaltingVTConfig.<field>=<value>: why"
+        field, value, why = re.match(r"HaltingVTConfig\.(\w+)=(.*?): (.*)", str(err)).groups()
+        default = "" if getattr(args, dest(field)) is not None else f" (--model {args.model}'s)"
+        raise UsageError(f"{MODEL_FLAGS[field]} {value}{default}: {why}") from err
 
 
 def build_model(cfg: HaltingVTConfig, args, device):
     """The model of `cfg` on `device`, with --init's weights. A checkpoint of the release's layout turns on the
     release-compatible forward (its cfg says so) unless --no-release-compat was given."""
-    ckpt = data.read_checkpoint(args.init) if args.init else None
+    with blame("--init", args.init):
+        ckpt = data.read_checkpoint(args.init) if args.init else None
     if ckpt is not None and args.release_compat is None and checkpoint_file_layout(ckpt) == "release":
         log.info("--init %s has the release's layout: release-compatible forward on (halted tokens zeroed and "
                  "still attended, halting on > 1 - eps, no class-token residual in the pruning layer; mask "
@@ -325,7 +386,8 @@ def build_model(cfg: HaltingVTConfig, args, device):
             model.time_embed.normal_(0, args.embed_std)
     if args.init:
         log.info("--init %s", args.init)
-        load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
+        with blame("--init", args.init):
+            load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
 
@@ -359,39 +421,36 @@ def save_checkpoint(path, model, optimizer, state: dict, cfg: HaltingVTConfig, a
     """The run as a plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written whole
     or not at all (data.write_checkpoint). `state`: the PROGRESS values and "world"; `classes`: the class names,
     or None."""
-    ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
             "classes": classes, "rng": data.rng_states()}
     data.write_checkpoint(path, ckpt)
 
 
 def read_run_checkpoint(path) -> dict:
-    """A checkpoint written by train.py, read with weights_only=True; SystemExit naming the file for any other."""
-    ckpt = data.read_checkpoint(path)
+    """A checkpoint written by train.py, read with weights_only=True; UsageError naming the file for any other."""
+    with blame("--resume", path):
+        ckpt = data.read_checkpoint(path)
     if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
-        raise SystemExit(f"{path} was not written by train.py (it has no 'model' and 'config'); to start from "
-                         "other weights, pass it to --init")
+        raise UsageError(f"--resume {path}: not written by train.py (it has no 'model' and 'config'); to start "
+                         "from other weights, pass it to --init")
     return ckpt
 
 
 def load_checkpoint(path, model, optimizer=None) -> dict:
     """Load weights (and optimiser and RNG states when given); returns the checkpoint (PROGRESS: where it stood)."""
     ckpt = read_run_checkpoint(path)
-    unwrap(model).load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         data.set_rng_states(ckpt["rng"])
     return ckpt
 
 
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def weights_sha(model) -> str:
     """A hash of every parameter's bytes: equal replicas have equal hashes."""
     h = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
+    for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -410,7 +469,7 @@ class RunState:
     --resume puts them back, so a resumed run takes the same samples and learning rates as one that never stopped
     (on another number of processes or batch size, in other steps: progress is counted in samples)."""
     args: argparse.Namespace
-    model: torch.nn.Module  # in DistributedDataParallel with several processes
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     cfg: HaltingVTConfig
     device: torch.device
@@ -509,6 +568,8 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
         group["lr"] = lr_at(args, s.epochs_done())
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if s.world > 1:
+        average_gradients(model, s.world)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
     if not torch.isfinite(grad_norm):  # the same on every process: gradients were already averaged
         raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {s.epoch + 1}, step {s.step}; "
@@ -518,12 +579,25 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     return parts
 
 
+def average_gradients(model, world: int):
+    """What DistributedDataParallel does, as one all_reduce after backward: each gradient averaged over the
+    processes, a missing one counting as zero; a parameter no process gave a gradient keeps none, as in one
+    process. (In drop mode a joint layer that no token of a batch reached gets no gradient: DDP would need
+    find_unused_parameters=True, and then warns in every process of every run that it found none unused.)"""
+    params = list(model.parameters())
+    flat = torch.cat([t for p in params for t in (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(
+        p.numel()), p.new_tensor([float(p.grad is not None)]))])  # each gradient, then 1 if it exists
+    parts = all_reduce(flat).split([p.numel() + 1 for p in params])
+    for p, part, got in zip(params, parts, torch.stack([part[-1] for part in parts]).tolist()):
+        p.grad = part[:-1].view_as(p) / world if got else None
+
+
 def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
     """Eq. (9) on B videos = 2B clips (real, then fake): (loss tensor, parts as floats). `ramp` scales the
     ponder and depth-prior weights (halting_ramp)."""
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
     with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
-        beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
+        beta = model.cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
         out = model(video, drop_halted=args.train_mode == "drop", beta=beta)
         prior = {}
         if args.alpha_d:  # the depth prior, off by default
@@ -558,8 +632,10 @@ def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tup
     step_s = (now - s.t0) / max(s.step - s.start_step, 1)
     left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * step_s))
     terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
-    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.4e  %.1f clips/s  left %s", s.epoch + 1, s.step, total,
-             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left)
+    ramp = halting_ramp(s.args, s.step / s.steps_per_epoch)
+    warmup = "" if ramp == 1 else "  halting warm-up: off" if ramp == 0 else f"  halting warm-up: {ramp:.2f} on"
+    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.4e  %.1f clips/s  left %s%s", s.epoch + 1, s.step, total,
+             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left, warmup)
     return now, s.step
 
 
@@ -567,7 +643,7 @@ def epoch_loss(s: RunState, sums: list, skipped: set) -> float:
     """The epoch's mean total loss over every process's steps, from this process's [loss sum, steps]; logs the
     bad videos the dataset passed over (--on-error skip)."""
     if skipped:
-        log.warning("epoch %d: %d bad videos skipped: %s", s.epoch + 1, len(skipped), sorted(skipped)[:3])
+        log.warning("epoch %d: %s skipped: %s", s.epoch + 1, plural(len(skipped), "bad video"), sorted(skipped)[:3])
     total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
     return total / max(count, 1)
 
@@ -631,7 +707,7 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional["
     a warning and counted in val_skipped. The counters are summed across processes (a process may have no
     video at all); every process gets the result. None, on every process, when a process got a stop signal
     (it stops after the batch under way; stop.signum is then that signal's everywhere)."""
-    model = unwrap(model).eval()
+    model.eval()
     count, scores, targets, skipped = losses.eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
     for batch in data.single_threaded(loader):
         if stop and stop.signum:
@@ -648,12 +724,14 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional["
         if stop.signum:
             return None
     if skipped:
-        log.warning("evaluation: %d unreadable videos left out: %s", len(skipped), skipped[:5])
+        log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
     count["skipped"] += len(skipped)
     count = reduce_counters(count, device)
     if count["videos"] == 0:
         log.warning("evaluation: no readable validation video; the metrics are nan")
     metrics = losses.eval_metrics(count, dense_gflops(cfg), args.multi_label)
+    if cfg.num_classes <= 5:
+        metrics.pop("val_top5", None)  # every class is in the top 5
     if args.multi_label:
         metrics["val_map"] = losses.average_precision(*gather_scores(scores, targets, cfg.num_classes))
     return metrics
@@ -671,12 +749,12 @@ def gather_scores(scores: list, targets: list, num_classes: int):
 
 
 def summary(m: dict) -> str:
-    acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else \
-        f"val top-1 {m['val_top1']:.3f} (top-5 {m['val_top5']:.3f})"
+    acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else f"val top-1 {m['val_top1']:.3f}" + \
+        (f" (top-5 {m['val_top5']:.3f})" if "val_top5" in m else "")
     skipped = f" ({m['val_skipped']} unreadable, left out)" if m.get("val_skipped") else ""
     ratio = m["val_gflops"] / m["dense_gflops"]
     release = f" ({m['val_gflops_release']:.4f} as the release counts)" if "val_gflops_release" in m else ""
-    return (f"{acc} on {m['val_videos']} videos{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
+    return (f"{acc} on {plural(m['val_videos'], 'video')}{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
             f"{m['val_gflops']:.4f} spent{release} vs {m['dense_gflops']:.4f} dense ({ratio:.2f}x), mean halting depth "
             f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
             ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
@@ -688,14 +766,22 @@ def summary(m: dict) -> str:
 
 def main(argv=None):
     """Train (or evaluate, predict, draw a halting map) as the flags say: the last evaluation's metrics (or the
-    --predict results, or write_halting_map's summary)."""
-    args = parse_args(argv)
-    with processes(args) as (rank, world, device):
-        if args.predict:
-            return predict(args, device)
-        if args.halting_map:
-            return write_halting_map(args, device)
-        return run(args, rank, world, device)
+    --predict results, or write_halting_map's summary). A UsageError ends it with its one line and status 2."""
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        with processes(args) as (rank, world, device):
+            if args.predict:
+                return predict(args, device)
+            if args.halting_map:
+                return write_halting_map(args, device)
+            with blame("--on-error", args.on_error, data.VideoDecodeError):  # only "raise" lets one through
+                return run(args, rank, world, device)
+    except UsageError as err:
+        if os.environ.get("HALTINGVT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @contextlib.contextmanager
@@ -717,9 +803,13 @@ def processes(args):
 def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
     seed_everything(args.seed)
+    if not args.eval_only:
+        log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
+    with blame("--train", args.train):  # checks a classes.txt's names against the labels
+        classes = data.class_names(train_set, args.train) if train_set else None
     if not args.eval_only:
         claim_out(args)
     cfg = model_config(args, num_classes)
@@ -738,7 +828,7 @@ def run(args, rank, world, device) -> dict:
         log.info("training in mask mode: the release-compatible forward has no drop mode")
         args.train_mode = "mask"
     val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
-    if args.eval_only:
+    if args.eval_only:  # check_args: --resume or --init
         if args.resume:
             load_checkpoint(args.resume, model)
         metrics = evaluate(model, val_loader, args, device, cfg)
@@ -746,14 +836,17 @@ def run(args, rank, world, device) -> dict:
         return metrics
     steps_per_epoch = len(train_set) // world // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training videos are fewer than one batch of {args.batch_size} "
-                         f"per process x {world} processes: lower --batch-size")
-    s = RunState(args, model, build_optimizer(model, args), cfg, device, rank, world, num_classes,
-                 data.class_names(train_set, args.train), steps_per_epoch)
+        raise UsageError(f"--batch-size {args.batch_size}: the training set has {plural(len(train_set), 'video')}, "
+                         f"fewer than one batch per process x {plural(world, 'process', 'processes')}")
+    s = RunState(args, model, build_optimizer(model, args), cfg, device, rank, world, num_classes, classes,
+                 steps_per_epoch)
     start(s)
-    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %d process(es), %s",
+    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %s, %s",
              cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
-             world, device)
+             plural(world, "process", "processes"), device)
+    if args.halting_warmup:
+        log.info("halting warm-up: no halting nor ponder loss until epoch %g, then both rise to full by epoch %g",
+                 args.halting_warmup / 2, args.halting_warmup)
     return fit(s, train_set, val_loader)
 
 
@@ -767,7 +860,7 @@ def claim_out(args):
     """A training run without --resume whose OUT holds a run already. A requeued or restarted job runs the same
     command again, so an unfinished run there with these flags (but RESUME_FREE) is continued: args.resume becomes
     its last.pt, even with --overwrite (a job script may hold it). A finished run, another run's flags or files:
-    SystemExit saying what to do, or with --overwrite a fresh run (start clears the files)."""
+    UsageError saying what to do, or with --overwrite a fresh run (start clears the files)."""
     out, last = Path(args.out), Path(args.out) / "last.pt"
     found = [name for name in RUN_FILES if (out / name).exists()]
     if args.resume or not found:
@@ -786,12 +879,17 @@ def claim_out(args):
             f"a finished run (epoch {ckpt['epoch']} of {args.epochs})"
         hint = f"; --resume {last} continues that run" if differ else f"; --resume {last} --eval-only evaluates it"
     if not args.overwrite:
-        raise SystemExit(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
+        raise UsageError(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
 
 
 def finished(ckpt: dict, args) -> bool:
     """Whether the checkpoint's run trained all its epochs and wrote OUT/final.json (after its last evaluation)."""
     return ckpt["epoch"] >= args.epochs and (Path(args.out) / "final.json").exists()
+
+
+def plural(n: int, one: str, many: Optional[str] = None) -> str:
+    """`1 video`, `2 videos`."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def start(s: RunState):
@@ -800,11 +898,10 @@ def start(s: RunState):
     out = Path(s.args.out)
     if s.args.resume:
         resume(s)
-    if s.world > 1:
-        # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
-        # batch halted earlier, and without the motion term the motion head gets no gradient.
-        s.model = torch.nn.parallel.DistributedDataParallel(
-            s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, find_unused_parameters=True)
+    if s.world > 1:  # every process starts from rank 0's weights; train_step averages the gradients
+        flat = torch.nn.utils.parameters_to_vector(s.model.parameters())
+        dist.broadcast(flat, 0)
+        torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
     out.mkdir(parents=True, exist_ok=True)
     if s.rank == 0 and not s.args.resume:
         for name in RUN_FILES:
@@ -862,7 +959,7 @@ def finish(s: RunState, metrics: dict):
     if s.rank == 0:
         (Path(s.args.out) / "final.json").write_text(json.dumps(metrics, indent=1))
         if metrics:
-            log.info("done in %.0f s: %s", time.time() - s.t0, summary(metrics))
+            log.info("done in %.0f s (outputs in %s): %s", time.time() - s.t0, s.args.out, summary(metrics))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -917,7 +1014,7 @@ def predict(args, device) -> list:
     printed with its error and the others still run; then SystemExit (status 1) names the failed ones. Returns
     the results (predict_clip's dicts with "video", or {"video", "error"})."""
     if not args.resume:
-        raise SystemExit("--predict needs --resume CHECKPOINT")
+        raise UsageError("--predict needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
     results = []
@@ -941,7 +1038,7 @@ def map_layers(layers, L) -> list:
     still active, which the Glimpser row already shows)."""
     if layers:
         if not all(1 <= layer <= L for layer in layers):
-            raise SystemExit(f"--map-layers {layers}: joint layers are 1..{L}")
+            raise UsageError(f"--map-layers {' '.join(map(str, layers))}: joint layers are 1..{L}")
         return list(layers)
     return sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]
 
@@ -952,17 +1049,23 @@ def write_halting_map(args, device) -> dict:
     Rows: the input, the patches the Glimpser kept, the tokens still active at each of `map_layers`; columns:
     the sampled frames. Returns {"path": ..., "active": {row name: fraction of the T x S patches active}}."""
     if not args.resume:
-        raise SystemExit("--halting-map needs --resume CHECKPOINT")
+        raise UsageError("--halting-map needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
-    video = eval_clip(args, ckpt.get("args", {}), cfg, args.halting_map)  # (C, T, H, W)
+    with blame("--halting-map", args.halting_map):
+        video = eval_clip(args, ckpt.get("args", {}), cfg, args.halting_map)  # (C, T, H, W)
+        source = Path(args.halting_map)  # the column labels: the frames sampled, numbered from 0
+        n = data.count_frame_files(source, args.frame_template, args.start_index) if source.is_dir() else \
+            data.count_frames(source)
+    frames = data.sample_indices(n, cfg.num_frames, False, frame_interval=ckpt.get("args", {}).get("frame_interval"))
     masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
+    names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
+    image = data.label_map(image, ["input"] + names, [f"frame {i}" for i in frames])  # in the picture itself
     path = Path(args.out) / "halting_map.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     data.write_png(path, image)
-    names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
     active = {name: m.float().mean().item() for name, m in zip(names, masks)}
     log.info("wrote %s (rows: input, %s); patches active: %s", path, ", ".join(names),
              ", ".join(f"{name} {a:.2f}" for name, a in active.items()))
