@@ -823,8 +823,10 @@ def load_pretrained(model: HaltingVT, ckpt) -> dict:
     share = sum(target[k].numel() for k in mapped) / sum(t.numel() for t in target.values())
     report = dict(layout=layout, weights=where, loaded=len(mapped), share=share,
                   missing=[k for k in target if k not in mapped], unused=unused, notes=notes)
-    log.info("loaded %d tensors (%.1f%% of the parameters) from a checkpoint of layout %s (weights under %s)%s; "
-             "left as initialised: %s; not used: %s", len(mapped), 100 * share, layout, where,
+    # the share rounded down: a fresh head of a few hundred parameters must not read as 100.0%
+    log.info("loaded %d of %d tensors (%.1f%% of the parameters) from a checkpoint of layout %s (weights under %s)%s;"
+             " left as initialised: %s; not used: %s", len(mapped), len(target), math.floor(1000 * share) / 10,
+             layout, where,
              "".join(f"; {n}" for n in notes), report["missing"] or "none", unused or "none")
     return report
 

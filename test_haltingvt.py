@@ -12,11 +12,15 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import tracemalloc
 import weakref
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -2098,6 +2102,20 @@ def test_data_motion_pair_and_collate(videos):
     assert single["motion"].tolist() == [1, 1, 1]
 
 
+def test_data_train_order_resumes_on_other_processes_without_repeats():
+    n, epoch, seed = 23, 3, 5
+    shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=2, rank=1, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    assert data.train_order(n, 2, epoch, 1, 2, seed=seed) == list(sampler)[:10]  # its order, whole batches
+    # 2 processes x 3 videos stop after 2 steps; 3 processes x 2 videos take the rest of the epoch
+    taken = [i for rank in range(2) for i in data.train_order(n, 3, epoch, rank, 2, seed=seed)[:2 * 3]]
+    rest = [data.train_order(n, 2, epoch, rank, 3, seed=seed, skip_samples=12) for rank in range(3)]
+    assert sorted(taken) == sorted(shuffle[:12])  # a prefix of the shuffle
+    assert [len(r) for r in rest] == [2, 2, 2] and sorted(sum(rest, [])) == sorted(shuffle[12:18])
+    # (the last 5 samples fill no step of 3 x 2: left out, as an epoch's tail always is)
+
+
 def test_data_dataset_reproducible_and_cache_identical(videos, tmp_path):
     lst = _write(tmp_path / "l.txt", f"{videos['v20']} 0\n{videos['v5']} 1\n")
     kw = dict(num_frames=8, img_size=24, train=True, scale=(28, 36), seed=5)
@@ -2127,6 +2145,32 @@ def test_data_randaugment_without_torchvision_says_what_to_install(videos, monke
     lst.write_text(f"{videos['v5']} 0\n")
     with pytest.raises(ImportError, match=says):
         data.VideoDataset(lst, num_frames=4, img_size=24, train=True, randaugment=True)
+
+
+def broken_torchvision(monkeypatch, tmp_path):
+    """A torchvision that is installed but built for another torch: importing it raises what such a build does."""
+    hide_torchvision(monkeypatch)
+    monkeypatch.delitem(sys.modules, "torchvision")
+    (tmp_path / "torchvision").mkdir(parents=True)
+    (tmp_path / "torchvision/__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_data_a_broken_torchvision_is_reported_like_a_missing_one(monkeypatch, tmp_path):
+    broken_torchvision(monkeypatch, tmp_path)
+    with pytest.raises(ImportError, match=r"\(RuntimeError: operator torchvision::nms does not exist\): install the "
+                                          r"build for torch .* with `pip install torchvision==.*or pass --no-rand"):
+        data.rand_augment_class()
+
+
+def test_data_torchvision_install_command_matches_the_torch_build():
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert data.torchvision_install_command("2.13.0+cpu") == f"pip install torchvision==0.28.0 --index-url {cpu}"
+    assert data.torchvision_install_command("2.5.1") == "pip install torchvision==0.20.1"  # PyPI's own build
+    assert data.torchvision_install_command("2.7.1+cu126").endswith("0.22.1 --index-url "
+                                                                  "https://download.pytorch.org/whl/cu126")
+    assert data.torchvision_install_command("1.13.1") == "pip install torchvision==0.14.1"
 
 
 def test_data_demo_dataset_is_deterministic(tmp_path):
@@ -2245,6 +2289,28 @@ def test_map_png_round_trips_through_pyav(tmp_path):
     assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
 
 
+def test_map_labels_are_drawn_in_the_picture():
+    one = [".#.", "##.", ".#.", ".#.", "###"]  # the font's "1", written out
+    expected = np.array([[c == "#" for c in row + "."] for row in one])
+    assert np.array_equal(data.text_mask("1", scale=1), expected)
+    assert np.array_equal(data.text_mask("1", scale=2), expected.repeat(2, 0).repeat(2, 1))
+    assert data.text_mask("joint layer 2", 1).shape == (5, 4 * 13) and data.text_mask("Gg", 1)[:, :4].any()
+    rows, columns, tile = ["input", "Glimpser", "joint layer 3"], ["frame 0", "frame 17"], 40
+    image = np.full((3 * tile, 2 * tile, 3), 128, np.uint8)
+    out = data.label_map(image, rows, columns)
+    top, left = out.shape[0] - image.shape[0], out.shape[1] - image.shape[1]
+    assert (top, left) == (14, 2 * 2 + 4 * 2 * len("joint layer 3")) and np.array_equal(out[top:, left:], image)
+    for i, name in enumerate(rows):  # each row's name, black on white, left of its row
+        mask = data.text_mask(name)
+        band = out[top + i * tile:top + (i + 1) * tile, :left, 0]
+        y = (tile - mask.shape[0]) // 2
+        assert np.array_equal(band[y:y + mask.shape[0], 2:2 + mask.shape[1]] == 0, mask)
+        assert (band == 0).sum() == mask.sum()
+    for j, name in enumerate(columns):  # each column's frame above it, cut at the column's width
+        mask = data.text_mask(name)[:, :tile]
+        assert np.array_equal(out[2:12, left + j * tile:left + j * tile + mask.shape[1], 0] == 0, mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train.py: training, evaluation, checkpoints, prediction, the halting map
 # ----------------------------------------------------------------------------------------------------------
@@ -2329,7 +2395,7 @@ def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog)
     for init, extra in (("release.pth", ["--no-release-compat"]), ("video.pth", [])):
         plain = train.main(flags + ["--init", str(tmp_path / init), *extra])
         assert "val_gflops_release" not in plain and plain["val_top1"] >= 0
-    with pytest.raises(SystemExit, match="mask mode only"):
+    with pytest.raises(train.UsageError, match="--train-mode drop: .*mask mode only"):
         train.parse_args(flags + ["--release-compat", "--train-mode", "drop"])
     assert train.parse_args(flags + ["--release-compat"]).train_mode == "mask"
 
@@ -2337,21 +2403,17 @@ def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog)
 def test_train_optimizer_groups_and_schedule():
     args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
     model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
-    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=10)
+    optimizer = train.build_optimizer(model, args)
     decay, no_decay = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "pos_embed", "time_embed", "norm.weight", "head.bias"} <= no_decay_names
     assert all(p.ndim > 1 for p in decay["params"]) and "head.weight" not in no_decay_names
     assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
-    lrs = []
-    for _ in range(40):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = [train.lr_at(args, step / 10) for step in range(41)]  # 10 steps an epoch
     assert lrs[0] == pytest.approx(1e-6)  # warm-up starts at 0.1 x lr
     assert max(lrs) == pytest.approx(1e-5) and lrs.index(max(lrs)) == 10  # peak after the warm-up epoch
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert lrs[25] == pytest.approx(0.5e-5) and lrs[40] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
 
 
 def test_train_average_precision():
@@ -2361,8 +2423,14 @@ def test_train_average_precision():
     assert losses.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
-def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
+def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     metrics = train.main(small_run(demo, tmp_path, "--epochs", "2"))
+    said = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert said[0] == f"outputs: {tmp_path} (metrics.jsonl, last.pt, best.pt, final.json)"
+    assert "halting warm-up: no halting nor ponder loss until epoch 7, then both rise to full by epoch 14" in said
+    assert said[-1].startswith(f"done in") and f"(outputs in {tmp_path})" in said[-1]
+    assert all(line.endswith("halting warm-up: off") for line in said if " step " in line)  # 2 of 14 epochs
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1] == json.loads((tmp_path / "final.json").read_text())
     for key in ("epoch", "step", "train_loss", "val_top1", "val_top5", "val_motion_acc", "val_gflops",
@@ -2372,7 +2440,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
     assert len(metrics["tokens_per_layer"]) == 4 and 1 <= metrics["halt_depth_mean"] <= 2
     assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == 6
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= ckpt.keys()
+    assert {"model", "optimizer", "epoch", "samples_in_epoch", "step", "world", "config", "rng"} <= ckpt.keys()
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["embed_dim"] == 32
     assert (tmp_path / "best.pt").is_file() and not list(tmp_path.glob("*.tmp"))
     # --eval-only on the saved weights gives the same figures
@@ -2397,11 +2465,11 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
     args = train.parse_args(["--out", str(tmp_path)])
     args.list_root = tmp_path  # a Path; --demo-videos is a tuple
-    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=2)
+    optimizer = train.build_optimizer(model, args)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1), np.random.standard_normal()  # both now hold a cached Gaussian in their state
-    state = {"epoch": 1, "batch_in_epoch": 0, "step": 2, "best": 0.5}
-    train.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, state, model.cfg, args, ["a", "b"])
+    state = {"epoch": 1, "samples_in_epoch": 0, "step": 2, "best": 0.5}
+    train.save_checkpoint(tmp_path / "c.pt", model, optimizer, state, model.cfg, args, ["a", "b"])
     expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
@@ -2411,7 +2479,7 @@ def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
     torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
-    with pytest.raises(SystemExit, match=r"deit\.pth was not written by train\.py.*--init"):
+    with pytest.raises(train.UsageError, match=r"--resume .*deit\.pth: not written by train\.py.*--init"):
         train.load_checkpoint(tmp_path / "deit.pth", model)  # what --resume and --eval-only call
 
 
@@ -2488,13 +2556,178 @@ def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
         return forward_loss(*a, **kw)
 
     monkeypatch.setattr(train, "forward_loss", interrupted)
-    train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
+    assert stop.value.code == 130  # 128 + SIGINT, after saving
     ckpt = torch.load(tmp_path / "split/last.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 1, 1)  # the second step was not taken
+    assert (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (0, 4, 1)  # the second step was not taken
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
     monkeypatch.setattr(train, "forward_loss", forward_loss)
     train.main(small_run(demo, tmp_path / "split", "--epochs", "1", "--resume", str(tmp_path / "split/last.pt")))
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+
+
+# Preemption and requeue: real signals to train.py run as a cluster job runs it (its own process group), then the
+# same command again.
+
+# train.py with each evaluation batch announced and slowed down, so that a test can signal during one
+SLOW_EVAL = ("import sys, time, losses, train\n"
+             "add = losses.add_eval_batch\n"
+             "def announced(*a, **kw):\n"
+             "    print('eval batch', flush=True)\n"
+             "    time.sleep(0.3)\n"
+             "    return add(*a, **kw)\n"
+             "losses.add_eval_batch = announced\n"
+             "train.main(sys.argv[1:])\n")
+
+
+def train_command(demo, out, *extra, slow_eval=False):
+    """The small demo run as a job starts it: python train.py ..., one thread."""
+    script = ["-c", SLOW_EVAL] if slow_eval else [str(Path(train.__file__))]
+    return [sys.executable, *script, *small_run(demo, out, "--threads", "1", *extra)]
+
+
+def run_job(cmd, actions=(), timeout=240):
+    """Run `cmd` in its own process group; when a line of its log first contains a key of `actions`, call that
+    action with the process. Returns (exit status, the log's lines)."""
+    actions, lines = dict(actions), []
+    p = subprocess.Popen(cmd, cwd=Path(train.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            for key in [k for k in actions if k in line]:
+                actions.pop(key)(p)
+        return p.wait(), lines
+    finally:
+        timer.cancel()
+
+
+def children(pid) -> list:
+    """The ids of a process's child processes (Linux): a training process's DataLoader workers."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def epochs_recorded(out) -> list:
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_sigterm_to_the_job_with_workers_then_the_same_command_goes_on(demo, tmp_path):
+    """SIGTERM to the DataLoader workers alone changes nothing; SIGTERM to every process of the job (as a
+    cluster sends it) saves last.pt after the step under way and exits 143; the same command again continues the
+    run (a requeue), appends to metrics.jsonl and ends with the weights of a run that never stopped."""
+    status, log = run_job(train_command(demo, tmp_path / "straight", "--epochs", "2"))
+    assert status == 0, "".join(log[-20:])
+    # --overwrite in a job script does not throw away the unfinished run of the same flags it finds
+    job, workers = train_command(demo, tmp_path / "job", "--epochs", "2", "--workers", "2", "--overwrite"), []
+
+    def term_workers(p):
+        workers.extend(children(p.pid))
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    # 3 steps an epoch: the workers in the first step of epoch 2, the whole job in its second
+    status, log = run_job(job, {"step 4/": term_workers, "step 5/": lambda p: os.killpg(p.pid, signal.SIGTERM)})
+    assert len(workers) == 2 and status == 143, "".join(log[-20:])
+    ckpt, last = torch.load(tmp_path / "job/last.pt", weights_only=True), tmp_path / "job/last.pt"
+    assert ckpt["step"] >= 5 and epochs_recorded(tmp_path / "job") == [1]
+    assert log[-1].rstrip().endswith(f"run the same command again, or: python {train.__file__} --resume {last}")
+    status, log = run_job(job)
+    assert status == 0 and f"resuming from {last}, epoch {ckpt['epoch'] + 1}, step {ckpt['step']}\n" in \
+        "".join(log), "".join(log[-20:])
+    assert epochs_recorded(tmp_path / "job") == [1, 2]
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(last))
+
+
+@pytest.mark.slow
+def test_train_two_processes_stopped_mid_epoch_then_resumed_on_one(demo, tmp_path, monkeypatch, caplog):
+    """SIGTERM to a torchrun job of 2 processes x 1 video, then the same flags on 1 process x 2 videos: the epoch
+    goes on after the samples the 2 processes took, and the learning rate at every step is the schedule in
+    epochs, recomputed here by hand."""
+    flags = ["--epochs", "2", "--device", "cpu"]  # 12 training videos; demo preset: lr 1e-3, 1 warm-up epoch
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    status, log = run_job([*torchrun, *train_command(demo, tmp_path, *flags, "--batch-size", "1")[1:]],
+                          {"step 2/": lambda p: os.killpg(p.pid, signal.SIGTERM)})  # 6 steps an epoch
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["world"] == 2 and ckpt["epoch"] == 0 and ckpt["samples_in_epoch"] == 2 * ckpt["step"], \
+        "".join(log[-30:])
+
+    def by_hand(epochs_done):
+        if epochs_done < 1:
+            return 1e-3 * (0.1 + 0.9 * epochs_done)
+        return 1e-3 * (1 + math.cos(math.pi * (epochs_done - 1))) / 2
+
+    logged = [re.search(r"epoch 1 step (\d+)/\d+ .* lr (\S+)", line) for line in log]
+    logged = {int(m.group(1)): float(m.group(2)) for m in logged if m}
+    assert len(logged) >= 2 and logged == pytest.approx({i: by_hand(2 * (i - 1) / 12) for i in logged}, rel=1e-4)
+    lrs, train_step = [], train.train_step
+
+    def recorded(s, batch, stop):
+        parts = train_step(s, batch, stop)
+        lrs.append([group["lr"] for group in s.optimizer.param_groups])
+        return parts
+
+    monkeypatch.setattr(train, "train_step", recorded)
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.main(small_run(demo, tmp_path, *flags, "--batch-size", "2"))
+    assert "1 process(es) x 2 videos a step, was 2 x 1" in caplog.text
+    taken = ckpt["samples_in_epoch"]
+    done = [(taken + 2 * j) / 12 for j in range((12 - taken) // 2)] + [1 + 2 * j / 12 for j in range(6)]
+    assert [lr for lr, _ in lrs] == pytest.approx([by_hand(e) for e in done], rel=1e-12, abs=1e-15)
+    assert all(a == b for a, b in lrs)  # both parameter groups
+
+
+@pytest.mark.slow
+def test_train_sigkill_during_evaluation_keeps_the_epochs_training(demo, tmp_path):
+    status, log = run_job(train_command(demo, tmp_path, "--epochs", "2", slow_eval=True),
+                          {"eval batch": lambda p: os.killpg(p.pid, signal.SIGKILL)})
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert status == -signal.SIGKILL and (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (1, 0, 3)
+    assert not (tmp_path / "metrics.jsonl").exists()  # only the evaluation is lost
+
+
+@pytest.mark.slow
+def test_train_sigterm_during_the_last_evaluation_stops_it_within_a_batch(demo, tmp_path):
+    job = train_command(demo, tmp_path, "--epochs", "1", "--batch-size", "1", slow_eval=True)  # 6 eval batches
+    status, log = run_job(job, {"eval batch": lambda p: os.kill(p.pid, signal.SIGTERM)})
+    assert status == 143 and log.count("eval batch\n") <= 2, "".join(log[-20:])
+    assert "stopped during the evaluation of epoch 1" in log[-1] and not (tmp_path / "final.json").exists()
+    status, log = run_job(job)  # the same command: the evaluation again, and the run is finished
+    assert status == 0 and log.count("eval batch\n") == 6 and (tmp_path / "final.json").exists()
+    assert epochs_recorded(tmp_path) == [1]
+
+
+@pytest.mark.slow
+def usage_error(capsys, argv) -> str:
+    """The one line train.main prints for a mistake in `argv` (it exits with status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_train_out_with_a_finished_or_another_run_is_never_overwritten(demo, tmp_path, caplog, capsys):
+    command = small_run(demo, tmp_path, "--epochs", "1")
+    train.main(command)
+    files = {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}
+    assert re.search(r"finished run \(epoch 1 of 1\): choose another --out, or pass --overwrite to replace it; "
+                     r"--resume .*last\.pt --eval-only evaluates it", usage_error(capsys, command))
+    assert re.search(r"other flags \(--lr 0\.001 there, 0\.5 now\): choose another --out, or pass --overwrite to "
+                     r"replace it; --resume .*last\.pt continues that run", usage_error(capsys, command + ["--lr", "0.5"]))
+    with caplog.at_level(logging.INFO, logger="train"):
+        final = train.main(["--resume", str(tmp_path / "last.pt")])
+    assert "is a finished run (epoch 1 of 1): nothing to do" in caplog.text
+    assert final == json.loads(files["final.json"])
+    assert files == {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}  # nothing changed
+    (tmp_path / "last.pt").unlink()
+    assert "holds another run's best.pt, metrics.jsonl, final.json" in usage_error(capsys, command)
+    train.main(command + ["--overwrite", "--lr", "0.5"])
+    assert epochs_recorded(tmp_path) == [1] and weights(tmp_path / "best.pt").keys()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["args"]["lr"] == 0.5
 
 
 @pytest.mark.slow
@@ -2525,6 +2758,7 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "find_unused_parameters" not in done.stderr  # no warning the user cannot act on
     final = json.loads((tmp_path / "final.json").read_text())
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
     assert final["val_videos"] == 6  # each validation video counted once across the two ranks
@@ -2642,6 +2876,15 @@ def test_train_evaluate_counts_each_readable_video_once(tmp_path, videos, caplog
     assert (nothing["val_videos"], nothing["val_skipped"]) == (0, 1) and math.isnan(nothing["val_top1"])
 
 
+def test_train_no_top5_for_five_classes_or_fewer(tmp_path, videos):
+    lst = _write(tmp_path / "val.txt", f"{videos['v20']} 1\n{videos['v5']} 0\n")
+    _, _, args, val = _eval_set(lst, multi_label=False)
+    model = HaltingVT(HaltingVTConfig.tiny(**EVAL_CFG, num_classes=2)).eval()
+    metrics = train.evaluate(model, data.epoch_loader(val, 2, 0, train=False), args, torch.device("cpu"), model.cfg)
+    assert "val_top5" not in metrics and "top-5" not in train.summary(metrics)
+    assert train.summary(metrics).startswith(f"val top-1 {metrics['val_top1']:.3f} on 2 videos, motion acc")
+
+
 def _assert_same_metrics(a, b):
     assert a.keys() == b.keys()
     for key in a:
@@ -2687,7 +2930,7 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     (tmp_path / "with_bad.txt").write_text(listing)
     args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
     train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
-    assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text
+    assert "1 bad video skipped" in caplog.text and "broken.mp4" in caplog.text  # the plural right
 
 
 @pytest.mark.slow
@@ -2752,12 +2995,150 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
     assert result["active"]["joint layer 2"] == pytest.approx(masks[2].float().mean().item())
     with av.open(result["path"]) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    # input, Glimpser, layer 2 of 4 frames; above them the frame numbers, left of them the row names
+    labels = (7 * 2, 2 * 2 + 4 * 2 * len("joint layer 2"))
+    assert decoded.shape == (labels[0] + 3 * (128 + data.GAP), labels[1] + 4 * (128 + data.GAP), 3)
     picture = data.halting_map(data.display_frames(video), masks[[0, 2]], model.cfg.patch_size)  # input, rows
-    assert decoded.shape == (3 * (128 + data.GAP), 4 * (128 + data.GAP), 3) and np.array_equal(decoded, picture)
+    assert np.array_equal(decoded[labels[0]:, labels[1]:], picture)
     again = train.main(["--halting-map", str(video_path), "--resume", str(tmp_path / "run/last.pt"), "--threads",
                         "1", "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
     assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
     assert again["active"]["joint layer 1"] == pytest.approx(0.5)
+
+
+def usage_mistakes(demo, tmp):
+    """{name: (flags, the error line expected)}: each mistake a newcomer makes, on the demo set's files."""
+    real = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt"), "--no-randaugment"]
+    (tmp / "notes.txt").write_text("not a video\n")
+    (tmp / "text_as_video.txt").write_text(f"{tmp / 'notes.txt'} 0\n")
+    lines = [f"{demo / path} {label}" for path, label in (line.rsplit(" ", 1) for line in
+                                                          (demo / "train.txt").read_text().splitlines())]
+    (tmp / "lists").mkdir(exist_ok=True)
+    shutil.copy(demo / "classes.txt", tmp / "lists/classes.txt")
+    (tmp / "lists/train.txt").write_text("\n".join(lines + [lines[0].rsplit(" ", 1)[0] + " 6"]) + "\n")
+    _class_folders(tmp / "walk", ["walk"], demo / "videos/val/move up/0000.mp4")
+    zipfile.ZipFile(tmp / "clips.zip", "w").writestr("a.txt", "hi")
+    torch.save({"weights": torch.ones(2)}, tmp / "other.pth")
+    missing = str(tmp / "missing.txt")
+    return {
+        "frames 0": (["--frames", "0"], r"--frames 0: must be a positive integer"),
+        "not an int": (["--frames", "x"], r"--frames: invalid int value: 'x'"),
+        "size not a multiple of 16": (["--img-size", "60"], r"--img-size 60: must be a multiple of patch_size=16"),
+        "a default made invalid": (["--depth", "2"], r"--glimpser-depth 2 \(--model tiny's\): must be in \[0, depth=2"),
+        "batch size 0": (["--batch-size", "0"], r"--batch-size 0: must be at least 1"),
+        "negative lr": (["--lr", "-1"], r"--lr -1.0: must be at least 0"),
+        "short side below the crop": (["--eval-short-side", "60"], r"--eval-short-side and --train-scale must be at "
+                                                                   r"least the crop, 64 \(--img-size\)"),
+        "unknown model": (["--model", "big"], r"--model: invalid choice: 'big'"),
+        "missing path": (["--train", missing, "--val", missing, "--no-randaugment"],
+                         f"--train {re.escape(missing)}: No such file or directory$"),
+        "label out of range": (real + ["--num-classes", "3"], r"--train .*train\.txt, line \d+: label [345] is outside"
+                                                              r" \[0, 3\)"),
+        "label beyond classes.txt": (["--train", str(tmp / "lists/train.txt")] + real[2:],
+                                     rf"--train .*train\.txt, line {len(lines) + 1}: label 6 is outside \[0, 6\), "
+                                     r"beyond the 6 classes .*classes\.txt names"),
+        "unknown class folder": (["--train", str(demo / "videos/train"), "--val", str(tmp / "walk")] + real[4:],
+                                 r"--val .*walk: class folders \['walk'\] are not among the 6 training classes"),
+        "text file for --init": (real + ["--init", str(tmp / "notes.txt")], r"--init .*notes\.txt: not a checkpoint"),
+        "zip for --init": (real + ["--init", str(tmp / "clips.zip")], r"--init .*clips\.zip: a zip archive but not a"
+                                                                      r" checkpoint torch\.save wrote"),
+        "no weights for --init": (real + ["--init", str(tmp / "other.pth")], r"--init .*other\.pth: no ViT weights"),
+        "text file as a video": (["--train", str(tmp / "text_as_video.txt"), "--val", str(tmp / "text_as_video.txt"),
+                                  "--on-error", "raise", "--batch-size", "1", "--no-randaugment"],
+                                 r"--on-error raise: cannot decode video .*notes\.txt"),
+        "eval-only untrained": (["--eval-only"], r"--eval-only needs weights to evaluate: --resume"),
+        "predict without a checkpoint": (["--predict", "x.mp4"], r"--predict needs --resume CHECKPOINT"),
+        "missing checkpoint": (["--resume", str(tmp / "run.pt")], r"--resume .*run\.pt: No such file or directory$"),
+        "not a run's checkpoint": (["--resume", str(tmp / "other.pth")], r"--resume .*other\.pth: not written by "
+                                                                        r"train\.py .* pass it to --init"),
+        "real preset without data": (["--preset", "real"], r"--preset real needs --train and --val"),
+    }
+
+
+MISTAKES = ["frames 0", "not an int", "size not a multiple of 16", "a default made invalid", "batch size 0",
+            "negative lr", "short side below the crop", "unknown model", "missing path", "label out of range",
+            "label beyond classes.txt", "unknown class folder", "text file for --init", "zip for --init",
+            "no weights for --init", "text file as a video", "eval-only untrained", "predict without a checkpoint",
+            "missing checkpoint", "not a run's checkpoint", "real preset without data"]
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_train_each_mistake_is_one_line_naming_the_flag_and_status_2(demo, tmp_path, capsys, name):
+    mistakes = usage_mistakes(demo, tmp_path)
+    assert list(mistakes) == MISTAKES
+    flags, expected = mistakes[name]
+    with pytest.raises(SystemExit) as stop:
+        train.main(small_run(demo, tmp_path / "out", "--threads", "1") + flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(f"error: {expected}.*", errors[0]), err
+
+
+@pytest.mark.slow
+def test_train_command_line_errors_without_traceback_unless_asked(tmp_path, monkeypatch):
+    """The real command: one line and status 2; HALTINGVT_DEBUG=1 shows the traceback; a torchvision that does not
+    import stops a real-data run before anything is written, with the pip command that installs the right one."""
+    script, env = str(Path(train.__file__)), {**os.environ, "OMP_NUM_THREADS": "1"}
+    def run(*flags, **extra):
+        return subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120, env={**env, **extra})
+
+    done = run("--frames", "0")
+    assert (done.returncode, done.stderr) == (2, "error: --frames 0: must be a positive integer\n")
+    debug = run("--frames", "0", HALTINGVT_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UsageError: --frames 0" in debug.stderr
+    broken_torchvision(monkeypatch, tmp_path / "site")
+    (tmp_path / "t.txt").write_text("a.mp4 0\n")
+    done = run("--train", "t.txt", "--val", "t.txt", "--out", "run", PYTHONPATH=str(tmp_path / "site"))
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
+    assert re.fullmatch(r"error: RandAugment needs torchvision, which does not import here \(RuntimeError: operator "
+                        r"torchvision::nms does not exist\): install the build for torch \S+ with `pip install "
+                        r"torchvision==0\.\d+\.\d+.*`, or pass --no-randaugment to train\.py\n", done.stderr)
+
+
+def test_train_a_broken_torchvision_stops_before_any_work(demo, tmp_path, monkeypatch, capsys):
+    broken_torchvision(monkeypatch, tmp_path / "site")
+    flags = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags)
+    assert stop.value.code == 2 and "operator torchvision::nms does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_gradients_averaged_as_ddp_does(monkeypatch):
+    """average_gradients against a second process faked in all_reduce: a gradient missing on one process counts
+    as zero, one missing on both stays None."""
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 3), "b": torch.nn.Linear(3, 1), "c": torch.nn.Linear(1, 1)})
+    mine = {"a.weight": torch.randn(3, 2), "a.bias": torch.randn(3), "b.weight": None, "b.bias": None,
+            "c.weight": None, "c.bias": None}
+    theirs = {"a.weight": torch.randn(3, 2), "a.bias": None, "b.weight": torch.randn(1, 3), "b.bias": torch.randn(1),
+              "c.weight": None, "c.bias": None}
+    for name, p in model.named_parameters():
+        p.grad = None if mine[name] is None else mine[name].clone()
+    other = torch.cat([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1),
+                                  torch.tensor([float(g is not None)])])
+                       for (name, p), g in zip(model.named_parameters(), theirs.values())])
+    monkeypatch.setattr(train, "all_reduce", lambda t, op=None: t.add_(other))
+    train.average_gradients(model, world=2)
+    for name, p in model.named_parameters():
+        if mine[name] is None and theirs[name] is None:
+            assert p.grad is None, name
+        else:
+            zero = torch.zeros_like(p)
+            expected = ((mine[name] if mine[name] is not None else zero) +
+                        (theirs[name] if theirs[name] is not None else zero)) / 2
+            assert torch.equal(p.grad, expected), name
+
+
+def test_load_report_counts_a_fresh_head_out_of_the_share(caplog):
+    caplog.set_level(logging.INFO)
+    source = HaltingVT(HaltingVTConfig.tiny(num_classes=2)).state_dict()
+    model = HaltingVT(HaltingVTConfig.tiny(num_classes=1))
+    report = load_pretrained(model, source)
+    total = sum(t.numel() for t in model.state_dict().values())
+    assert report["share"] == (total - 64 - 1) / total and report["missing"] == ["head.weight", "head.bias"]
+    assert f"loaded {len(source) - 2} of {len(source)} tensors (99.9% of the parameters)" in caplog.text  # not 100.0%
 
 
 # ----------------------------------------------------------------------------------------------------------
