@@ -1,6 +1,6 @@
 """Tests for haltingvt: shapes, then gradients, then parity with slow, obviously-correct references.
 
-Sections follow the files: haltingvt.py (the network, its execution machinery, checkpoint loading), losses.py,
+Sections follow the files: haltingvt.py (the network, its execution machinery), checkpoints.py, losses.py,
 data.py, train.py, bench.py. No wall-clock thresholds: timings are benchmark figures (bench.py, the sanity run),
 not tests. Tests marked `slow` (a few seconds each: several processes, whole training runs) are left out by
 `python -m pytest -q -m "not slow" test_haltingvt.py`; CI runs them all.
@@ -35,12 +35,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import checkpoints
 import data
 import haltingvt
 import losses
 import train
 from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu,
-                       halting_weights, load_pretrained, row_groups, to_device, top_k_per_frame)
+                       halting_weights, row_groups, to_device, top_k_per_frame)
+from checkpoints import load_pretrained
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -970,7 +972,7 @@ def test_drop_mode_reads_nothing_back_but_the_token_counts(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# haltingvt.py: checkpoint loading (image, release and train.py layouts)
+# checkpoints.py: reading files, the weights in any wrapper and layout (image, release, train.py), the run checkpoint
 # ----------------------------------------------------------------------------------------------------------
 
 def fake_deit_state(D=384, depth=12, grid=14, classes=1000, seed=0):
@@ -1033,7 +1035,7 @@ def test_load_pretrained_resizes_pos_embed_skips_a_foreign_head_and_reports_keys
     model = HaltingVT(cfg)
     with torch.no_grad():
         model.time_embed.fill_(1.0)
-    report = load_pretrained(model, data.read_checkpoint(str(path)))
+    report = load_pretrained(model, checkpoints.read_checkpoint(str(path)))
     assert report["unused"] == ["dist_token"]
     assert {"head.weight", "head.bias", "time_embed"} <= set(report["missing"])
     assert model.pos_embed.shape == (1, 1 + 16, 64)
@@ -1111,7 +1113,7 @@ def test_load_pretrained_image_checkpoint_forms(tmp_path, form):
     path = tmp_path / "ckpt.pth"
     torch.save(image_checkpoints(state)[form], path)
     model = small_deit_model()
-    report = load_pretrained(model, data.read_checkpoint(path))
+    report = load_pretrained(model, checkpoints.read_checkpoint(path))
     assert_deit_arrived(model, state)
     fresh = {"time_embed", "head.weight", "head.bias", "motion_head.weight", "motion_head.bias",
              "glimpser.blocks.0.temporal_fc.weight", "glimpser.blocks.0.temporal_fc.bias"}
@@ -1132,6 +1134,24 @@ def write_safetensors(path, state):
         offset += len(blob)
     text = json.dumps(header).encode()
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_read_checkpoint_reads_safetensors(tmp_path):
+    state = fake_deit_state(**SMALL_DEIT)
+    write_safetensors(tmp_path / "model.safetensors", state)
+    model = small_deit_model()
+    assert load_pretrained(model, checkpoints.read_checkpoint(tmp_path / "model.safetensors"))["layout"] == "image"
+    assert_deit_arrived(model, state)
+
+
+def test_read_checkpoint_refuses_a_class_it_does_not_allow(tmp_path):
+    path = tmp_path / "hooked.pth"
+    torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
+    model = small_deit_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
+        load_pretrained(model, checkpoints.read_checkpoint(path))
+    assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_load_pretrained_that_matches_too_little_raises_saying_what_the_file_holds():
@@ -1201,7 +1221,7 @@ def test_load_pretrained_release_checkpoint_maps_every_tensor(tmp_path):
             "state_dict": dict(reversed(names.items()))}  # temporal tensors first: no order may matter
     torch.save(ckpt, tmp_path / "release.pth")
     model = HaltingVT(source.cfg)
-    report = load_pretrained(model, data.read_checkpoint(tmp_path / "release.pth"))
+    report = load_pretrained(model, checkpoints.read_checkpoint(tmp_path / "release.pth"))
     assert report["layout"] == "release" and report["missing"] == [] and report["unused"] == []
     assert report["share"] == 1.0
     for name, value in source.state_dict().items():
@@ -1219,6 +1239,44 @@ def test_load_pretrained_video_state_dict_loads_as_it_is_and_a_foreign_head_stay
     for name, value in source.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(model.state_dict()[name], value), name  # time_embed and temporal_fc too
+
+
+def test_load_report_counts_a_fresh_head_out_of_the_share(caplog):
+    caplog.set_level(logging.INFO)
+    source = HaltingVT(HaltingVTConfig.tiny(num_classes=2)).state_dict()
+    model = HaltingVT(HaltingVTConfig.tiny(num_classes=1))
+    report = load_pretrained(model, source)
+    total = sum(t.numel() for t in model.state_dict().values())
+    assert report["share"] == (total - 64 - 1) / total and report["missing"] == ["head.weight", "head.bias"]
+    assert f"loaded {len(source) - 2} of {len(source)} tensors (99.9% of the parameters)" in caplog.text  # not 100.0%
+
+
+def test_load_pretrained_is_also_haltingvt_load_pretrained():
+    assert haltingvt.load_pretrained is checkpoints.load_pretrained
+    with pytest.raises(AttributeError, match="no_such_name"):
+        haltingvt.no_such_name  # noqa: B018
+
+
+def test_save_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
+    model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
+    args = train.parse_args(["--out", str(tmp_path)])
+    args.list_root = tmp_path  # a Path; --demo-videos is a tuple
+    optimizer = train.build_optimizer(model, args)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # both now hold a cached Gaussian in their state
+    state = {"epoch": 1, "samples_in_epoch": 0, "step": 2, "best": 0.5}
+    checkpoints.save_checkpoint(tmp_path / "c.pt", model, optimizer, state, model.cfg, args, ["a", "b"])
+    expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
+    assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoints.set_rng_states(ckpt["rng"])
+    again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
+    assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
+    torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
+    with pytest.raises(ValueError, match=r"deit\.pth: not written by train\.py.*--init"):  # train.py: --resume ...
+        checkpoints.load_checkpoint(tmp_path / "deit.pth", model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1370,26 +1428,8 @@ def test_loss_bad_labels_raise_with_value():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data.py: reading videos, transforms, datasets, the demo set, pictures, checkpoint files
+# data.py: reading videos, transforms, datasets, the demo set, pictures
 # ----------------------------------------------------------------------------------------------------------
-
-def test_read_checkpoint_reads_safetensors(tmp_path):
-    state = fake_deit_state(**SMALL_DEIT)
-    write_safetensors(tmp_path / "model.safetensors", state)
-    model = small_deit_model()
-    assert load_pretrained(model, data.read_checkpoint(tmp_path / "model.safetensors"))["layout"] == "image"
-    assert_deit_arrived(model, state)
-
-
-def test_read_checkpoint_refuses_a_class_it_does_not_allow(tmp_path):
-    path = tmp_path / "hooked.pth"
-    torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
-    model = small_deit_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
-        load_pretrained(model, data.read_checkpoint(path))
-    assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
 
 GREY_STEP = 12  # frame k of a test video is grey level 12 * k, so a decoded frame tells its index
 
@@ -2461,28 +2501,6 @@ def test_train_resume_is_exact(demo, tmp_path):
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "bare/last.pt"))
     assert len((tmp_path / "bare/metrics.jsonl").read_text().splitlines()) == 2
 
-def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
-    model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
-    args = train.parse_args(["--out", str(tmp_path)])
-    args.list_root = tmp_path  # a Path; --demo-videos is a tuple
-    optimizer = train.build_optimizer(model, args)
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    random.gauss(0, 1), np.random.standard_normal()  # both now hold a cached Gaussian in their state
-    state = {"epoch": 1, "samples_in_epoch": 0, "step": 2, "best": 0.5}
-    train.save_checkpoint(tmp_path / "c.pt", model, optimizer, state, model.cfg, args, ["a", "b"])
-    expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
-    assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    data.set_rng_states(ckpt["rng"])
-    again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
-    assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
-    torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
-    with pytest.raises(train.UsageError, match=r"--resume .*deit\.pth: not written by train\.py.*--init"):
-        train.load_checkpoint(tmp_path / "deit.pth", model)  # what --resume and --eval-only call
-
-
 @pytest.mark.slow
 def test_train_two_stage_recipe_base_video_model_then_haltingvt(demo, tmp_path):
     """Sec. 4.1: stage 1 trains a Base Video Model (halting off, no Glimpser pruning); stage 2 starts HaltingVT
@@ -3129,16 +3147,6 @@ def test_train_gradients_averaged_as_ddp_does(monkeypatch):
             expected = ((mine[name] if mine[name] is not None else zero) +
                         (theirs[name] if theirs[name] is not None else zero)) / 2
             assert torch.equal(p.grad, expected), name
-
-
-def test_load_report_counts_a_fresh_head_out_of_the_share(caplog):
-    caplog.set_level(logging.INFO)
-    source = HaltingVT(HaltingVTConfig.tiny(num_classes=2)).state_dict()
-    model = HaltingVT(HaltingVTConfig.tiny(num_classes=1))
-    report = load_pretrained(model, source)
-    total = sum(t.numel() for t in model.state_dict().values())
-    assert report["share"] == (total - 64 - 1) / total and report["missing"] == ["head.weight", "head.bias"]
-    assert f"loaded {len(source) - 2} of {len(source)} tensors (99.9% of the parameters)" in caplog.text  # not 100.0%
 
 
 # ----------------------------------------------------------------------------------------------------------
