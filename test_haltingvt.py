@@ -2991,7 +2991,7 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
     assert ckpt["config"]["gamma"] == 1.0 and x0[1:].max() > x0[0] + 0.1
     threshold = (x0[0] + x0[1:].max()).item() / 2
     ckpt["config"].update(gamma=20.0, beta=20 * threshold - math.log(0.995 / 0.005))  # x0 > threshold halts
-    data.write_checkpoint(tmp_path / "run/last.pt", ckpt)
+    checkpoints.write_checkpoint(tmp_path / "run/last.pt", ckpt)
     expected = {}
     for from_file in (True, False):
         torch.manual_seed(0)
