@@ -1,5 +1,4 @@
-"""Video data for HaltingVT: decoding, frame sampling, augmentation, the Motion Loss pair, datasets, a demo set;
-and checkpoint files, read safely (`read_checkpoint`).
+"""Video data for HaltingVT: decoding, frame sampling, augmentation, the Motion Loss pair, datasets, a demo set.
 
 Axis letters: B batch, C channels (RGB), T frames of a clip, H height, W width, n frames of a whole video.
 A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per clip, (B, C, T, H, W) per batch.
@@ -17,15 +16,12 @@ Pipeline of one training sample (paper Sec. 4.1 and 3.4):
  5) `collate`: B pairs -> 2B clips, the action label for both, the motion labels.
 Evaluation: centre frame of each segment, short-side resize, centre crop, one clip per video.
 """
-import argparse
 import bisect
 import collections
 import contextlib
 import functools
-import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -486,14 +482,28 @@ def _normalise(x):
     return out.copy_(x.transpose(0, 1)).sub_(MEAN).div_(STD)
 
 
-def _rand_augment_class():
-    """torchvision's RandAugment, or an ImportError that says what to install (torchvision is optional)."""
+def rand_augment_class():
+    """torchvision's RandAugment, or an ImportError in one line that gives the pip command for the torchvision
+    built for the installed torch (torchvision is optional). A torchvision that is installed but does not
+    import (built for another torch: "operator torchvision::nms does not exist") is reported the same way."""
     try:
         from torchvision.transforms.v2 import RandAugment
-    except ImportError as err:
-        raise ImportError("RandAugment needs torchvision: install it (pip install torchvision, the build that "
-                          "matches your torch), or pass --no-randaugment to train.py") from err
+    except Exception as err:  # a broken build raises RuntimeError, AttributeError, OSError, ... on import
+        why = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise ImportError(f"RandAugment needs torchvision, which does not import here ({type(err).__name__}: "
+                          f"{why}): install the build for torch {torch.__version__} with "
+                          f"`{torchvision_install_command()}`, or pass --no-randaugment to train.py") from None
     return RandAugment
+
+
+def torchvision_install_command(version=None) -> str:
+    """The pip command for the torchvision release built for torch `version` (default: the installed one):
+    torchvision 0.(m+15).p goes with torch 2.m.p; a +cpu or +cuXXX build comes from PyTorch's own index, so that
+    pip neither replaces torch nor pulls CUDA packages into a CPU install."""
+    release, _, build = (version or torch.__version__).partition("+")
+    major, minor, patch = (release.split(".") + ["0", "0"])[:3]
+    command = f"pip install torchvision==0.{int(minor) + (15 if major == '2' else 1)}.{patch}"
+    return command + (f" --index-url https://download.pytorch.org/whl/{build}" if build else "")
 
 
 def train_transform(clip, size, scale, rng=None, randaugment=False):
@@ -510,7 +520,7 @@ def train_transform(clip, size, scale, rng=None, randaugment=False):
     if randaugment:
         # RandAugment on the (T, C, H, W) uint8 stack applies one draw of ops and magnitudes to every frame;
         # it draws from torch's generator, which we seed from `rng` so that samples stay reproducible.
-        ra = _rand_augment_class()()
+        ra = rand_augment_class()()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
             x = ra(x)
@@ -720,13 +730,19 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
 
 def class_names(dataset, source) -> Optional[list]:
     """The training set's class names: its class folders', or those of a classes.txt beside its list file (one
-    name a line, in label order, as the demo set has) when it names every class; otherwise None."""
+    name a line, in label order, as the demo set has) when it names every class; otherwise None. A label beyond
+    the names of classes.txt is a ValueError naming the list file's line (a misnumbered line, most likely)."""
     if dataset.classes is not None:
         return list(dataset.classes)
     path = Path(source).parent / "classes.txt"
     if not (Path(source).is_file() and path.is_file()):
         return None
     names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(names) < dataset.num_classes:
+        try:
+            read_list_file(source, multi_label=dataset.multi_label, num_classes=len(names))
+        except ValueError as err:
+            raise ValueError(f"{err}, beyond the {len(names)} classes {path} names") from None
     if len(names) != dataset.num_classes:
         logging.warning("%s names %d classes, the training set has %d: no class names saved", path, len(names),
                         dataset.num_classes)
@@ -756,7 +772,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     Bad videos: with on_error="raise" the VideoDecodeError propagates. With "skip" it is logged once and the
     path goes into `self.bad_files` (not decoded again). Training then uses the next video (index + 1, + 2, ...;
-    RuntimeError if none decodes). Evaluation leaves the video out, so that no video is counted twice: the
+    VideoDecodeError if none decodes). Evaluation leaves the video out, so that no video is counted twice: the
     sample is {"skipped": [path]} alone. With DataLoader workers each worker holds its own copy of the dataset,
     so `bad_files` in the main process stays empty: count bad files from the batches' "skipped" lists instead
     (`collate` concatenates them; every bad video passed over is listed, each time).
@@ -788,7 +804,7 @@ class VideoDataset(torch.utils.data.Dataset):
             raise ValueError(f"frame_template {frame_template!r} does not format a frame number: {err}") from None
         self.frame_interval, self.frame_template, self.start_index = frame_interval, frame_template, start_index
         if randaugment:
-            _rand_augment_class()  # fail now, not in a worker an epoch later
+            rand_augment_class()  # fail now, not in a worker an epoch later
         self.num_frames, self.img_size, self.train = num_frames, img_size, train
         self.short_side = round(img_size * 8 / 7) if short_side is None else short_side
         self.scale = (round(img_size * 8 / 7), round(img_size * 10 / 7)) if scale is None else tuple(scale)
@@ -867,7 +883,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return sample
         if not self.train:
             return {"skipped": skipped}  # left out of the evaluation
-        raise RuntimeError(f"none of the {len(self.samples)} videos could be decoded; bad files: "
+        raise VideoDecodeError(f"none of the {len(self.samples)} videos could be decoded; bad files: "
                            f"{sorted(map(str, self.bad_files))[:5]} ...")
 
 
@@ -897,30 +913,43 @@ def collate(batch):
             "label": label, "motion": torch.tensor(motion), "skipped": skipped}
 
 
-def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers=0, skip_batches=0, train=True):
+def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers=0, skip_samples=0, train=True):
     """The DataLoader of one epoch over a VideoDataset, `batch_size` videos a batch (collate).
 
-    Training: a shuffle seeded by (seed, epoch), the same in every process, split between the `world` processes
-    (DistributedSampler, also for one process); `skip_batches` resumes in the middle of an epoch. The dataset's
-    augmentation is seeded by (seed, epoch, index). So an epoch's batches are the same however often the run
-    stopped and resumed. Evaluation: each process takes every world-th video, no padding, no duplicates.
+    Training: train_order. The dataset's augmentation is seeded by (seed, epoch, index), so an epoch's samples are
+    the same however often the run stopped and resumed, on any number of processes. Evaluation: each process
+    takes every world-th video, no padding, no duplicates.
     """
     dataset.set_epoch(epoch)
     if train:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip_batches * batch_size:]
+        order = train_order(len(dataset), batch_size, epoch, rank, world, seed=seed, skip_samples=skip_samples)
     else:
         order = list(range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=train,
-                                       num_workers=workers, collate_fn=collate,
-                                       pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigint)
+                                       num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=_leave_signals_to_main)
 
 
-def _ignore_sigint(worker_id):
-    """Ctrl-C reaches the DataLoader workers too; they leave it to the main process, which saves and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def train_order(n, batch_size, epoch, rank=0, world=1, *, seed=0, skip_samples=0) -> list:
+    """This process's dataset indices for one training epoch, whole batches only.
+
+    One shuffle of the n indices, seeded by (seed, epoch) and the same in every process (DistributedSampler's),
+    is dealt round-robin to the `world` processes; so each step takes the next batch_size x world indices of it,
+    and after any number of steps the samples taken are a prefix of the shuffle. `skip_samples` (that prefix's
+    length, from a checkpoint) resumes in the middle of an epoch, also on another number of processes or batch
+    size: nothing of the epoch is repeated, and only the end that no longer fills a step is left out.
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    rest = torch.randperm(n, generator=g).tolist()[skip_samples:]
+    return rest[rank::world][:len(rest) // world // batch_size * batch_size]
+
+
+def _leave_signals_to_main(worker_id):
+    """Ctrl-C reaches the DataLoader workers too, and a cluster's SIGTERM reaches every process of the job: the
+    workers ignore both and leave them to the main process, which saves last.pt after the step under way (a
+    worker killed first would fail that step instead)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def single_threaded(loader):
@@ -938,100 +967,6 @@ def single_threaded(loader):
         if batch is None:
             return
         yield batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint files: read without running code from them (haltingvt.load_pretrained maps what they hold);
-# written as plain values that torch.load(weights_only=True) reads, whole or not at all
-
-# The only objects besides tensors and plain values that a checkpoint may hold: DeiT's main.py and timm's
-# train.py save their argparse.Namespace under "args". Nothing else is unpickled (weights_only=True).
-SAFE_GLOBALS = [argparse.Namespace]
-
-# safetensors' dtype names (timm's hub weights are model.safetensors files).
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint file's contents, read without running any code from it.
-
-    A `.safetensors` file is parsed as it is; anything else goes through torch.load(weights_only=True), which
-    builds tensors and plain values only, plus SAFE_GLOBALS. Raises ValueError naming the file and the object it
-    refused (a class saved by another codebase, say), FileNotFoundError for a missing file.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        what = re.search(r"GLOBAL (\S+)", str(err))
-        raise ValueError(f"{path}: refused to unpickle {what.group(1) if what else 'an object'}: only tensors, "
-                         "plain values and argparse.Namespace are read, since unpickling anything else can run "
-                         "code. If you trust the file, load it yourself and torch.save its state dict alone") from None
-
-
-def read_safetensors(path) -> dict:
-    """A .safetensors file as a state dict: an 8-byte little-endian header size, a JSON header giving each
-    tensor's dtype, shape and byte range, then the bytes (read here without the safetensors package)."""
-    raw = bytearray(Path(path).read_bytes())
-    n = int.from_bytes(raw[:8], "little")
-    header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(body[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start else \
-            torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        state[name] = flat.reshape(info["shape"])
-    return state
-
-
-def rng_states() -> dict:
-    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
-    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
-    version, internal, gauss = random.getstate()
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": [version, list(internal), gauss],
-              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict):
-    """Put back the states rng_states saved."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def plain(value):
-    """A value (a run's arguments, say) as one that weights_only=True loads: tuples become lists, paths strings."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
-def write_checkpoint(path, ckpt: dict):
-    """torch.save to a temporary file, then a rename: a kill at any moment leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1239,6 +1174,38 @@ def halting_map(frames, masks, patch_size, scale=2):
     image = F.pad(image.permute(0, 1, 4, 2, 3), (0, GAP, 0, GAP), value=255)  # white right and below a tile
     rows, T, C, h, w = image.shape
     return image.permute(0, 3, 1, 4, 2).reshape(rows * h, T * w, C).numpy()  # (rows, h, T, w, 3) -> (rows*h, T*w, 3)
+
+
+# A 3x5 pixel font for the map's labels (no imaging library needed): a glyph is 5 rows, top first, each an octal
+# digit whose 3 bits are its pixels (7 = ###, 5 = #.#, 2 = .#.).
+FONT = dict(zip("0123456789AEFGIJLMNOPRSTUY ", "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 "
+                "74647 74644 74557 72227 11157 44447 57755 65555 25552 65644 65655 34216 72222 55557 55222 00000"
+                .split()))
+
+
+def text_mask(text, scale=2):
+    """`text` in FONT's letters (lower case drawn as upper case) -> bool (5 * scale, 4 * len(text) * scale), one
+    blank column after each glyph."""
+    glyphs = [[[int(row) >> (2 - c) & 1 for c in range(3)] + [0] for row in FONT[ch]] for ch in text.upper()]
+    mask = torch.tensor(glyphs, dtype=torch.bool).permute(1, 0, 2).reshape(5, -1)  # (n, 5, 4) -> (5, 4n)
+    return mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
+
+
+def label_map(image, rows, columns, scale=2):
+    """A halting map with its row names left of its rows and its column names above its columns, black on white:
+    uint8 (R*h, C*w, 3) of R x C equal tiles -> uint8 (7*scale + R*h, left + C*w, 3)."""
+    h, w = image.shape[0] // len(rows), image.shape[1] // len(columns)
+    top, left = 7 * scale, max(4 * len(name) for name in rows) * scale + 2 * scale
+    canvas = np.full((top + image.shape[0], left + image.shape[1], 3), 255, np.uint8)
+    canvas[top:, left:] = image
+    for i, name in enumerate(rows):  # vertically centred on the row, left-aligned
+        mask = text_mask(name, scale)
+        y = top + i * h + (h - mask.shape[0]) // 2
+        canvas[y:y + mask.shape[0], scale:scale + mask.shape[1]][mask] = 0
+    for j, name in enumerate(columns):  # above the column, cut at its width
+        mask = text_mask(name, scale)[:, :w]
+        canvas[scale:6 * scale, left + j * w:left + j * w + mask.shape[1]][mask] = 0
+    return canvas
 
 
 def write_png(path, image):

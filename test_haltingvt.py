@@ -1,6 +1,6 @@
 """Tests for haltingvt: shapes, then gradients, then parity with slow, obviously-correct references.
 
-Sections follow the files: haltingvt.py (the network, its execution machinery, checkpoint loading), losses.py,
+Sections follow the files: haltingvt.py (the network, its execution machinery), checkpoints.py, losses.py,
 data.py, train.py, bench.py. No wall-clock thresholds: timings are benchmark figures (bench.py, the sanity run),
 not tests. Tests marked `slow` (a few seconds each: several processes, whole training runs) are left out by
 `python -m pytest -q -m "not slow" test_haltingvt.py`; CI runs them all.
@@ -12,12 +12,16 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import weakref
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,12 +36,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import checkpoints
 import data
 import haltingvt
 import losses
 import train
 from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu,
-                       halting_weights, load_pretrained, row_groups, to_device, top_k_per_frame)
+                       halting_weights, row_groups, to_device, top_k_per_frame)
+from checkpoints import load_pretrained
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,6 +108,7 @@ def test_halting_weights_matches_slow_loop_on_random_scores():
     for L in (1, 2, 5, 10):
         h = torch.rand(L, 3, 7) * torch.rand(1, 3, 7)  # a range of speeds
         weights, depth, remainder = check_against_slow(h, eps=0.01)
+        assert weights.shape == h.shape and depth.shape == remainder.shape == (3, 7)
         assert torch.allclose(weights.sum(0), torch.ones(3, 7))
         assert ((1 <= depth) & (depth <= L)).all()
         assert ((0 < remainder) & (remainder <= 1)).all()
@@ -120,6 +127,30 @@ def test_halting_weights_edge_cases(scores, eps, depth):
     weights, n, r = check_against_slow(h, eps)
     assert n.item() == depth
     assert weights.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("eps, depth, remainder", [(0.5, 1, 1.0), (0.0, 2, 0.5)])
+def test_model_halts_where_the_sum_is_exactly_1_minus_eps(eps, depth, remainder):
+    """The model's own halting path at a tie: every token scores exactly 0.5 in every layer (channel 0 is 0.75
+    everywhere, layers that leave x unchanged, gamma 2 and beta 1.5: sigmoid(0)), so the running sum lands on
+    1 - eps exactly, at layer 1 for eps 0.5 and at layer 2 for eps 0. Eq. (3) halts there (>=, not >)."""
+    cfg = HaltingVTConfig.tiny(glimpser_depth=0, depth=3, gamma=2.0, beta=1.5, eps=eps)
+    model = HaltingVT(cfg)
+    with torch.no_grad():
+        for blk in model.joint.blocks:
+            for layer in (blk.attn.proj, blk.mlp.fc2):
+                layer.weight.zero_(), layer.bias.zero_()
+        model.patch_embed.proj.weight[0] = 0.0
+        model.patch_embed.proj.bias[0] = 0.75
+        model.cls_token[..., 0] = 0.75
+        model.pos_embed[..., 0] = 0.0
+    video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    for training, drop in [(True, False), (True, True), (False, False), (False, True)]:
+        with torch.no_grad():
+            out = model.train(training)(video, drop_halted=drop)
+        assert (out.halt_scores[0] == 0.5).all()
+        assert (out.halt_depth == depth).all() and (out.remainder == remainder).all(), (training, drop)
+        assert torch.equal(out.ponder, torch.full((2,), depth + remainder))  # Eq. (5)
 
 
 def test_model_halting_invariants_and_loop_agrees_with_halting_weights():
@@ -144,6 +175,20 @@ def test_model_halting_invariants_and_loop_agrees_with_halting_weights():
     assert len(out.halt_depth.unique()) >= 3 and (out.halt_depth[:, 0] < L).any()
 
 
+def test_default_execution_is_drop_in_evaluation_and_mask_in_training():
+    """drop_halted=None: evaluation removes halted tokens (packed rows), training masks them (the joint layers
+    are called on the fixed (B, K, D) tensor); an explicit value wins."""
+    model, video = diverse_model()
+    masked = []
+    model.joint.blocks[0].register_forward_hook(lambda module, args, out: masked.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        for training, drop, mask_mode in [(False, None, False), (True, None, True), (False, False, True),
+                                          (True, True, False)]:
+            masked.clear()
+            model.train(training)(video[:2], drop_halted=drop)
+            assert bool(masked) == mask_mode, (training, drop)
+
+
 def test_halted_tokens_take_no_part_in_later_layers():
     """In mask mode a halted token's frozen state stays in the tensor: overwrite it with garbage before the next
     layer, and nothing that layer computes for the live tokens may change (not a key, not a value)."""
@@ -159,17 +204,177 @@ def test_halted_tokens_take_no_part_in_later_layers():
         ref = model(video, drop_halted=False)
     blk = model.joint.blocks[depth[k].item()]  # the first layer it no longer takes part in
 
+    calls = []
+
     def overwrite(module, args, kwargs):
         x = args[0].clone()
         x[0, k] = 50.0
+        calls.append(k)
         return (x,), kwargs
 
     handle = blk.register_forward_pre_hook(overwrite, with_kwargs=True)
     with torch.no_grad():
         poked = model(video, drop_halted=False)
     handle.remove()
+    assert calls  # mask mode ran that layer on the frozen state
     assert torch.allclose(poked.logits, ref.logits, atol=1e-6)
     assert torch.equal(poked.halt_depth, ref.halt_depth)
+
+
+# A slow, obviously-correct HaltingVT written out from the paper: one sample at a time, attention as the softmax
+# of Eq. (1) per head, the halting of Eqs. (2)-(6) as a loop over tokens. It reads the model's weights and
+# nothing else of the library.
+
+def ref_layer_norm(norm, x):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def ref_attention(attn, x):
+    """Eq. (1) on one sequence x (n, D), head by head: (n, D), and the class token's row of the attention
+    weights averaged over the heads (n,) (Eq. 7's w)."""
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).chunk(3, -1)
+    h, d = attn.num_heads, x.shape[-1] // attn.num_heads
+    outs, rows = [], []
+    for i in range(h):
+        part = slice(i * d, (i + 1) * d)
+        w = torch.softmax(q[:, part] @ k[:, part].T / math.sqrt(d), -1)  # (n, n)
+        outs.append(w @ v[:, part])
+        rows.append(w[0])
+    return torch.cat(outs, -1) @ attn.proj.weight.T + attn.proj.bias, torch.stack(rows).mean(0)
+
+
+def ref_mlp(blk, x):
+    """The MLP of a pre-norm layer with its residual: x (n, D) -> (n, D)."""
+    hidden = ref_layer_norm(blk.norm2, x) @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
+    return x + hidden @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias
+
+
+def ref_joint_layer(blk, x):
+    """A pre-norm layer over the tokens x (n, D) of one sample."""
+    return ref_mlp(blk, x + ref_attention(blk.attn, ref_layer_norm(blk.norm1, x))[0])
+
+
+def ref_divided_layer(blk, x, T, keep=None):
+    """A divided space-time layer on one sample's x (1 + T*S, D): temporal attention at each patch position and
+    temporal_fc, spatial attention per frame with a copy of the class token (the T outputs averaged), then the
+    MLP; with `keep`, each frame first keeps its `keep` patches of highest class-token attention (Eq. 7).
+    Returns x and the kept patch indices (T, keep) or None."""
+    S = (len(x) - 1) // T
+    cls, patches = x[0], x[1:].reshape(T, S, -1).clone()
+    for s in range(S):
+        out, _ = ref_attention(blk.temporal_attn, ref_layer_norm(blk.temporal_norm1, patches[:, s]))
+        patches[:, s] = patches[:, s] + out @ blk.temporal_fc.weight.T + blk.temporal_fc.bias
+    cls_out, spatial, kept = [], [], []
+    for t in range(T):
+        out, row = ref_attention(blk.attn, ref_layer_norm(blk.norm1, torch.cat([cls[None], patches[t]])))
+        cls_out.append(out[0])
+        spatial.append(patches[t] + out[1:])
+        kept.append(sorted(sorted(range(S), key=lambda s: -row[1 + s].item())[:keep or S]))
+    tokens = [cls + torch.stack(cls_out).mean(0)] + [spatial[t][s] for t in range(T) for s in kept[t]]
+    return ref_mlp(blk, torch.stack(tokens)), torch.tensor(kept) if keep else None
+
+
+def ref_embed(model, video, pos=None, time=None):
+    """One clip (C, T, H, W) -> (1 + T*S, D): patches projected, plus the spatial position embedding of their
+    place and the time embedding of their frame; the class token gets its position embedding only. pos (1+S, D)
+    and time (T, D): the embeddings for this size, the model's own by default."""
+    conv, p = model.patch_embed.proj, model.cfg.patch_size
+    C, T, H, W = video.shape
+    pos = model.pos_embed[0] if pos is None else pos
+    time = model.time_embed[0] if time is None else time
+    tokens = [model.cls_token[0, 0] + pos[0]]
+    for t in range(T):
+        for i in range(H // p):
+            for j in range(W // p):
+                pixels = video[:, t, i * p:(i + 1) * p, j * p:(j + 1) * p]
+                s = i * (W // p) + j
+                tokens.append((conv.weight * pixels).sum((1, 2, 3)) + conv.bias + pos[1 + s] + time[t])
+    return torch.stack(tokens)
+
+
+def ref_halting(model, x, beta, training):
+    """Eqs. (2)-(6) for one sample's tokens x (K, D) entering the joint stage, token by token. Returns x_o (D,),
+    the scores (L, K), N (K,) and r (K,). A halted token leaves: later layers run on the others only. In
+    evaluation the sample stops when its class token halts; its running tokens take that layer as N and 1 - their
+    sum so far as r."""
+    cfg, blocks = model.cfg, model.joint.blocks
+    L, K = len(blocks), len(x)
+    live, total = list(range(K)), [0.0] * K
+    N, r, scores, x_o = [L] * K, [1.0] * K, torch.zeros(L, K, dtype=x.dtype), 0
+    for l, blk in enumerate(blocks):
+        if not live:
+            break
+        x = x.clone()
+        x[live] = ref_joint_layer(blk, x[live])
+        for k in live:
+            scores[l, k] = 1.0 if l == L - 1 else torch.sigmoid(cfg.gamma * x[k, 0] - beta).item()  # Eq. (2)
+        halt = [k for k in live if total[k] + scores[l, k].item() >= 1 - cfg.eps]  # Eq. (3)
+        if 0 in live:  # Eq. (6): the class token's score before its halting layer, its remainder at it
+            x_o = x_o + (1 - total[0] if 0 in halt else scores[l, 0].item()) * x[0]
+        if not training and 0 in halt:
+            halt = live
+        for k in halt:
+            N[k], r[k] = l + 1, 1 - total[k]  # Eq. (4)
+        for k in live:
+            total[k] += scores[l, k].item()
+        live = [k for k in live if k not in halt]
+    return x_o, scores, torch.tensor(N), torch.tensor(r, dtype=x.dtype)
+
+
+@torch.no_grad()
+def ref_forward(model, video, beta, training, pos=None, time=None):
+    """The reference HaltingVT on a batch (B, C, T, H, W): a dict of the outputs it checks. pos, time: as
+    ref_embed."""
+    cfg, T = model.cfg, video.shape[2]
+    S = (video.shape[3] // cfg.patch_size) * (video.shape[4] // cfg.patch_size)
+    outs = []
+    for clip in video:
+        x, kept = ref_embed(model, clip, pos, time), None
+        for i, blk in enumerate(model.glimpser.blocks):
+            last = i == len(model.glimpser.blocks) - 1
+            x, kept = ref_divided_layer(blk, x, T, math.ceil(cfg.keep_ratio * S) if last else None)
+        x_o, scores, N, r = ref_halting(model, x, beta, training)
+        x_o = ref_layer_norm(model.norm, x_o)
+        outs.append(dict(logits=x_o @ model.head.weight.T + model.head.bias, keep_index=kept, halt_scores=scores,
+                         motion_logits=x_o @ model.motion_head.weight.T + model.motion_head.bias,
+                         halt_depth=N, remainder=r, ponder=(N + r).mean()))
+    return {k: torch.stack([o[k] for o in outs], 1 if k == "halt_scores" else 0) for k in outs[0]}
+
+
+def reference_model():
+    """diverse_model(), in float64, with everything the paper's equations could get wrong made to matter: a
+    non-zero time embedding and temporal_fc, gamma 5 and beta 0.5 (Eq. 2), and class tokens that halt where
+    their remainder differs from their score (Eq. 6)."""
+    model, video = diverse_model(beta=0.5, batch=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.time_embed.normal_(0, 0.05)
+        for blk in model.glimpser.blocks:
+            blk.temporal_fc.weight.normal_(0, 0.05), blk.temporal_fc.bias.normal_(0, 0.05)
+    return model.double(), video.double()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_model_matches_a_reference_written_from_the_paper(training):
+    """Every output the paper defines, in mask and drop mode, against ref_forward on the same weights."""
+    model, video = reference_model()
+    model.train(training)
+    ref = ref_forward(model, video, model.cfg.beta, training)
+    N, r, h = ref["halt_depth"], ref["remainder"], ref["halt_scores"]
+    # a real test: class tokens halt at two or more layers, one where r and h differ (Eq. 6), and blocks change x
+    assert len(N[:, 0].unique()) > 1 and (N[:, 0] < len(model.joint.blocks)).any()
+    at = h[N[:, 0] - 1, torch.arange(len(N)), 0]  # (B,) the class token's score at its halting layer
+    assert ((r[:, 0] - at).abs() > 0.05).any()
+    for drop in (False, True):
+        with torch.no_grad():
+            out = model(video, drop_halted=drop)
+        assert torch.equal(out.keep_index, ref["keep_index"])
+        assert torch.equal(out.halt_depth, N), drop
+        for name in ("logits", "motion_logits", "remainder", "ponder", "halt_scores"):
+            assert torch.allclose(getattr(out, name), ref[name], rtol=0, atol=1e-9), (name, drop)
 
 
 def test_top_k_per_frame_matches_sort():
@@ -266,6 +471,22 @@ def test_halting_by_hand_a_class_token_that_halts_first(drop):
         out = stage.eval()(x, drop)
     assert out["depth"].tolist() == [[1, 1, 1]] and out["remainder"].tolist() == [[1.0, 1.0, 1.0]]
     assert out["tokens"].tolist() == [[3, 0, 0, 0]] and torch.allclose(out["x_o"], x[:, 0])
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_halting_by_hand_a_class_token_that_runs_on_alone(drop):
+    """Training, 3 joint layers, 2 samples of 3 tokens. Sample 0: every token scores 0.2 (all run to the end).
+    Sample 1: its patches halt at once (score 1.0), its class token scores 0.3, 0.3 and then 1 (forced), so
+    from layer 2 it is the last sample's only token: r = 0.4 and x_o = 0.3 x + 0.3 x + 0.4 x = x (Eq. 6)."""
+    stage = identity_stage(3)
+    x = torch.randn(2, 3, 8)
+    x[:, :, 0] = math.log(0.2 / 0.8)
+    x[1, 0, 0], x[1, 1:, 0] = math.log(0.3 / 0.7), 50.0
+    with torch.no_grad():
+        out = stage.train()(x, drop)
+    assert out["depth"].tolist() == [[3, 3, 3], [3, 1, 1]] and out["tokens"].tolist() == [[3, 3, 3], [3, 1, 1]]
+    assert out["remainder"][1].tolist() == pytest.approx([0.4, 1.0, 1.0], abs=1e-6)
+    assert torch.allclose(out["x_o"], x[:, 0], atol=1e-5)
 
 
 def test_mask_and_drop_modes_agree_and_batches_are_independent():
@@ -473,6 +694,23 @@ def test_forward_beta_is_a_model_built_with_that_beta_and_nothing_on_the_model_c
         assert model.joint.beta == 0.0
 
 
+def test_stochastic_depth_drops_whole_samples_in_drop_mode_as_in_mask_mode():
+    """Training with drop_path 0.5 and no halting, the same seed: drop mode (packed rows) skips a layer's
+    branch for the same whole samples as mask mode, so the logits agree; and the branches really were dropped."""
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(drop_path=0.5, halting=False)
+    model = HaltingVT(cfg).train()
+    video = torch.randn(3, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    logits = []
+    for drop in (False, True):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            logits.append(model(video, drop_halted=drop).logits)
+    assert torch.allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(video).logits, logits[1], atol=1e-3)
+
+
 @pytest.mark.parametrize("drop", [False, True])
 def test_every_parameter_gets_a_finite_gradient(drop):
     torch.manual_seed(0)
@@ -524,14 +762,75 @@ def test_gflops_match_flop_counter_on_a_drop_mode_forward():
     assert len(out.gflops.unique()) > 1  # samples really spent different amounts
 
 
-def test_other_frame_counts_and_sizes_resize_the_embeddings():
-    cfg = HaltingVTConfig.tiny()
+@pytest.mark.parametrize("overrides", [
+    dict(glimpser_depth=1), dict(glimpser_depth=3),  # the pruning layer first, or third of three
+    dict(embed_dim=4, num_heads=1, img_size=32, num_frames=2, depth=3, mlp_ratio=1.0, num_classes=2),  # 1 MAC shows
+    dict(embed_dim=4, num_heads=1, img_size=32, num_frames=2, depth=3, mlp_ratio=1.0, motion_head=False),
+])
+def test_gflops_match_flop_counter_for_other_shapes(overrides):
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(**overrides)
     model = HaltingVT(cfg).eval()
+    video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(video, drop_halted=True)
+    assert out.gflops.sum().item() == pytest.approx(counter.get_total_flops() / 2e9, rel=1e-6)
+
+
+def ref_resize_time(time, T):
+    """Linear interpolation of rows (T0, D) -> (T, D), sample centres aligned (align_corners=False), by hand."""
+    T0, rows = len(time), []
+    for i in range(T):
+        src = min(max((i + 0.5) * T0 / T - 0.5, 0.0), T0 - 1)
+        lo = math.floor(src)
+        hi = min(lo + 1, T0 - 1)
+        rows.append((1 - (src - lo)) * time[lo] + (src - lo) * time[hi])
+    return torch.stack(rows)
+
+
+def ref_bicubic(v, n):
+    """Rows of v (n0, ...) resampled to n by cubic convolution (a = -0.75), sample centres aligned, the edge rows
+    repeated past the border: bicubic interpolation along one axis, written out."""
+    def w(t, a=-0.75):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
+    n0, rows = len(v), []
+    for i in range(n):
+        src = (i + 0.5) * n0 / n - 0.5
+        lo = math.floor(src)
+        rows.append(sum(w(src - (lo + k)) * v[min(max(lo + k, 0), n0 - 1)] for k in (-1, 0, 1, 2)))
+    return torch.stack(rows)
+
+
+def test_resized_embeddings_by_hand():
+    torch.manual_seed(0)
+    time = torch.randn(1, 4, 3)
+    assert haltingvt.resize_time_embed(time, 4) is time
+    for T in (2, 5, 8):
+        assert torch.allclose(haltingvt.resize_time_embed(time, T)[0], ref_resize_time(time[0], T), atol=1e-6)
+    pos = torch.randn(1, 17, 3)  # the class token's entry, then a 4 x 4 grid, row-major
+    out = haltingvt.resize_pos_embed(pos, (6, 5))[0]  # (1 + 30, 3)
+    assert torch.equal(out[0], pos[0, 0])  # the class token's entry is kept as it is
+    grid = ref_bicubic(ref_bicubic(pos[0, 1:].view(4, 4, 3), 6).transpose(0, 1), 5).transpose(0, 1)  # (6, 5, 3)
+    assert torch.allclose(out[1:], grid.reshape(30, 3), atol=1e-5)
+    assert torch.equal(haltingvt.resize_pos_embed(pos, (4, 4)), pos)
+
+
+def test_other_frame_counts_and_sizes_resize_the_embeddings():
+    """2 frames of 96 x 80 on a model of 8 frames of 64 x 64: the reference with the time embedding
+    interpolated by hand and the position embedding resized to the 6 x 5 grid."""
+    model, _ = reference_model()
+    video = torch.randn(2, 3, 2, 96, 80, dtype=torch.float64)
+    pos = haltingvt.resize_pos_embed(model.pos_embed, (6, 5))[0]
+    ref = ref_forward(model, video, model.cfg.beta, False, pos, ref_resize_time(model.time_embed[0].detach(), 2))
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 5, 96, 80))
+        out = model(video)
     S = 6 * 5
-    assert out.keep_index.shape == (1, 5, math.ceil(0.5 * S))
-    assert out.tokens_per_layer[0, 0] == 1 + 5 * S
+    assert out.keep_index.shape == (2, 2, math.ceil(0.5 * S)) and torch.equal(out.keep_index, ref["keep_index"])
+    assert out.tokens_per_layer[0, 0] == 1 + 2 * S
+    assert torch.allclose(out.logits, ref["logits"], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 8, 64), (1, 1, 8, 64, 64), (1, 3, 8, 60, 64), (1, 3, 8, 64, 70)])
@@ -674,7 +973,7 @@ def test_drop_mode_reads_nothing_back_but_the_token_counts(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# haltingvt.py: checkpoint loading (image, release and train.py layouts)
+# checkpoints.py: reading files, the weights in any wrapper and layout (image, release, train.py), the run checkpoint
 # ----------------------------------------------------------------------------------------------------------
 
 def fake_deit_state(D=384, depth=12, grid=14, classes=1000, seed=0):
@@ -737,7 +1036,7 @@ def test_load_pretrained_resizes_pos_embed_skips_a_foreign_head_and_reports_keys
     model = HaltingVT(cfg)
     with torch.no_grad():
         model.time_embed.fill_(1.0)
-    report = load_pretrained(model, data.read_checkpoint(str(path)))
+    report = load_pretrained(model, checkpoints.read_checkpoint(str(path)))
     assert report["unused"] == ["dist_token"]
     assert {"head.weight", "head.bias", "time_embed"} <= set(report["missing"])
     assert model.pos_embed.shape == (1, 1 + 16, 64)
@@ -815,7 +1114,7 @@ def test_load_pretrained_image_checkpoint_forms(tmp_path, form):
     path = tmp_path / "ckpt.pth"
     torch.save(image_checkpoints(state)[form], path)
     model = small_deit_model()
-    report = load_pretrained(model, data.read_checkpoint(path))
+    report = load_pretrained(model, checkpoints.read_checkpoint(path))
     assert_deit_arrived(model, state)
     fresh = {"time_embed", "head.weight", "head.bias", "motion_head.weight", "motion_head.bias",
              "glimpser.blocks.0.temporal_fc.weight", "glimpser.blocks.0.temporal_fc.bias"}
@@ -836,6 +1135,24 @@ def write_safetensors(path, state):
         offset += len(blob)
     text = json.dumps(header).encode()
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_read_checkpoint_reads_safetensors(tmp_path):
+    state = fake_deit_state(**SMALL_DEIT)
+    write_safetensors(tmp_path / "model.safetensors", state)
+    model = small_deit_model()
+    assert load_pretrained(model, checkpoints.read_checkpoint(tmp_path / "model.safetensors"))["layout"] == "image"
+    assert_deit_arrived(model, state)
+
+
+def test_read_checkpoint_refuses_a_class_it_does_not_allow(tmp_path):
+    path = tmp_path / "hooked.pth"
+    torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
+    model = small_deit_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
+        load_pretrained(model, checkpoints.read_checkpoint(path))
+    assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_load_pretrained_that_matches_too_little_raises_saying_what_the_file_holds():
@@ -905,7 +1222,7 @@ def test_load_pretrained_release_checkpoint_maps_every_tensor(tmp_path):
             "state_dict": dict(reversed(names.items()))}  # temporal tensors first: no order may matter
     torch.save(ckpt, tmp_path / "release.pth")
     model = HaltingVT(source.cfg)
-    report = load_pretrained(model, data.read_checkpoint(tmp_path / "release.pth"))
+    report = load_pretrained(model, checkpoints.read_checkpoint(tmp_path / "release.pth"))
     assert report["layout"] == "release" and report["missing"] == [] and report["unused"] == []
     assert report["share"] == 1.0
     for name, value in source.state_dict().items():
@@ -923,6 +1240,44 @@ def test_load_pretrained_video_state_dict_loads_as_it_is_and_a_foreign_head_stay
     for name, value in source.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(model.state_dict()[name], value), name  # time_embed and temporal_fc too
+
+
+def test_load_report_counts_a_fresh_head_out_of_the_share(caplog):
+    caplog.set_level(logging.INFO)
+    source = HaltingVT(HaltingVTConfig.tiny(num_classes=2)).state_dict()
+    model = HaltingVT(HaltingVTConfig.tiny(num_classes=1))
+    report = load_pretrained(model, source)
+    total = sum(t.numel() for t in model.state_dict().values())
+    assert report["share"] == (total - 64 - 1) / total and report["missing"] == ["head.weight", "head.bias"]
+    assert f"loaded {len(source) - 2} of {len(source)} tensors (99.9% of the parameters)" in caplog.text  # not 100.0%
+
+
+def test_load_pretrained_is_also_haltingvt_load_pretrained():
+    assert haltingvt.load_pretrained is checkpoints.load_pretrained
+    with pytest.raises(AttributeError, match="no_such_name"):
+        haltingvt.no_such_name  # noqa: B018
+
+
+def test_save_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
+    model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
+    args = train.parse_args(["--out", str(tmp_path)])
+    args.list_root = tmp_path  # a Path; --demo-videos is a tuple
+    optimizer = train.build_optimizer(model, args)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # both now hold a cached Gaussian in their state
+    state = {"epoch": 1, "samples_in_epoch": 0, "step": 2, "best": 0.5}
+    checkpoints.save_checkpoint(tmp_path / "c.pt", model, optimizer, state, model.cfg, args, ["a", "b"])
+    expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
+    assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoints.set_rng_states(ckpt["rng"])
+    again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
+    assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
+    torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
+    with pytest.raises(ValueError, match=r"deit\.pth: not written by train\.py.*--init"):  # train.py: --resume ...
+        checkpoints.load_checkpoint(tmp_path / "deit.pth", model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -951,10 +1306,15 @@ def test_loss_multi_label_is_bce_by_hand():
     hand = -sum(y * math.log(s) + (1 - y) * math.log(1 - s) for s, y in zip(sig, targets[0])) / 3
     got = losses.task_loss(torch.tensor(rows), torch.tensor(targets), multi_label=True)
     assert got.item() == pytest.approx(hand, rel=1e-6)
+    # integer multi-hot targets (as a list file gives them), and through Eq. (9)
+    got = losses.task_loss(torch.tensor(rows), torch.tensor([[1, 0, 1]]), multi_label=True)
+    assert got.item() == pytest.approx(hand, rel=1e-6)
+    _, parts = losses.haltingvt_loss(_out(torch.tensor(rows)), torch.tensor([[1, 0, 1]]), multi_label=True)
+    assert parts["task"] == pytest.approx(hand, rel=1e-6)
 
 
 def test_loss_total_is_eq9_by_hand():
-    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, 1.0]]
+    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, -1.0]]  # labels matter
     out = _out(torch.tensor(rows), torch.tensor(motion_rows), torch.tensor([6.0, 8.0]))
     total, parts = losses.haltingvt_loss(out, torch.tensor([1, 0]), torch.tensor([1, 0]))
     task, motion = _hand_ce(rows, [1, 0]), _hand_ce(motion_rows, [1, 0])
@@ -964,6 +1324,39 @@ def test_loss_total_is_eq9_by_hand():
     assert total.item() == pytest.approx(task + 5e-4 * 7.0 + 0.01 * motion, rel=1e-6)
     assert parts["total"] == pytest.approx(total.item())
     assert all(type(v) is float for v in parts.values())
+
+
+def test_loss_motion_is_cross_entropy_with_real_as_class_1():
+    """Eq. (8): logit 1 of the motion head means real (label 1), logit 0 fake (label 0). Logits that favour
+    "real" cost less on a real clip than on a fake one, so swapped labels give another loss."""
+    rows = [[-1.0, 2.0], [0.3, 0.1], [1.5, -0.5]]
+    got = losses.motion_loss(torch.tensor(rows), torch.tensor([1, 0, 0]))
+    assert got.item() == pytest.approx(_hand_ce(rows, [1, 0, 0]), rel=1e-6)
+    real = losses.motion_loss(torch.tensor([[-1.0, 2.0]]), torch.tensor([1])).item()
+    fake = losses.motion_loss(torch.tensor([[-1.0, 2.0]]), torch.tensor([0])).item()
+    assert real == pytest.approx(math.log(1 + math.exp(-3.0)), rel=1e-6) and fake == pytest.approx(
+        math.log(1 + math.exp(3.0)), rel=1e-6)
+
+
+def test_loss_total_with_the_depth_prior_by_hand():
+    """Eq. (9) plus alpha_d times the depth prior's KL (losses.depth_prior_loss), written out."""
+    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, -1.0]]
+    scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [1.0, 1.0]]).view(3, 1, 2)  # (L, B, K)
+    out = SimpleNamespace(logits=torch.tensor(rows), motion_logits=torch.tensor(motion_rows),
+                          ponder=torch.tensor([6.0, 8.0]), halt_scores=scores)
+    target = torch.tensor([0.2, 0.5, 0.3])
+    total, parts = losses.haltingvt_loss(out, torch.tensor([1, 0]), torch.tensor([1, 0]), alpha_d=0.1,
+                                         depth_target=target)
+    p = [0.3, 0.2, 1.0]
+    kl = sum(t * math.log(t / (q / sum(p))) for t, q in zip([0.2, 0.5, 0.3], p))
+    task, motion = _hand_ce(rows, [1, 0]), _hand_ce(motion_rows, [1, 0])
+    assert parts["depth"] == pytest.approx(kl, rel=1e-5)
+    assert total.item() == pytest.approx(task + 5e-4 * 7.0 + 0.01 * motion + 0.1 * kl, rel=1e-6)
+
+
+def test_loss_num_classes_must_match_the_logits():
+    with pytest.raises(ValueError, match="logits have 6 classes but num_classes is 5"):
+        losses.haltingvt_loss(_out(torch.zeros(2, 6)), torch.tensor([0, 1]), num_classes=5)
 
 
 def test_loss_task_on_real_clips_only():
@@ -1003,8 +1396,8 @@ def test_loss_ponder_gradient_raises_halting_score():
 
 
 def test_loss_depth_prior_is_kl_by_hand_and_zero_at_the_target():
-    target = losses.depth_prior(4, mean=2.0, std=1.0)
-    g = [math.exp(-0.5 * (l - 2.0) ** 2) for l in (1, 2, 3, 4)]
+    target = losses.depth_prior(4, mean=2.0, std=0.8)
+    g = [math.exp(-0.5 * ((l - 2.0) / 0.8) ** 2) for l in (1, 2, 3, 4)]
     assert target.tolist() == pytest.approx([v / sum(g) for v in g], rel=1e-6)
     scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [0.0, 0.0], [1.0, 1.0]]).view(4, 1, 2)  # (L, B, K)
     p = [0.3, 0.2, 0.0, 1.0]
@@ -1036,26 +1429,8 @@ def test_loss_bad_labels_raise_with_value():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data.py: reading videos, transforms, datasets, the demo set, pictures, checkpoint files
+# data.py: reading videos, transforms, datasets, the demo set, pictures
 # ----------------------------------------------------------------------------------------------------------
-
-def test_read_checkpoint_reads_safetensors(tmp_path):
-    state = fake_deit_state(**SMALL_DEIT)
-    write_safetensors(tmp_path / "model.safetensors", state)
-    model = small_deit_model()
-    assert load_pretrained(model, data.read_checkpoint(tmp_path / "model.safetensors"))["layout"] == "image"
-    assert_deit_arrived(model, state)
-
-
-def test_read_checkpoint_refuses_a_class_it_does_not_allow(tmp_path):
-    path = tmp_path / "hooked.pth"
-    torch.save({"model": fake_deit_state(**SMALL_DEIT), "hook": Hook()}, path)
-    model = small_deit_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"hooked\.pth: refused to unpickle test_haltingvt\.Hook"):
-        load_pretrained(model, data.read_checkpoint(path))
-    assert Hook.rebuilt == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
 
 GREY_STEP = 12  # frame k of a test video is grey level 12 * k, so a decoded frame tells its index
 
@@ -1737,6 +2112,11 @@ def test_data_transforms_by_hand():
     assert torch.equal(pix, grid[top:top + 4, left:left + 4].float())
     assert torch.equal(out[:, 0], out[:, 2])  # the same crop for every frame
     assert data.resize_short_side(torch.zeros(1, 3, 30, 60), 20).shape == (1, 3, 20, 40)
+    # channels and frames keep their places: (T, H, W, 3) -> (C, T, H, W), channel c of frame t is 40 t + 10 c
+    clip = (torch.arange(2)[:, None] * 40 + torch.arange(3)[None, :] * 10).view(2, 1, 1, 3).expand(2, 8, 8, 3)
+    out = data.eval_transform(clip.to(torch.uint8).contiguous(), size=4, short_side=8)
+    for t, c in np.ndindex(2, 3):
+        assert torch.equal(out[c, t], torch.full((4, 4), (40 * t + 10 * c - 127.5) / 127.5))
 
 
 def test_data_clip_is_resized_in_one_call_as_frame_by_frame():
@@ -1756,6 +2136,11 @@ def test_data_motion_pair_and_collate(videos):
     assert real.shape == fake.shape == (3, 8, 24, 24) and real.dtype == fake.dtype == torch.float32
     assert -1 <= fake.min() and fake.max() <= 1 and -1 <= real.min() and real.max() <= 1
     assert all(torch.equal(fake[:, t], fake[:, 0]) for t in range(8))  # static: every frame the same
+    pixels = lambda c: data.eval_transform(c, 32, 32)  # no crop: the fake's frame is one of the sampled frames
+    frames = [pixels(clip)[:, t] for t in range(8)]
+    shown = {next(t for t in range(8) if torch.equal(data.make_motion_pair(clip, pixels, random.Random(s))[1][:, 0],
+                                                     frames[t])) for s in range(12)}
+    assert len(shown) > 2  # a random one
     assert not torch.equal(real[:, 0], real[:, 7])  # the real clip moves (grey level changes)
     batch = data.collate([{"video": real, "fake": fake, "label": 4, "skipped": []},
                           {"video": real + 1, "fake": fake + 1, "label": 2, "skipped": ["x.mp4"]}])
@@ -1766,6 +2151,20 @@ def test_data_motion_pair_and_collate(videos):
     single = data.collate([{"video": real, "label": torch.tensor([1.0, 0.0]), "skipped": []}] * 3)
     assert single["video"].shape == (3, 3, 8, 24, 24) and single["label"].shape == (3, 2)
     assert single["motion"].tolist() == [1, 1, 1]
+
+
+def test_data_train_order_resumes_on_other_processes_without_repeats():
+    n, epoch, seed = 23, 3, 5
+    shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=2, rank=1, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    assert data.train_order(n, 2, epoch, 1, 2, seed=seed) == list(sampler)[:10]  # its order, whole batches
+    # 2 processes x 3 videos stop after 2 steps; 3 processes x 2 videos take the rest of the epoch
+    taken = [i for rank in range(2) for i in data.train_order(n, 3, epoch, rank, 2, seed=seed)[:2 * 3]]
+    rest = [data.train_order(n, 2, epoch, rank, 3, seed=seed, skip_samples=12) for rank in range(3)]
+    assert sorted(taken) == sorted(shuffle[:12])  # a prefix of the shuffle
+    assert [len(r) for r in rest] == [2, 2, 2] and sorted(sum(rest, [])) == sorted(shuffle[12:18])
+    # (the last 5 samples fill no step of 3 x 2: left out, as an epoch's tail always is)
 
 
 def test_data_dataset_reproducible_and_cache_identical(videos, tmp_path):
@@ -1797,6 +2196,32 @@ def test_data_randaugment_without_torchvision_says_what_to_install(videos, monke
     lst.write_text(f"{videos['v5']} 0\n")
     with pytest.raises(ImportError, match=says):
         data.VideoDataset(lst, num_frames=4, img_size=24, train=True, randaugment=True)
+
+
+def broken_torchvision(monkeypatch, tmp_path):
+    """A torchvision that is installed but built for another torch: importing it raises what such a build does."""
+    hide_torchvision(monkeypatch)
+    monkeypatch.delitem(sys.modules, "torchvision")
+    (tmp_path / "torchvision").mkdir(parents=True)
+    (tmp_path / "torchvision/__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_data_a_broken_torchvision_is_reported_like_a_missing_one(monkeypatch, tmp_path):
+    broken_torchvision(monkeypatch, tmp_path)
+    with pytest.raises(ImportError, match=r"\(RuntimeError: operator torchvision::nms does not exist\): install the "
+                                          r"build for torch .* with `pip install torchvision==.*or pass --no-rand"):
+        data.rand_augment_class()
+
+
+def test_data_torchvision_install_command_matches_the_torch_build():
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert data.torchvision_install_command("2.13.0+cpu") == f"pip install torchvision==0.28.0 --index-url {cpu}"
+    assert data.torchvision_install_command("2.5.1") == "pip install torchvision==0.20.1"  # PyPI's own build
+    assert data.torchvision_install_command("2.7.1+cu126").endswith("0.22.1 --index-url "
+                                                                  "https://download.pytorch.org/whl/cu126")
+    assert data.torchvision_install_command("1.13.1") == "pip install torchvision==0.14.1"
 
 
 def test_data_demo_dataset_is_deterministic(tmp_path):
@@ -1915,6 +2340,28 @@ def test_map_png_round_trips_through_pyav(tmp_path):
     assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
 
 
+def test_map_labels_are_drawn_in_the_picture():
+    one = [".#.", "##.", ".#.", ".#.", "###"]  # the font's "1", written out
+    expected = np.array([[c == "#" for c in row + "."] for row in one])
+    assert np.array_equal(data.text_mask("1", scale=1), expected)
+    assert np.array_equal(data.text_mask("1", scale=2), expected.repeat(2, 0).repeat(2, 1))
+    assert data.text_mask("joint layer 2", 1).shape == (5, 4 * 13) and data.text_mask("Gg", 1)[:, :4].any()
+    rows, columns, tile = ["input", "Glimpser", "joint layer 3"], ["frame 0", "frame 17"], 40
+    image = np.full((3 * tile, 2 * tile, 3), 128, np.uint8)
+    out = data.label_map(image, rows, columns)
+    top, left = out.shape[0] - image.shape[0], out.shape[1] - image.shape[1]
+    assert (top, left) == (14, 2 * 2 + 4 * 2 * len("joint layer 3")) and np.array_equal(out[top:, left:], image)
+    for i, name in enumerate(rows):  # each row's name, black on white, left of its row
+        mask = data.text_mask(name)
+        band = out[top + i * tile:top + (i + 1) * tile, :left, 0]
+        y = (tile - mask.shape[0]) // 2
+        assert np.array_equal(band[y:y + mask.shape[0], 2:2 + mask.shape[1]] == 0, mask)
+        assert (band == 0).sum() == mask.sum()
+    for j, name in enumerate(columns):  # each column's frame above it, cut at the column's width
+        mask = data.text_mask(name)[:, :tile]
+        assert np.array_equal(out[2:12, left + j * tile:left + j * tile + mask.shape[1], 0] == 0, mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train.py: training, evaluation, checkpoints, prediction, the halting map
 # ----------------------------------------------------------------------------------------------------------
@@ -2028,7 +2475,7 @@ def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog)
     for init, extra in (("release.pth", ["--no-release-compat"]), ("video.pth", [])):
         plain = train.main(flags + ["--init", str(tmp_path / init), *extra])
         assert "val_gflops_release" not in plain and plain["val_top1"] >= 0
-    with pytest.raises(SystemExit, match="mask mode only"):
+    with pytest.raises(train.UsageError, match="--train-mode drop: .*mask mode only"):
         train.parse_args(flags + ["--release-compat", "--train-mode", "drop"])
     assert train.parse_args(flags + ["--release-compat"]).train_mode == "mask"
 
@@ -2036,21 +2483,17 @@ def test_train_evaluates_a_release_checkpoint_on_frame_folders(tmp_path, caplog)
 def test_train_optimizer_groups_and_schedule():
     args = train.parse_args(["--train", "t.txt", "--val", "v.txt", "--epochs", "4", "--warmup-epochs", "1"])
     model = train.HaltingVT(train.HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
-    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=10)
+    optimizer = train.build_optimizer(model, args)
     decay, no_decay = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "pos_embed", "time_embed", "norm.weight", "head.bias"} <= no_decay_names
     assert all(p.ndim > 1 for p in decay["params"]) and "head.weight" not in no_decay_names
     assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
-    lrs = []
-    for _ in range(40):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = [train.lr_at(args, step / 10) for step in range(41)]  # 10 steps an epoch
     assert lrs[0] == pytest.approx(1e-6)  # warm-up starts at 0.1 x lr
     assert max(lrs) == pytest.approx(1e-5) and lrs.index(max(lrs)) == 10  # peak after the warm-up epoch
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert lrs[25] == pytest.approx(0.5e-5) and lrs[40] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
 
 
 def test_train_average_precision():
@@ -2060,8 +2503,14 @@ def test_train_average_precision():
     assert losses.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
-def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
+def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     metrics = train.main(small_run(demo, tmp_path, "--epochs", "2"))
+    said = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert said[0] == f"outputs: {tmp_path} (metrics.jsonl, last.pt, best.pt, final.json)"
+    assert "halting warm-up: no halting nor ponder loss until epoch 7, then both rise to full by epoch 14" in said
+    assert said[-1].startswith(f"done in") and f"(outputs in {tmp_path})" in said[-1]
+    assert all(line.endswith("halting warm-up: off") for line in said if " step " in line)  # 2 of 14 epochs
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1] == json.loads((tmp_path / "final.json").read_text())
     for key in ("epoch", "step", "train_loss", "val_top1", "val_top5", "val_motion_acc", "val_gflops",
@@ -2071,7 +2520,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path):
     assert len(metrics["tokens_per_layer"]) == 4 and 1 <= metrics["halt_depth_mean"] <= 2
     assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == 6
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= ckpt.keys()
+    assert {"model", "optimizer", "epoch", "samples_in_epoch", "step", "world", "config", "rng"} <= ckpt.keys()
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["embed_dim"] == 32
     assert (tmp_path / "best.pt").is_file() and not list(tmp_path.glob("*.tmp"))
     # --eval-only on the saved weights gives the same figures
@@ -2091,28 +2540,6 @@ def test_train_resume_is_exact(demo, tmp_path):
     train.main(["--resume", str(tmp_path / "bare/last.pt")])
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "bare/last.pt"))
     assert len((tmp_path / "bare/metrics.jsonl").read_text().splitlines()) == 2
-
-def test_train_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
-    model = HaltingVT(HaltingVTConfig.tiny(embed_dim=32, depth=3, num_heads=2))
-    args = train.parse_args(["--out", str(tmp_path)])
-    args.list_root = tmp_path  # a Path; --demo-videos is a tuple
-    optimizer, scheduler = train.build_optimizer(model, args, steps_per_epoch=2)
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    random.gauss(0, 1), np.random.standard_normal()  # both now hold a cached Gaussian in their state
-    state = {"epoch": 1, "batch_in_epoch": 0, "step": 2, "best": 0.5}
-    train.save_checkpoint(tmp_path / "c.pt", model, optimizer, scheduler, state, model.cfg, args, ["a", "b"])
-    expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
-    assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    data.set_rng_states(ckpt["rng"])
-    again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
-    assert again[:4] == expected[:4] and torch.equal(again[4], expected[4])
-    torch.save({"model": fake_deit_state(**SMALL_DEIT)}, tmp_path / "deit.pth")
-    with pytest.raises(SystemExit, match=r"deit\.pth was not written by train\.py.*--init"):
-        train.load_checkpoint(tmp_path / "deit.pth", model)  # what --resume and --eval-only call
-
 
 @pytest.mark.slow
 def test_train_two_stage_recipe_base_video_model_then_haltingvt(demo, tmp_path):
@@ -2188,13 +2615,178 @@ def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
         return forward_loss(*a, **kw)
 
     monkeypatch.setattr(train, "forward_loss", interrupted)
-    train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(small_run(demo, tmp_path / "split", "--epochs", "1"))
+    assert stop.value.code == 130  # 128 + SIGINT, after saving
     ckpt = torch.load(tmp_path / "split/last.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 1, 1)  # the second step was not taken
+    assert (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (0, 4, 1)  # the second step was not taken
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
     monkeypatch.setattr(train, "forward_loss", forward_loss)
     train.main(small_run(demo, tmp_path / "split", "--epochs", "1", "--resume", str(tmp_path / "split/last.pt")))
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+
+
+# Preemption and requeue: real signals to train.py run as a cluster job runs it (its own process group), then the
+# same command again.
+
+# train.py with each evaluation batch announced and slowed down, so that a test can signal during one
+SLOW_EVAL = ("import sys, time, losses, train\n"
+             "add = losses.add_eval_batch\n"
+             "def announced(*a, **kw):\n"
+             "    print('eval batch', flush=True)\n"
+             "    time.sleep(0.3)\n"
+             "    return add(*a, **kw)\n"
+             "losses.add_eval_batch = announced\n"
+             "train.main(sys.argv[1:])\n")
+
+
+def train_command(demo, out, *extra, slow_eval=False):
+    """The small demo run as a job starts it: python train.py ..., one thread."""
+    script = ["-c", SLOW_EVAL] if slow_eval else [str(Path(train.__file__))]
+    return [sys.executable, *script, *small_run(demo, out, "--threads", "1", *extra)]
+
+
+def run_job(cmd, actions=(), timeout=240):
+    """Run `cmd` in its own process group; when a line of its log first contains a key of `actions`, call that
+    action with the process. Returns (exit status, the log's lines)."""
+    actions, lines = dict(actions), []
+    p = subprocess.Popen(cmd, cwd=Path(train.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            for key in [k for k in actions if k in line]:
+                actions.pop(key)(p)
+        return p.wait(), lines
+    finally:
+        timer.cancel()
+
+
+def children(pid) -> list:
+    """The ids of a process's child processes (Linux): a training process's DataLoader workers."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def epochs_recorded(out) -> list:
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_sigterm_to_the_job_with_workers_then_the_same_command_goes_on(demo, tmp_path):
+    """SIGTERM to the DataLoader workers alone changes nothing; SIGTERM to every process of the job (as a
+    cluster sends it) saves last.pt after the step under way and exits 143; the same command again continues the
+    run (a requeue), appends to metrics.jsonl and ends with the weights of a run that never stopped."""
+    status, log = run_job(train_command(demo, tmp_path / "straight", "--epochs", "2"))
+    assert status == 0, "".join(log[-20:])
+    # --overwrite in a job script does not throw away the unfinished run of the same flags it finds
+    job, workers = train_command(demo, tmp_path / "job", "--epochs", "2", "--workers", "2", "--overwrite"), []
+
+    def term_workers(p):
+        workers.extend(children(p.pid))
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    # 3 steps an epoch: the workers in the first step of epoch 2, the whole job in its second
+    status, log = run_job(job, {"step 4/": term_workers, "step 5/": lambda p: os.killpg(p.pid, signal.SIGTERM)})
+    assert len(workers) == 2 and status == 143, "".join(log[-20:])
+    ckpt, last = torch.load(tmp_path / "job/last.pt", weights_only=True), tmp_path / "job/last.pt"
+    assert ckpt["step"] >= 5 and epochs_recorded(tmp_path / "job") == [1]
+    assert log[-1].rstrip().endswith(f"run the same command again, or: python {train.__file__} --resume {last}")
+    status, log = run_job(job)
+    assert status == 0 and f"resuming from {last}, epoch {ckpt['epoch'] + 1}, step {ckpt['step']}\n" in \
+        "".join(log), "".join(log[-20:])
+    assert epochs_recorded(tmp_path / "job") == [1, 2]
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(last))
+
+
+@pytest.mark.slow
+def test_train_two_processes_stopped_mid_epoch_then_resumed_on_one(demo, tmp_path, monkeypatch, caplog):
+    """SIGTERM to a torchrun job of 2 processes x 1 video, then the same flags on 1 process x 2 videos: the epoch
+    goes on after the samples the 2 processes took, and the learning rate at every step is the schedule in
+    epochs, recomputed here by hand."""
+    flags = ["--epochs", "2", "--device", "cpu"]  # 12 training videos; demo preset: lr 1e-3, 1 warm-up epoch
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    status, log = run_job([*torchrun, *train_command(demo, tmp_path, *flags, "--batch-size", "1")[1:]],
+                          {"step 2/": lambda p: os.killpg(p.pid, signal.SIGTERM)})  # 6 steps an epoch
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["world"] == 2 and ckpt["epoch"] == 0 and ckpt["samples_in_epoch"] == 2 * ckpt["step"], \
+        "".join(log[-30:])
+
+    def by_hand(epochs_done):
+        if epochs_done < 1:
+            return 1e-3 * (0.1 + 0.9 * epochs_done)
+        return 1e-3 * (1 + math.cos(math.pi * (epochs_done - 1))) / 2
+
+    logged = [re.search(r"epoch 1 step (\d+)/\d+ .* lr (\S+)", line) for line in log]
+    logged = {int(m.group(1)): float(m.group(2)) for m in logged if m}
+    assert len(logged) >= 2 and logged == pytest.approx({i: by_hand(2 * (i - 1) / 12) for i in logged}, rel=1e-4)
+    lrs, train_step = [], train.train_step
+
+    def recorded(s, batch, stop):
+        parts = train_step(s, batch, stop)
+        lrs.append([group["lr"] for group in s.optimizer.param_groups])
+        return parts
+
+    monkeypatch.setattr(train, "train_step", recorded)
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.main(small_run(demo, tmp_path, *flags, "--batch-size", "2"))
+    assert "1 process(es) x 2 videos a step, was 2 x 1" in caplog.text
+    taken = ckpt["samples_in_epoch"]
+    done = [(taken + 2 * j) / 12 for j in range((12 - taken) // 2)] + [1 + 2 * j / 12 for j in range(6)]
+    assert [lr for lr, _ in lrs] == pytest.approx([by_hand(e) for e in done], rel=1e-12, abs=1e-15)
+    assert all(a == b for a, b in lrs)  # both parameter groups
+
+
+@pytest.mark.slow
+def test_train_sigkill_during_evaluation_keeps_the_epochs_training(demo, tmp_path):
+    status, log = run_job(train_command(demo, tmp_path, "--epochs", "2", slow_eval=True),
+                          {"eval batch": lambda p: os.killpg(p.pid, signal.SIGKILL)})
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert status == -signal.SIGKILL and (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (1, 0, 3)
+    assert not (tmp_path / "metrics.jsonl").exists()  # only the evaluation is lost
+
+
+@pytest.mark.slow
+def test_train_sigterm_during_the_last_evaluation_stops_it_within_a_batch(demo, tmp_path):
+    job = train_command(demo, tmp_path, "--epochs", "1", "--batch-size", "1", slow_eval=True)  # 6 eval batches
+    status, log = run_job(job, {"eval batch": lambda p: os.kill(p.pid, signal.SIGTERM)})
+    assert status == 143 and log.count("eval batch\n") <= 2, "".join(log[-20:])
+    assert "stopped during the evaluation of epoch 1" in log[-1] and not (tmp_path / "final.json").exists()
+    status, log = run_job(job)  # the same command: the evaluation again, and the run is finished
+    assert status == 0 and log.count("eval batch\n") == 6 and (tmp_path / "final.json").exists()
+    assert epochs_recorded(tmp_path) == [1]
+
+
+@pytest.mark.slow
+def usage_error(capsys, argv) -> str:
+    """The one line train.main prints for a mistake in `argv` (it exits with status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_train_out_with_a_finished_or_another_run_is_never_overwritten(demo, tmp_path, caplog, capsys):
+    command = small_run(demo, tmp_path, "--epochs", "1")
+    train.main(command)
+    files = {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}
+    assert re.search(r"finished run \(epoch 1 of 1\): choose another --out, or pass --overwrite to replace it; "
+                     r"--resume .*last\.pt --eval-only evaluates it", usage_error(capsys, command))
+    assert re.search(r"other flags \(--lr 0\.001 there, 0\.5 now\): choose another --out, or pass --overwrite to "
+                     r"replace it; --resume .*last\.pt continues that run", usage_error(capsys, command + ["--lr", "0.5"]))
+    with caplog.at_level(logging.INFO, logger="train"):
+        final = train.main(["--resume", str(tmp_path / "last.pt")])
+    assert "is a finished run (epoch 1 of 1): nothing to do" in caplog.text
+    assert final == json.loads(files["final.json"])
+    assert files == {name: (tmp_path / name).read_bytes() for name in train.RUN_FILES}  # nothing changed
+    (tmp_path / "last.pt").unlink()
+    assert "holds another run's best.pt, metrics.jsonl, final.json" in usage_error(capsys, command)
+    train.main(command + ["--overwrite", "--lr", "0.5"])
+    assert epochs_recorded(tmp_path) == [1] and weights(tmp_path / "best.pt").keys()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["args"]["lr"] == 0.5
 
 
 @pytest.mark.slow
@@ -2225,6 +2817,7 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "find_unused_parameters" not in done.stderr  # no warning the user cannot act on
     final = json.loads((tmp_path / "final.json").read_text())
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
     assert final["val_videos"] == 6  # each validation video counted once across the two ranks
@@ -2342,6 +2935,15 @@ def test_train_evaluate_counts_each_readable_video_once(tmp_path, videos, caplog
     assert (nothing["val_videos"], nothing["val_skipped"]) == (0, 1) and math.isnan(nothing["val_top1"])
 
 
+def test_train_no_top5_for_five_classes_or_fewer(tmp_path, videos):
+    lst = _write(tmp_path / "val.txt", f"{videos['v20']} 1\n{videos['v5']} 0\n")
+    _, _, args, val = _eval_set(lst, multi_label=False)
+    model = HaltingVT(HaltingVTConfig.tiny(**EVAL_CFG, num_classes=2)).eval()
+    metrics = train.evaluate(model, data.epoch_loader(val, 2, 0, train=False), args, torch.device("cpu"), model.cfg)
+    assert "val_top5" not in metrics and "top-5" not in train.summary(metrics)
+    assert train.summary(metrics).startswith(f"val top-1 {metrics['val_top1']:.3f} on 2 videos, motion acc")
+
+
 def _assert_same_metrics(a, b):
     assert a.keys() == b.keys()
     for key in a:
@@ -2387,36 +2989,207 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     (tmp_path / "with_bad.txt").write_text(listing)
     args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
     train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
-    assert "1 bad videos skipped" in caplog.text and "broken.mp4" in caplog.text
+    assert "1 bad video skipped" in caplog.text and "broken.mp4" in caplog.text  # the plural right
 
 
 @pytest.mark.slow
-def test_train_depth_prior_flag(demo, tmp_path):
-    if not hasattr(train.losses, "depth_prior"):
-        pytest.skip("losses.py has no depth prior yet")
+def test_train_depth_prior_flag(demo, tmp_path, monkeypatch):
+    """--alpha-d 0.1 --depth-prior 2 1 on 3 joint layers: every step's loss gets alpha_d 0.1 (no halting warm-up)
+    and the Gaussian over layers 1..3 with mean 2 and std 1 as its target, and the total includes the term."""
+    calls = []
+
+    def spy(out, *args, **kwargs):
+        total, parts = losses.haltingvt_loss(out, *args, **kwargs)
+        calls.append((kwargs, parts))
+        return total, parts
+
+    monkeypatch.setattr(train, "haltingvt_loss", spy)
     metrics = train.main(small_run(demo, tmp_path, "--epochs", "1", "--depth", "5", "--alpha-d", "0.1",
-                                   "--depth-prior", "2", "1"))
-    assert len(metrics["halt_depth_hist"]) == 3
+                                   "--depth-prior", "2", "1", "--halting-warmup", "0"))
+    gauss = [math.exp(-0.5 * (l - 2) ** 2) for l in (1, 2, 3)]
+    assert calls
+    for kwargs, parts in calls:
+        assert kwargs["alpha_d"] == 0.1
+        assert kwargs["depth_target"].tolist() == pytest.approx([g / sum(gauss) for g in gauss], rel=1e-6)
+        assert parts["depth"] > 0 and parts["total"] == pytest.approx(
+            parts["task"] + kwargs["alpha_p"] * parts["ponder"] + kwargs["alpha_m"] * parts["motion"]
+            + 0.1 * parts["depth"], rel=1e-5)
+    assert len(metrics["halt_depth_hist"]) == 3 and sum(metrics["halt_depth_hist"]) == pytest.approx(1.0)
 
 
 def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
+    """The map shows what the checkpoint's own weights do with the video. The run's checkpoint gets gamma 20 and a
+    beta between its class token's channel 0 after joint layer 1 and its highest patch's, so some patches halt at
+    joint layer 1 and the class token runs on: a picture that other weights would not give."""
     train.main(small_run(demo, tmp_path / "run", "--epochs", "1"))
-    video = demo / "videos/val/move left/0000.mp4"
-    result = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1"])
+    video_path = demo / "videos/val/move left/0000.mp4"
+    ckpt = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    model = HaltingVT(HaltingVTConfig(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    video = data.eval_clip(video_path, model.cfg.num_frames, model.cfg.img_size, ckpt["args"]["eval_short_side"])
+    with torch.no_grad():  # channel 0 after joint layer 1: gamma 1, beta 0 make the score sigmoid(x0)
+        x0 = torch.logit(model.train()(video[None], drop_halted=False, beta=0.0).halt_scores[0, 0].double())
+    assert ckpt["config"]["gamma"] == 1.0 and x0[1:].max() > x0[0] + 0.1
+    threshold = (x0[0] + x0[1:].max()).item() / 2
+    ckpt["config"].update(gamma=20.0, beta=20 * threshold - math.log(0.995 / 0.005))  # x0 > threshold halts
+    checkpoints.write_checkpoint(tmp_path / "run/last.pt", ckpt)
+    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
+    kept = math.ceil(model.cfg.keep_ratio * S) / S  # the share of patches the Glimpser keeps
+    expected = {}
+    for from_file in (True, False):
+        torch.manual_seed(0)
+        model = HaltingVT(HaltingVTConfig(**ckpt["config"])).eval()
+        if from_file:
+            model.load_state_dict(ckpt["model"])
+        with torch.no_grad():
+            out = model(video[None], drop_halted=True)
+        expected[from_file] = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, [1, 2])
+    masks = expected[True]
+    assert masks[2].any() and (masks[1] & ~masks[2]).any()  # some kept patches halt at joint layer 1, not all
+    assert not torch.equal(masks, expected[False])  # fresh weights would draw another map
+
+    result = train.main(["--halting-map", str(video_path), "--resume", str(tmp_path / "run/last.pt"),
+                         "--threads", "1"])
     assert result["path"] == str(tmp_path / "run/halting_map.png")  # default: next to the checkpoint
     assert list(result["active"]) == ["Glimpser", "joint layer 2"]  # 2 joint layers: the default shows layer 2
-    cfg = HaltingVTConfig(**torch.load(tmp_path / "run/last.pt", weights_only=True)["config"])
-    S = (cfg.img_size // cfg.patch_size) ** 2
-    kept = math.ceil(cfg.keep_ratio * S) / S  # ceil(R S) of every frame's patches
-    assert result["active"]["Glimpser"] == pytest.approx(kept)
+    assert result["active"]["Glimpser"] == pytest.approx(kept)  # ceil(R S) of every frame's patches
+    assert result["active"]["joint layer 2"] == pytest.approx(masks[2].float().mean().item())
     with av.open(result["path"]) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    side = 2 * cfg.img_size + data.GAP  # tiles drawn at twice the size
-    assert decoded.shape == (3 * side, 4 * side, 3)  # input, Glimpser, layer 2; 4 frames
-    again = train.main(["--halting-map", str(video), "--resume", str(tmp_path / "run/last.pt"), "--threads", "1",
-                        "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
+    # input, Glimpser, layer 2 of 4 frames; above them the frame numbers, left of them the row names
+    labels, side = (7 * 2, 2 * 2 + 4 * 2 * len("joint layer 2")), 2 * model.cfg.img_size + data.GAP
+    assert decoded.shape == (labels[0] + 3 * side, labels[1] + 4 * side, 3)
+    picture = data.halting_map(data.display_frames(video), masks[[0, 2]], model.cfg.patch_size)  # input, rows
+    assert np.array_equal(decoded[labels[0]:, labels[1]:], picture)
+    again = train.main(["--halting-map", str(video_path), "--resume", str(tmp_path / "run/last.pt"), "--threads",
+                        "1", "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])
     assert list(again["active"]) == ["Glimpser", "joint layer 1", "joint layer 2"]
     assert again["active"]["joint layer 1"] == pytest.approx(kept)
+
+
+def usage_mistakes(demo, tmp):
+    """{name: (flags, the error line expected)}: each mistake a newcomer makes, on the demo set's files."""
+    real = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt"), "--no-randaugment"]
+    (tmp / "notes.txt").write_text("not a video\n")
+    (tmp / "text_as_video.txt").write_text(f"{tmp / 'notes.txt'} 0\n")
+    lines = [f"{demo / path} {label}" for path, label in (line.rsplit(" ", 1) for line in
+                                                          (demo / "train.txt").read_text().splitlines())]
+    (tmp / "lists").mkdir(exist_ok=True)
+    shutil.copy(demo / "classes.txt", tmp / "lists/classes.txt")
+    (tmp / "lists/train.txt").write_text("\n".join(lines + [lines[0].rsplit(" ", 1)[0] + " 6"]) + "\n")
+    _class_folders(tmp / "walk", ["walk"], demo / "videos/val/move up/0000.mp4")
+    zipfile.ZipFile(tmp / "clips.zip", "w").writestr("a.txt", "hi")
+    torch.save({"weights": torch.ones(2)}, tmp / "other.pth")
+    missing = str(tmp / "missing.txt")
+    return {
+        "frames 0": (["--frames", "0"], r"--frames 0: must be a positive integer"),
+        "not an int": (["--frames", "x"], r"--frames: invalid int value: 'x'"),
+        "size not a multiple of 16": (["--img-size", "60"], r"--img-size 60: must be a multiple of patch_size=16"),
+        "a default made invalid": (["--depth", "2"], r"--glimpser-depth 2 \(--model tiny's\): must be in \[0, depth=2"),
+        "batch size 0": (["--batch-size", "0"], r"--batch-size 0: must be at least 1"),
+        "negative lr": (["--lr", "-1"], r"--lr -1.0: must be at least 0"),
+        "short side below the crop": (["--eval-short-side", "60"], r"--eval-short-side and --train-scale must be at "
+                                                                   r"least the crop, 64 \(--img-size\)"),
+        "unknown model": (["--model", "big"], r"--model: invalid choice: 'big'"),
+        "missing path": (["--train", missing, "--val", missing, "--no-randaugment"],
+                         f"--train {re.escape(missing)}: No such file or directory$"),
+        "label out of range": (real + ["--num-classes", "3"], r"--train .*train\.txt, line \d+: label [345] is outside"
+                                                              r" \[0, 3\)"),
+        "label beyond classes.txt": (["--train", str(tmp / "lists/train.txt")] + real[2:],
+                                     rf"--train .*train\.txt, line {len(lines) + 1}: label 6 is outside \[0, 6\), "
+                                     r"beyond the 6 classes .*classes\.txt names"),
+        "unknown class folder": (["--train", str(demo / "videos/train"), "--val", str(tmp / "walk")] + real[4:],
+                                 r"--val .*walk: class folders \['walk'\] are not among the 6 training classes"),
+        "text file for --init": (real + ["--init", str(tmp / "notes.txt")], r"--init .*notes\.txt: not a checkpoint"),
+        "zip for --init": (real + ["--init", str(tmp / "clips.zip")], r"--init .*clips\.zip: a zip archive but not a"
+                                                                      r" checkpoint torch\.save wrote"),
+        "no weights for --init": (real + ["--init", str(tmp / "other.pth")], r"--init .*other\.pth: no ViT weights"),
+        "text file as a video": (["--train", str(tmp / "text_as_video.txt"), "--val", str(tmp / "text_as_video.txt"),
+                                  "--on-error", "raise", "--batch-size", "1", "--no-randaugment"],
+                                 r"--on-error raise: cannot decode video .*notes\.txt"),
+        "eval-only untrained": (["--eval-only"], r"--eval-only needs weights to evaluate: --resume"),
+        "predict without a checkpoint": (["--predict", "x.mp4"], r"--predict needs --resume CHECKPOINT"),
+        "missing checkpoint": (["--resume", str(tmp / "run.pt")], r"--resume .*run\.pt: No such file or directory$"),
+        "not a run's checkpoint": (["--resume", str(tmp / "other.pth")], r"--resume .*other\.pth: not written by "
+                                                                        r"train\.py .* pass it to --init"),
+        "real preset without data": (["--preset", "real"], r"--preset real needs --train and --val"),
+    }
+
+
+MISTAKES = ["frames 0", "not an int", "size not a multiple of 16", "a default made invalid", "batch size 0",
+            "negative lr", "short side below the crop", "unknown model", "missing path", "label out of range",
+            "label beyond classes.txt", "unknown class folder", "text file for --init", "zip for --init",
+            "no weights for --init", "text file as a video", "eval-only untrained", "predict without a checkpoint",
+            "missing checkpoint", "not a run's checkpoint", "real preset without data"]
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_train_each_mistake_is_one_line_naming_the_flag_and_status_2(demo, tmp_path, capsys, name):
+    mistakes = usage_mistakes(demo, tmp_path)
+    assert list(mistakes) == MISTAKES
+    flags, expected = mistakes[name]
+    with pytest.raises(SystemExit) as stop:
+        train.main(small_run(demo, tmp_path / "out", "--threads", "1") + flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(f"error: {expected}.*", errors[0]), err
+
+
+@pytest.mark.slow
+def test_train_command_line_errors_without_traceback_unless_asked(tmp_path, monkeypatch):
+    """The real command: one line and status 2; HALTINGVT_DEBUG=1 shows the traceback; a torchvision that does not
+    import stops a real-data run before anything is written, with the pip command that installs the right one."""
+    script, env = str(Path(train.__file__)), {**os.environ, "OMP_NUM_THREADS": "1"}
+    def run(*flags, **extra):
+        return subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120, env={**env, **extra})
+
+    done = run("--frames", "0")
+    assert (done.returncode, done.stderr) == (2, "error: --frames 0: must be a positive integer\n")
+    debug = run("--frames", "0", HALTINGVT_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UsageError: --frames 0" in debug.stderr
+    broken_torchvision(monkeypatch, tmp_path / "site")
+    (tmp_path / "t.txt").write_text("a.mp4 0\n")
+    done = run("--train", "t.txt", "--val", "t.txt", "--out", "run", PYTHONPATH=str(tmp_path / "site"))
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
+    assert re.fullmatch(r"error: RandAugment needs torchvision, which does not import here \(RuntimeError: operator "
+                        r"torchvision::nms does not exist\): install the build for torch \S+ with `pip install "
+                        r"torchvision==0\.\d+\.\d+.*`, or pass --no-randaugment to train\.py\n", done.stderr)
+
+
+def test_train_a_broken_torchvision_stops_before_any_work(demo, tmp_path, monkeypatch, capsys):
+    broken_torchvision(monkeypatch, tmp_path / "site")
+    flags = ["--train", str(demo / "train.txt"), "--val", str(demo / "val.txt"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags)
+    assert stop.value.code == 2 and "operator torchvision::nms does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_gradients_averaged_as_ddp_does(monkeypatch):
+    """average_gradients against a second process faked in all_reduce: a gradient missing on one process counts
+    as zero, one missing on both stays None."""
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 3), "b": torch.nn.Linear(3, 1), "c": torch.nn.Linear(1, 1)})
+    mine = {"a.weight": torch.randn(3, 2), "a.bias": torch.randn(3), "b.weight": None, "b.bias": None,
+            "c.weight": None, "c.bias": None}
+    theirs = {"a.weight": torch.randn(3, 2), "a.bias": None, "b.weight": torch.randn(1, 3), "b.bias": torch.randn(1),
+              "c.weight": None, "c.bias": None}
+    for name, p in model.named_parameters():
+        p.grad = None if mine[name] is None else mine[name].clone()
+    other = torch.cat([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1),
+                                  torch.tensor([float(g is not None)])])
+                       for (name, p), g in zip(model.named_parameters(), theirs.values())])
+    monkeypatch.setattr(train, "all_reduce", lambda t, op=None: t.add_(other))
+    train.average_gradients(model, world=2)
+    for name, p in model.named_parameters():
+        if mine[name] is None and theirs[name] is None:
+            assert p.grad is None, name
+        else:
+            zero = torch.zeros_like(p)
+            expected = ((mine[name] if mine[name] is not None else zero) +
+                        (theirs[name] if theirs[name] is not None else zero)) / 2
+            assert torch.equal(p.grad, expected), name
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import logging
 import math
 import os
 import random
+import re
+import shlex
 import signal
 import sys
 import time
@@ -44,10 +46,10 @@ import numpy as np  # noqa: E402 (after the OpenMP setting above)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
-from haltingvt import (HaltingVT, HaltingVTConfig, checkpoint_file_layout, dense_gflops,  # noqa: E402
-                       load_pretrained)
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops  # noqa: E402
 from losses import haltingvt_loss  # noqa: E402
 
 log = logging.getLogger("train")
@@ -102,14 +104,38 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was left as it was."""
 
 
+class UsageError(Exception):
+    """A mistake in the command: main prints it as one line, `error: --flag value: what is wrong`, and exits with
+    status 2 (HALTINGVT_DEBUG=1 shows the traceback). Any other exception is a bug and keeps its traceback."""
+
+
+@contextlib.contextmanager
+def blame(flag: str, value, errors=(OSError, ValueError, data.VideoDecodeError)):
+    """Turn `errors` raised about what a flag names (a missing file, a list file's bad line, a file that is no
+    checkpoint) into a UsageError that starts with the flag as typed."""
+    try:
+        yield
+    except errors as err:
+        why = err.strerror if isinstance(err, OSError) and err.filename == str(value) else str(err).strip()
+        # an error from a DataLoader worker carries the worker's traceback: keep its last line, the error itself
+        why = re.sub(r"^[\w.]+: ", "", why.splitlines()[-1]) if "\n" in why else why
+        raise UsageError(f"{flag} {why}" if why.startswith(str(value)) else f"{flag} {value}: {why}") from err
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage text: `--frames: invalid int value: 'x'`
+        raise UsageError(f"{message.removeprefix('argument ')} (python train.py --help lists the flags)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, every unset optimisation value filled in from the preset (apply_preset)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py).")
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
+               epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py). A mistake in the "
+                      "command is one line and status 2; HALTINGVT_DEBUG=1 shows its traceback.")
     for add_flags in (data_flags, model_flags, optimisation_flags, run_flags):
         add_flags(p)
     args = p.parse_args(argv)
@@ -130,7 +156,9 @@ def resume_run_args(args, given: set):
     """--resume (and --eval-only --resume) go on with the run the checkpoint holds: its saved flags (data, out,
     epochs, seed, ...), except those given again. Without this, a bare `--resume run/last.pt` would train the
     demo preset into runs/sanity."""
-    for key, value in read_run_checkpoint(args.resume).get("args", {}).items():
+    with blame("--resume", args.resume):
+        saved = checkpoints.read_run_checkpoint(args.resume).get("args", {})
+    for key, value in saved.items():
         if key not in given and key not in ("resume", "eval_only", "init") and hasattr(args, key):
             setattr(args, key, value)
 
@@ -165,7 +193,7 @@ def model_flags(p: argparse.ArgumentParser):
     m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
     m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
     m("--init", help="weights to start from: a DeiT-S image checkpoint (inflated), a train.py checkpoint (stage 2 "
-                     "of the paper's recipe) or the release's (haltingvt.load_pretrained)")
+                     "of the paper's recipe) or the release's (checkpoints.load_pretrained)")
     m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
     for name in ("--img-size", "--embed-dim", "--depth", "--heads", "--glimpser-depth"):
         m(name, type=int)
@@ -209,7 +237,10 @@ def run_flags(p: argparse.ArgumentParser):
     r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     r("--threads", type=int, help="torch CPU threads per process (default: OMP_NUM_THREADS for one process, else "
                                   "cores / local processes)")
-    r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only)")
+    r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only); without it, an unfinished "
+                       "run of the same flags in --out is continued")
+    r("--overwrite", action="store_true", help="start afresh in an --out that holds a finished run or another "
+                                                "run's files (an unfinished run of the same flags goes on)")
     r("--eval-only", action="store_true")
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
@@ -226,9 +257,9 @@ def apply_preset(args):
     """Fill every unset optimisation value from the demo preset or the real-data defaults."""
     args.preset = args.preset or ("real" if args.train or args.val else "demo")
     if args.preset == "real" and not (args.val and (args.train or args.eval_only)):
-        raise SystemExit("--preset real needs --train and --val (--eval-only: --val)")
+        raise UsageError("--preset real needs --train and --val (--eval-only: --val)")
     if args.release_compat and args.train_mode == "drop":
-        raise SystemExit("--train-mode drop: the release-compatible forward runs in mask mode only (its halted "
+        raise UsageError("--train-mode drop: the release-compatible forward runs in mask mode only (its halted "
                          "tokens stay in the sequence as zeros that every token attends to)")
     preset = {**REAL_DEFAULTS, **(DEMO_PRESET if args.preset == "demo" else {})}
     for key, value in preset.items():
@@ -236,6 +267,29 @@ def apply_preset(args):
             setattr(args, key, value)
     args.train_mode = args.train_mode or ("mask" if args.release_compat else AMP_TRAIN_MODE if args.amp else TRAIN_MODE)
     return args
+
+
+# The least value of each numeric flag (the model's are checked by HaltingVTConfig, through model_config).
+AT_LEAST = dict(batch_size=1, epochs=1, eval_every=1, log_every=1, stop_after=1, threads=1, workers=0, lr=0,
+                weight_decay=0, warmup_epochs=0, halting_warmup=0, alpha_p=0, alpha_m=0, alpha_d=0)
+
+
+def check_args(args):
+    """UsageError, before any work, for flags no run can use: a number out of range, a model the flags cannot
+    build, --eval-only without weights, RandAugment without a torchvision that imports."""
+    for dest, least in AT_LEAST.items():
+        if getattr(args, dest) is not None and getattr(args, dest) < least:
+            raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: must be at least {least}")
+    size = model_config(args, 1 if args.num_classes is None else args.num_classes).img_size
+    if min(args.eval_short_side or size, *(args.train_scale or [size])) < size:
+        raise UsageError(f"--eval-short-side and --train-scale must be at least the crop, {size} (--img-size)")
+    if args.eval_only and not (args.resume or args.init):
+        raise UsageError("--eval-only needs weights to evaluate: --resume CHECKPOINT (a train.py run's) or --init")
+    if args.randaugment and not (args.eval_only or args.predict or args.halting_map):
+        try:
+            data.rand_augment_class()
+        except ImportError as err:
+            raise UsageError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,7 +303,7 @@ def setup_distributed(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         if local >= torch.cuda.device_count():
-            raise SystemExit(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
+            raise UsageError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
                              "torchrun with --nproc-per-node at most that, or pass --device cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -316,34 +370,47 @@ def build_data(args, rank):
                   rawframes=args.rawframes, frame_template=args.frame_template, start_index=args.start_index)
     train = None  # --eval-only may come without a training set
     if args.train:
-        train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
-                                  **common)
+        with blame("--train", args.train):
+            train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
+                                      **common)
         common["num_classes"] = train.num_classes
     # validation: each video's real clip and its static fake, for the motion accuracy; labelled with the
     # training set's classes (class folders by name)
-    val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train and train.classes, **common)
+    with blame("--val", args.val):
+        val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train and train.classes, **common)
     if train:
         data.log_labels_by_index(args.train, args.val, train, val)
     return train, val, (train or val).num_classes
 
 
+# HaltingVTConfig's fields that flags set, and the flags
+MODEL_FLAGS = dict(num_frames="--frames", img_size="--img-size", embed_dim="--embed-dim", depth="--depth",
+                   num_heads="--heads", glimpser_depth="--glimpser-depth", keep_ratio="--keep-ratio", gamma="--gamma",
+                   beta="--beta", eps="--eps", drop_path="--drop-path", num_classes="--num-classes")
+
+
 def model_config(args, num_classes) -> HaltingVTConfig:
-    """The named setting with every model flag that was given on top."""
-    flags = dict(num_frames=args.frames, img_size=args.img_size, embed_dim=args.embed_dim, depth=args.depth,
-                 num_heads=args.heads, glimpser_depth=args.glimpser_depth, keep_ratio=args.keep_ratio,
-                 gamma=args.gamma, beta=args.beta, eps=args.eps, drop_path=args.drop_path)
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    # no motion loss, no motion head: an untrained head would only add parameters without gradients (DDP)
+    """The named setting with every model flag that was given on top; UsageError naming the flag for a value
+    the model cannot take."""
+    dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
+    overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
+    # no motion loss, no motion head: an untrained head would only add parameters without gradients
     overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0,
                      release_compat=bool(args.release_compat))
-    return getattr(HaltingVTConfig, args.model)(**overrides)
+    try:
+        return getattr(HaltingVTConfig, args.model)(**overrides)
+    except ValueError as err:  # "HaltingVTConfig.<field>=<value>: why"
+        field, value, why = re.match(r"HaltingVTConfig\.(\w+)=(.*?): (.*)", str(err)).groups()
+        default = "" if getattr(args, dest(field)) is not None else f" (--model {args.model}'s)"
+        raise UsageError(f"{MODEL_FLAGS[field]} {value}{default}: {why}") from err
 
 
 def build_model(cfg: HaltingVTConfig, args, device):
     """The model of `cfg` on `device`, with --init's weights. A checkpoint of the release's layout turns on the
     release-compatible forward (its cfg says so) unless --no-release-compat was given."""
-    ckpt = data.read_checkpoint(args.init) if args.init else None
-    if ckpt is not None and args.release_compat is None and checkpoint_file_layout(ckpt) == "release":
+    with blame("--init", args.init):
+        ckpt = checkpoints.read_checkpoint(args.init) if args.init else None
+    if ckpt is not None and args.release_compat is None and checkpoints.checkpoint_file_layout(ckpt) == "release":
         log.info("--init %s has the release's layout: release-compatible forward on (halted tokens zeroed and "
                  "still attended, halting on > 1 - eps, no class-token residual in the pruning layer; mask "
                  "execution); --no-release-compat turns it off", args.init)
@@ -355,74 +422,37 @@ def build_model(cfg: HaltingVTConfig, args, device):
             model.time_embed.normal_(0, args.embed_std)
     if args.init:
         log.info("--init %s", args.init)
-        load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
+        with blame("--init", args.init):
+            checkpoints.load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
 
-def build_optimizer(model, args, steps_per_epoch):
-    """Adam(W) with no weight decay on the embeddings, class token, norms and biases; warm-up then cosine.
-
-    The schedule is stepped every iteration (not every epoch), so warm-up is smooth even for short runs:
-    LinearLR from 0.1 x lr over the warm-up iterations, then CosineAnnealingLR to 0. (The release's config steps
-    per epoch, its cosine's T_max all 20 epochs from epoch 5 on, so its last epoch runs near 0.2 x lr.)
-    """
+def build_optimizer(model, args):
+    """Adam(W) with no weight decay on the embeddings, class token, norms and biases; train_step sets its
+    learning rate each step (lr_at)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name in NO_DECAY else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_class(groups, lr=args.lr)
-    total = max(1, args.epochs * steps_per_epoch)
-    warm = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
-    sched = torch.optim.lr_scheduler
-    cosine = sched.CosineAnnealingLR(optimizer, T_max=total - warm, eta_min=0.0)
-    if warm == 0:
-        return optimizer, cosine
-    linear = sched.LinearLR(optimizer, start_factor=0.1, total_iters=warm)
-    return optimizer, sched.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
+    return opt_class(groups, lr=args.lr)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(path, model, optimizer, scheduler, state: dict, cfg: HaltingVTConfig, args, classes=None):
-    """The run as a plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written whole
-    or not at all (data.write_checkpoint). `state`: the PROGRESS values; `classes`: the class names, or None."""
-    ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
-            "classes": classes, "rng": data.rng_states()}
-    data.write_checkpoint(path, ckpt)
-
-
-def read_run_checkpoint(path) -> dict:
-    """A checkpoint written by train.py, read with weights_only=True; SystemExit naming the file for any other."""
-    ckpt = data.read_checkpoint(path)
-    if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
-        raise SystemExit(f"{path} was not written by train.py (it has no 'model' and 'config'); to start from "
-                         "other weights, pass it to --init")
-    return ckpt
-
-
-def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
-    """Load weights (and optimiser, scheduler, RNG states when given); returns the run state to continue."""
-    ckpt = read_run_checkpoint(path)
-    unwrap(model).load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        data.set_rng_states(ckpt["rng"])
-    return {k: ckpt[k] for k in PROGRESS}
-
-
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+def lr_at(args, epochs_done: float) -> float:
+    """The learning rate after `epochs_done` epochs (fractional: counted in samples, so a resumed run on another
+    number of processes or batch size continues the same curve in its own steps). Release config: a linear
+    warm-up from 0.1 x --lr over --warmup-epochs, then a cosine to 0 at --epochs. (The release steps its cosine
+    per epoch, over all 20 epochs from epoch 5 on, so its last epoch runs near 0.2 x lr; this one is smooth.)"""
+    warm = args.warmup_epochs
+    if epochs_done < warm:
+        return args.lr * (0.1 + 0.9 * epochs_done / warm)
+    return args.lr * (1 + math.cos(math.pi * (epochs_done - warm) / (args.epochs - warm))) / 2
 
 
 def weights_sha(model) -> str:
     """A hash of every parameter's bytes: equal replicas have equal hashes."""
     h = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
+    for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -432,17 +462,17 @@ def weights_sha(model) -> str:
 # Training
 # ----------------------------------------------------------------------------------------------------------
 
-PROGRESS = ("epoch", "batch_in_epoch", "step", "best")  # the RunState fields every checkpoint keeps
+PROGRESS = ("epoch", "samples_in_epoch", "step", "best")  # the RunState fields every checkpoint keeps
 
 
 @dataclass
 class RunState:
     """A training run: what it trains, and how far it has come. The PROGRESS fields go into every checkpoint and
-    --resume puts them back, so a resumed run takes the same batches and steps as one that never stopped."""
+    --resume puts them back, so a resumed run takes the same samples and learning rates as one that never stopped
+    (on another number of processes or batch size, in other steps: progress is counted in samples)."""
     args: argparse.Namespace
-    model: torch.nn.Module  # in DistributedDataParallel with several processes
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     cfg: HaltingVTConfig
     device: torch.device
     rank: int
@@ -451,77 +481,117 @@ class RunState:
     classes: Optional[list]  # class names, for the checkpoints (data.class_names)
     steps_per_epoch: int
     epoch: int = 0  # epochs finished
-    batch_in_epoch: int = 0  # steps taken in the current epoch
+    samples_in_epoch: int = 0  # samples of the current epoch taken, by all processes (data.train_order)
     step: int = 0  # steps taken in all
     best: Optional[float] = None  # best val top-1 (or mAP) since the halting warm-up (record)
     start_step: int = 0  # the step this process started from, for the time left
     t0: float = field(default_factory=time.time)
 
+    def epochs_done(self) -> float:
+        """Epochs done, fractional: what the learning rate (lr_at) and the halting ramp follow."""
+        return self.epoch + self.samples_in_epoch / (self.steps_per_epoch * self.args.batch_size * self.world)
+
 
 def fit(s: RunState, train_set, val_loader) -> dict:
     """The training loop, from where `s` stands to --epochs (or --stop-after more epochs).
 
-    Each epoch: its batches (after a mid-epoch --resume, the rest of them), one train_step each; then evaluate
-    every --eval-every epochs and after the last (record: metrics.jsonl, best.pt), and save last.pt. SIGINT or
-    SIGTERM: last.pt after the step under way, then return. A NaN or infinite loss raises NonFiniteLoss and
-    leaves last.pt as it was. A finished run writes final.json (finish). Returns the last evaluation's metrics.
+    Each epoch: its batches (train_epoch), last.pt, then every --eval-every epochs and after the last an
+    evaluation (record: metrics.jsonl, best.pt). last.pt comes first, so a kill during a long evaluation loses that
+    evaluation only. SIGINT or SIGTERM (StopFlag) stop the step or evaluation batch under way; after last.pt,
+    Stopped. A NaN or infinite loss raises NonFiniteLoss and leaves last.pt as it was. A finished run writes
+    final.json (finish). Returns the last evaluation's metrics.
     """
     args, out, metrics = s.args, Path(s.args.out), {}
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, s.epoch + args.stop_after)
     with StopFlag() as stop:
         while s.epoch < last_epoch:
-            s.model.train()
-            loader = data.epoch_loader(train_set, args.batch_size, s.epoch, s.rank, s.world, seed=args.seed,
-                                       workers=args.workers, skip_batches=s.batch_in_epoch)
-            sums, skipped, tick = [0.0, 0], set(), (time.time(), s.step)  # loss sum and steps; bad videos
-            for batch in data.single_threaded(loader):
-                parts = train_step(s, batch, stop)
-                if parts is None:  # a stop signal, before this batch's update: --resume starts again from it
-                    save(s, out / "last.pt")
-                    log.warning("stopped at epoch %d, step %d; continue with --resume %s", s.epoch + 1, s.step,
-                                out / "last.pt")
-                    return metrics
-                sums, skipped = [sums[0] + parts["total"], sums[1] + 1], skipped | set(batch["skipped"])
-                if s.step % args.log_every == 0:
-                    tick = log_progress(s, parts, len(batch["video"]), tick)
-            train_loss = epoch_loss(s, sums, skipped)
-            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            if s.epoch % args.eval_every == 0 or s.epoch == last_epoch:
-                metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss,
-                           **evaluate(s.model, val_loader, args, s.device, s.cfg), "elapsed_s": time.time() - s.t0}
-                record(metrics, s, out)
+            train_loss = train_epoch(s, train_set, stop)
             save(s, out / "last.pt")
-    if not stop.set:
-        finish(s, metrics)
+            if train_loss is None:
+                raise stopped(s, stop.signum, "training")
+            if s.epoch % args.eval_every == 0 or s.epoch == last_epoch:
+                metrics = evaluation(s, val_loader, stop, train_loss)
+        if s.epoch == args.epochs and not metrics:  # resumed after the last epoch, whose evaluation was cut short
+            metrics = evaluation(s, val_loader, stop, None)
+        if s.epoch == args.epochs:
+            finish(s, metrics)
+    return metrics
+
+
+def train_epoch(s: RunState, train_set, stop: "StopFlag") -> Optional[float]:
+    """The rest of the current epoch, one train_step a batch: the epoch's mean loss, with `s` at the next epoch;
+    or None, with `s` before the batch under way, when a process got a stop signal."""
+    args = s.args
+    s.model.train()
+    loader = data.epoch_loader(train_set, args.batch_size, s.epoch, s.rank, s.world, seed=args.seed,
+                               workers=args.workers, skip_samples=s.samples_in_epoch)
+    sums, skipped, tick = [0.0, 0], set(), (time.time(), s.step)  # loss sum and steps; bad videos
+    for batch in data.single_threaded(loader):
+        parts = train_step(s, batch, stop)
+        if parts is None:  # returning here also shuts the DataLoader workers down before last.pt is written
+            return None
+        sums, skipped = [sums[0] + parts["total"], sums[1] + 1], skipped | set(batch["skipped"])
+        if s.step % args.log_every == 0:
+            tick = log_progress(s, parts, len(batch["video"]), tick)
+    train_loss = epoch_loss(s, sums, skipped)
+    s.epoch, s.samples_in_epoch = s.epoch + 1, 0
+    return train_loss
+
+
+def evaluation(s: RunState, val_loader, stop: "StopFlag", train_loss: Optional[float]) -> dict:
+    """Evaluate the epoch just finished and record it: its metrics. Stopped when a stop signal cut it short."""
+    log.info("epoch %d: last.pt saved; evaluating on %d videos", s.epoch, len(val_loader.dataset))
+    metrics = evaluate(s.model, val_loader, s.args, s.device, s.cfg, stop)
+    if metrics is None:
+        raise stopped(s, stop.signum, f"the evaluation of epoch {s.epoch}")
+    metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, **metrics, "elapsed_s": time.time() - s.t0}
+    record(metrics, s, Path(s.args.out))
     return metrics
 
 
 def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     """One optimiser step on a batch: the loss parts (floats), or None, with nothing updated, when any process
-    got a stop signal. Raises NonFiniteLoss, on every process and before any update, on a NaN or infinite loss
-    or gradient norm."""
+    got a stop signal (then stop.signum is that signal's on every process). Raises NonFiniteLoss, on every
+    process and before any update, on a NaN or infinite loss or gradient norm."""
     model, args, device, num_classes = s.model, s.args, s.device, s.num_classes
-    ramp = halting_ramp(args, s.step / s.steps_per_epoch)
+    ramp = halting_ramp(args, s.epochs_done())
     loss, parts = forward_loss(model, batch, args, device, num_classes, ramp)
     # one collective per step: did any process see a bad loss, or a stop signal?
     bad = float(not math.isfinite(parts["total"]))
-    flags = all_reduce(torch.tensor([bad, float(stop.set)], device=device), dist.ReduceOp.MAX).tolist()
+    flags = all_reduce(torch.tensor([bad, float(stop.signum)], device=device), dist.ReduceOp.MAX).tolist()
     if flags[0]:
         raise NonFiniteLoss(f"loss is {parts['total']} at epoch {s.epoch + 1}, step {s.step} (parts {parts}); "
                             f"stopping without writing a checkpoint, so {args.out}/last.pt is the last good state. "
                             "Try a lower --lr or no --amp.")
     if flags[1]:
+        stop.signum = int(flags[1])
         return None
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(args, s.epochs_done())
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if s.world > 1:
+        average_gradients(model, s.world)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
     if not torch.isfinite(grad_norm):  # the same on every process: gradients were already averaged
         raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {s.epoch + 1}, step {s.step}; "
                             f"stopping before the update, {args.out}/last.pt is untouched.")
     s.optimizer.step()
-    s.scheduler.step()
-    s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + 1
+    s.step, s.samples_in_epoch = s.step + 1, s.samples_in_epoch + args.batch_size * s.world
     return parts
+
+
+def average_gradients(model, world: int):
+    """What DistributedDataParallel does, as one all_reduce after backward: each gradient averaged over the
+    processes, a missing one counting as zero; a parameter no process gave a gradient keeps none, as in one
+    process. (In drop mode a joint layer that no token of a batch reached gets no gradient: DDP would need
+    find_unused_parameters=True, and then warns in every process of every run that it found none unused.)"""
+    params = list(model.parameters())
+    flat = torch.cat([t for p in params for t in (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(
+        p.numel()), p.new_tensor([float(p.grad is not None)]))])  # each gradient, then 1 if it exists
+    parts = all_reduce(flat).split([p.numel() + 1 for p in params])
+    for p, part, got in zip(params, parts, torch.stack([part[-1] for part in parts]).tolist()):
+        p.grad = part[:-1].view_as(p) / world if got else None
 
 
 def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
@@ -529,7 +599,7 @@ def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
     ponder and depth-prior weights (halting_ramp)."""
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
     with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
-        beta = unwrap(model).cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
+        beta = model.cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
         out = model(video, drop_halted=args.train_mode == "drop", beta=beta)
         prior = {}
         if args.alpha_d:  # the depth prior, off by default
@@ -559,13 +629,15 @@ def halting_ramp(args, epochs_done: float) -> float:
 def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tuple:
     """One line: step/total, each loss part, lr, clips/s since `tick` (time, step), time left at this run's mean
     step time. Returns the next tick."""
-    total, now = s.args.epochs * s.steps_per_epoch, time.time()
+    total, now = s.step + round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch), time.time()
     clips_per_s = batch_clips * (s.step - tick[1]) / (now - tick[0])
     step_s = (now - s.t0) / max(s.step - s.start_step, 1)
     left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * step_s))
     terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
-    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.2e  %.1f clips/s  left %s", s.epoch + 1, s.step, total,
-             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left)
+    ramp = halting_ramp(s.args, s.step / s.steps_per_epoch)
+    warmup = "" if ramp == 1 else "  halting warm-up: off" if ramp == 0 else f"  halting warm-up: {ramp:.2f} on"
+    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.4e  %.1f clips/s  left %s%s", s.epoch + 1, s.step, total,
+             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left, warmup)
     return now, s.step
 
 
@@ -573,19 +645,19 @@ def epoch_loss(s: RunState, sums: list, skipped: set) -> float:
     """The epoch's mean total loss over every process's steps, from this process's [loss sum, steps]; logs the
     bad videos the dataset passed over (--on-error skip)."""
     if skipped:
-        log.warning("epoch %d: %d bad videos skipped: %s", s.epoch + 1, len(skipped), sorted(skipped)[:3])
+        log.warning("epoch %d: %s skipped: %s", s.epoch + 1, plural(len(skipped), "bad video"), sorted(skipped)[:3])
     total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
     return total / max(count, 1)
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM while the training loop runs (a `with` block, which then puts the previous
-    handlers back); the loop saves last.pt at the end of the current step and returns."""
+    """The number of the SIGINT or SIGTERM received while the training loop runs (`signum`; 0 before one), in a
+    `with` block that then puts the previous handlers back. The loop stops at the next step or evaluation batch."""
 
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.set = False
+        self.signum = 0
         self.previous = [signal.signal(sig, self.handle) for sig in self.signals]
         return self
 
@@ -594,8 +666,24 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
-        log.warning("%s received: saving last.pt after this step", signal.Signals(signum).name)
-        self.set = True
+        log.warning("%s received: stopping after the step or evaluation batch under way", signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Stopped(SystemExit):
+    """A signal stopped the run, last.pt saved: exit status 128 + its number (130 SIGINT, 143 SIGTERM), as a shell
+    reports a process the signal killed, so that a script can tell it from a finished run."""
+
+
+def stopped(s: RunState, signum: int, during: str) -> Stopped:
+    """Log what was saved and, last, how to continue; the Stopped to raise."""
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else __file__
+    launcher = ["python"] if s.world == 1 else ["torchrun", f"--nproc-per-node={s.world}"]
+    command = shlex.join([*launcher, script, "--resume", str(Path(s.args.out) / "last.pt")])
+    log.info("%s: stopped during %s; %s/last.pt holds the run at step %d, %d samples into epoch %d. To continue, "
+             "run the same command again, or: %s", signal.Signals(signum).name, during, s.args.out, s.step,
+             s.samples_in_epoch, s.epoch + 1, command)
+    return Stopped(128 + signum)
 
 
 def autocast(args, device):
@@ -615,14 +703,17 @@ def reduce_counters(counters: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
+def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional["StopFlag"] = None):
     """Drop mode (halted tokens leave the computation) on each video's real clip; motion accuracy on the
     real clips and their static fakes. Each readable video counts once; an unreadable one is left out, named in
     a warning and counted in val_skipped. The counters are summed across processes (a process may have no
-    video at all); every process gets the result."""
-    model = unwrap(model).eval()
+    video at all); every process gets the result. None, on every process, when a process got a stop signal
+    (it stops after the batch under way; stop.signum is then that signal's everywhere)."""
+    model.eval()
     count, scores, targets, skipped = losses.eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
     for batch in data.single_threaded(loader):
+        if stop and stop.signum:
+            break
         skipped += batch["skipped"]
         if "video" not in batch:  # every video of the batch was unreadable
             continue
@@ -630,13 +721,19 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig) -> dict:
         with autocast(args, device):
             out = model(video, drop_halted=not cfg.release_compat)  # B real clips, then their B fakes
         losses.add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
+    if stop is not None:  # did any process get a stop signal? (every process takes part in this collective)
+        stop.signum = int(all_reduce(torch.tensor([stop.signum], device=device), dist.ReduceOp.MAX).item())
+        if stop.signum:
+            return None
     if skipped:
-        log.warning("evaluation: %d unreadable videos left out: %s", len(skipped), skipped[:5])
+        log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
     count["skipped"] += len(skipped)
     count = reduce_counters(count, device)
     if count["videos"] == 0:
         log.warning("evaluation: no readable validation video; the metrics are nan")
     metrics = losses.eval_metrics(count, dense_gflops(cfg), args.multi_label)
+    if cfg.num_classes <= 5:
+        metrics.pop("val_top5", None)  # every class is in the top 5
     if args.multi_label:
         metrics["val_map"] = losses.average_precision(*gather_scores(scores, targets, cfg.num_classes))
     return metrics
@@ -654,12 +751,12 @@ def gather_scores(scores: list, targets: list, num_classes: int):
 
 
 def summary(m: dict) -> str:
-    acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else \
-        f"val top-1 {m['val_top1']:.3f} (top-5 {m['val_top5']:.3f})"
+    acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else f"val top-1 {m['val_top1']:.3f}" + \
+        (f" (top-5 {m['val_top5']:.3f})" if "val_top5" in m else "")
     skipped = f" ({m['val_skipped']} unreadable, left out)" if m.get("val_skipped") else ""
     ratio = m["val_gflops"] / m["dense_gflops"]
     release = f" ({m['val_gflops_release']:.4f} as the release counts)" if "val_gflops_release" in m else ""
-    return (f"{acc} on {m['val_videos']} videos{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
+    return (f"{acc} on {plural(m['val_videos'], 'video')}{skipped}, motion acc {m['val_motion_acc']:.3f}, GFLOPs/video "
             f"{m['val_gflops']:.4f} spent{release} vs {m['dense_gflops']:.4f} dense ({ratio:.2f}x), mean halting depth "
             f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
             ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
@@ -671,14 +768,22 @@ def summary(m: dict) -> str:
 
 def main(argv=None):
     """Train (or evaluate, predict, draw a halting map) as the flags say: the last evaluation's metrics (or the
-    --predict results, or write_halting_map's summary)."""
-    args = parse_args(argv)
-    with processes(args) as (rank, world, device):
-        if args.predict:
-            return predict(args, device)
-        if args.halting_map:
-            return write_halting_map(args, device)
-        return run(args, rank, world, device)
+    --predict results, or write_halting_map's summary). A UsageError ends it with its one line and status 2."""
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        with processes(args) as (rank, world, device):
+            if args.predict:
+                return predict(args, device)
+            if args.halting_map:
+                return write_halting_map(args, device)
+            with blame("--on-error", args.on_error, data.VideoDecodeError):  # only "raise" lets one through
+                return run(args, rank, world, device)
+    except UsageError as err:
+        if os.environ.get("HALTINGVT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @contextlib.contextmanager
@@ -701,12 +806,23 @@ def processes(args):
 def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
     seed_everything(args.seed)
+    if not args.eval_only:
+        log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
+    with blame("--train", args.train):  # checks a classes.txt's names against the labels
+        classes = data.class_names(train_set, args.train) if train_set else None
+    if not args.eval_only:
+        claim_out(args)
     cfg = model_config(args, num_classes)
     if args.resume:
-        saved = HaltingVTConfig(**read_run_checkpoint(args.resume)["config"])
+        with blame("--resume", args.resume):
+            ckpt = checkpoints.read_run_checkpoint(args.resume)
+        if not args.eval_only and finished(ckpt, args):
+            log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
+            return json.loads((Path(args.out) / "final.json").read_text())
+        saved = HaltingVTConfig(**ckpt["config"])
         if saved != cfg:
             log.warning("--resume: using the checkpoint's model config %s", saved)
         cfg = saved
@@ -716,41 +832,107 @@ def run(args, rank, world, device) -> dict:
         log.info("training in mask mode: the release-compatible forward has no drop mode")
         args.train_mode = "mask"
     val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
-    if args.eval_only:
+    if args.eval_only:  # check_args: --resume or --init
         if args.resume:
-            load_checkpoint(args.resume, model)
+            with blame("--resume", args.resume):
+                checkpoints.load_checkpoint(args.resume, model)
         metrics = evaluate(model, val_loader, args, device, cfg)
         log.info("eval: %s", summary(metrics))
         return metrics
     steps_per_epoch = len(train_set) // world // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training videos are fewer than one batch of {args.batch_size} "
-                         f"per process x {world} processes: lower --batch-size")
-    s = RunState(args, model, *build_optimizer(model, args, steps_per_epoch), cfg, device, rank, world,
-                 num_classes, data.class_names(train_set, args.train), steps_per_epoch)
+        raise UsageError(f"--batch-size {args.batch_size}: the training set has {plural(len(train_set), 'video')}, "
+                         f"fewer than one batch per process x {plural(world, 'process', 'processes')}")
+    s = RunState(args, model, build_optimizer(model, args), cfg, device, rank, world, num_classes, classes,
+                 steps_per_epoch)
     start(s)
-    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %d process(es), %s",
+    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %s, %s",
              cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
-             world, device)
+             plural(world, "process", "processes"), device)
+    if args.halting_warmup:
+        log.info("halting warm-up: no halting nor ponder loss until epoch %g, then both rise to full by epoch %g",
+                 args.halting_warmup / 2, args.halting_warmup)
     return fit(s, train_set, val_loader)
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "final.json")  # what a training run writes into OUT
+# The flags a run may go on with changed (a requeued job on other machines): how it runs, not what it learns.
+RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "threads", "device", "log_every",
+               "batch_size"}
+
+
+def claim_out(args):
+    """A training run without --resume whose OUT holds a run already. A requeued or restarted job runs the same
+    command again, so an unfinished run there with these flags (but RESUME_FREE) is continued: args.resume becomes
+    its last.pt, even with --overwrite (a job script may hold it). A finished run, another run's flags or files:
+    UsageError saying what to do, or with --overwrite a fresh run (start clears the files)."""
+    out, last = Path(args.out), Path(args.out) / "last.pt"
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume or not found:
+        return
+    if "last.pt" not in found:
+        problem, hint = f"another run's {', '.join(found)}", ""
+    else:
+        with blame("--resume", last):
+            ckpt = checkpoints.read_run_checkpoint(last)
+        saved, now = ckpt.get("args", {}), checkpoints.plain(vars(args))
+        differ = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now"
+                  for k in sorted(saved.keys() & now.keys() - RESUME_FREE) if saved[k] != now[k]]
+        if not differ and not finished(ckpt, args):
+            args.resume = str(last)
+            return
+        problem = f"a run with other flags ({'; '.join(differ)})" if differ else \
+            f"a finished run (epoch {ckpt['epoch']} of {args.epochs})"
+        hint = f"; --resume {last} continues that run" if differ else f"; --resume {last} --eval-only evaluates it"
+    if not args.overwrite:
+        raise UsageError(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
+
+
+def finished(ckpt: dict, args) -> bool:
+    """Whether the checkpoint's run trained all its epochs and wrote OUT/final.json (after its last evaluation)."""
+    return ckpt["epoch"] >= args.epochs and (Path(args.out) / "final.json").exists()
+
+
+def plural(n: int, one: str, many: Optional[str] = None) -> str:
+    """`1 video`, `2 videos`."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def start(s: RunState):
-    """Continue from --resume (weights, optimiser, schedule, RNGs, progress), wrap the model for several
-    processes, make OUT (a fresh run starts a fresh metrics.jsonl)."""
+    """Continue from --resume (resume), wrap the model for several processes, make OUT (a fresh run clears the
+    RUN_FILES of one it replaces: --overwrite)."""
+    out = Path(s.args.out)
     if s.args.resume:
-        for key, value in load_checkpoint(s.args.resume, s.model, s.optimizer, s.scheduler).items():
-            setattr(s, key, value)
-        s.start_step = s.step
-        log.info("resumed from %s in epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
-    if s.world > 1:
-        # find_unused_parameters: in drop mode the last joint layers see no token when every token of the
-        # batch halted earlier, and without the motion term the motion head gets no gradient.
-        s.model = torch.nn.parallel.DistributedDataParallel(
-            s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, find_unused_parameters=True)
-    Path(s.args.out).mkdir(parents=True, exist_ok=True)
+        resume(s)
+    if s.world > 1:  # every process starts from rank 0's weights; train_step averages the gradients
+        flat = torch.nn.utils.parameters_to_vector(s.model.parameters())
+        dist.broadcast(flat, 0)
+        torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
+    out.mkdir(parents=True, exist_ok=True)
     if s.rank == 0 and not s.args.resume:
-        (Path(s.args.out) / "metrics.jsonl").unlink(missing_ok=True)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def resume(s: RunState):
+    """Weights, optimiser, RNG states and progress from the --resume checkpoint; logs where the run goes on, and
+    how, when the number of processes or the batch size changed."""
+    with blame("--resume", s.args.resume):
+        ckpt = checkpoints.load_checkpoint(s.args.resume, s.model, s.optimizer)
+    for key in PROGRESS:
+        setattr(s, key, ckpt[key])
+    s.start_step = s.step
+    best = Path(s.args.out) / "best.pt"  # written after its epoch's last.pt, so its score can be newer
+    if best.exists():
+        kept = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        if kept["epoch"] <= s.epoch and (s.best is None or kept["best"] > s.best):
+            s.best = kept["best"]
+    log.info("resuming from %s, epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
+    was = (ckpt.get("world", s.world), ckpt["args"].get("batch_size", s.args.batch_size))
+    if was != (s.world, s.args.batch_size):
+        log.info("%d process(es) x %d videos a step, was %d x %d: epoch %d goes on after its first %d samples, the "
+                 "learning rate over the %d steps left", s.world, s.args.batch_size, *was, s.epoch + 1,
+                 s.samples_in_epoch, round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch))
 
 
 def record(metrics: dict, s: RunState, out: Path):
@@ -769,10 +951,10 @@ def record(metrics: dict, s: RunState, out: Path):
 
 
 def save(s: RunState, path: Path):
-    """The run as it stands to `path` (rank 0; save_checkpoint)."""
+    """The run as it stands to `path` (rank 0; checkpoints.save_checkpoint)."""
     if s.rank == 0:
-        save_checkpoint(path, s.model, s.optimizer, s.scheduler, {k: getattr(s, k) for k in PROGRESS}, s.cfg,
-                        s.args, s.classes)
+        progress = {**{k: getattr(s, k) for k in PROGRESS}, "world": s.world}
+        checkpoints.save_checkpoint(path, s.model, s.optimizer, progress, s.cfg, s.args, s.classes)
 
 
 def finish(s: RunState, metrics: dict):
@@ -784,7 +966,7 @@ def finish(s: RunState, metrics: dict):
     if s.rank == 0:
         (Path(s.args.out) / "final.json").write_text(json.dumps(metrics, indent=1))
         if metrics:
-            log.info("done in %.0f s: %s", time.time() - s.t0, summary(metrics))
+            log.info("done in %.0f s (outputs in %s): %s", time.time() - s.t0, s.args.out, summary(metrics))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -794,7 +976,8 @@ def finish(s: RunState, metrics: dict):
 def load_trained_model(path, device):
     """(model in eval mode, the checkpoint: "config", "args" (the run's, a dict), "classes", ...), rebuilt from a
     train.py checkpoint alone."""
-    ckpt = read_run_checkpoint(path)
+    with blame("--resume", path):
+        ckpt = checkpoints.read_run_checkpoint(path)
     model = HaltingVT(HaltingVTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -839,7 +1022,7 @@ def predict(args, device) -> list:
     printed with its error and the others still run; then SystemExit (status 1) names the failed ones. Returns
     the results (predict_clip's dicts with "video", or {"video", "error"})."""
     if not args.resume:
-        raise SystemExit("--predict needs --resume CHECKPOINT")
+        raise UsageError("--predict needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
     results = []
@@ -863,7 +1046,7 @@ def map_layers(layers, L) -> list:
     still active, which the Glimpser row already shows)."""
     if layers:
         if not all(1 <= layer <= L for layer in layers):
-            raise SystemExit(f"--map-layers {layers}: joint layers are 1..{L}")
+            raise UsageError(f"--map-layers {' '.join(map(str, layers))}: joint layers are 1..{L}")
         return list(layers)
     return sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]
 
@@ -874,17 +1057,23 @@ def write_halting_map(args, device) -> dict:
     Rows: the input, the patches the Glimpser kept, the tokens still active at each of `map_layers`; columns:
     the sampled frames. Returns {"path": ..., "active": {row name: fraction of the T x S patches active}}."""
     if not args.resume:
-        raise SystemExit("--halting-map needs --resume CHECKPOINT")
+        raise UsageError("--halting-map needs --resume CHECKPOINT")
     model, ckpt = load_trained_model(args.resume, device)
     cfg = model.cfg
     layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
-    video = eval_clip(args, ckpt.get("args", {}), cfg, args.halting_map)  # (C, T, H, W)
+    with blame("--halting-map", args.halting_map):
+        video = eval_clip(args, ckpt.get("args", {}), cfg, args.halting_map)  # (C, T, H, W)
+        source = Path(args.halting_map)  # the column labels: the frames sampled, numbered from 0
+        n = data.count_frame_files(source, args.frame_template, args.start_index) if source.is_dir() else \
+            data.count_frames(source)
+    frames = data.sample_indices(n, cfg.num_frames, False, frame_interval=ckpt.get("args", {}).get("frame_interval"))
     masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
+    names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
+    image = data.label_map(image, ["input"] + names, [f"frame {i}" for i in frames])  # in the picture itself
     path = Path(args.out) / "halting_map.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     data.write_png(path, image)
-    names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
     active = {name: m.float().mean().item() for name, m in zip(names, masks)}
     log.info("wrote %s (rows: input, %s); patches active: %s", path, ", ".join(names),
              ", ".join(f"{name} {a:.2f}" for name, a in active.items()))
