@@ -448,7 +448,7 @@ def demo_step(folder: Path, flags=()):
     args = train.parse_args(["--demo-root", str(folder / "demo"), "--demo-videos", "6", "1", *flags])
     train_set, _, num_classes = train.build_data(args, 0)
     model = train.build_model(train.model_config(args, num_classes), args, torch.device("cpu")).train()
-    optimizer = train.build_optimizer(model, args, 100)[0]
+    optimizer = train.build_optimizer(model, args)
     marks = {}
 
     def mark(name):

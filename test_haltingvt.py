@@ -2507,10 +2507,13 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog)
     caplog.set_level(logging.INFO)
     metrics = train.main(small_run(demo, tmp_path, "--epochs", "2"))
     said = [r.getMessage() for r in caplog.records if r.name == "train"]
-    assert said[0] == f"outputs: {tmp_path} (metrics.jsonl, last.pt, best.pt, final.json)"
-    assert "halting warm-up: no halting nor ponder loss until epoch 7, then both rise to full by epoch 14" in said
+    assert said[0].startswith("CPU: ") and " torch threads (" in said[0] and "OMP_WAIT_POLICY=" in said[0]
+    assert said[1] == f"outputs: {tmp_path} (metrics.jsonl, last.pt, best.pt, final.json)"
+    warm = train.DEMO_PRESET["halting_warmup"]
+    assert f"halting warm-up: no halting nor ponder loss until epoch {warm / 2:g}, then both rise to full by " \
+           f"epoch {warm:g}" in said
     assert said[-1].startswith(f"done in") and f"(outputs in {tmp_path})" in said[-1]
-    assert all(line.endswith("halting warm-up: off") for line in said if " step " in line)  # 2 of 14 epochs
+    assert all(line.endswith("halting warm-up: off") for line in said if " step " in line)  # 2 of its epochs
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1] == json.loads((tmp_path / "final.json").read_text())
     for key in ("epoch", "step", "train_loss", "val_top1", "val_top5", "val_motion_acc", "val_gflops",
@@ -3088,8 +3091,8 @@ def usage_mistakes(demo, tmp):
         "a default made invalid": (["--depth", "2"], r"--glimpser-depth 2 \(--model tiny's\): must be in \[0, depth=2"),
         "batch size 0": (["--batch-size", "0"], r"--batch-size 0: must be at least 1"),
         "negative lr": (["--lr", "-1"], r"--lr -1.0: must be at least 0"),
-        "short side below the crop": (["--eval-short-side", "60"], r"--eval-short-side and --train-scale must be at "
-                                                                   r"least the crop, 64 \(--img-size\)"),
+        "short side below the crop": (["--eval-short-side", "40"], r"--eval-short-side and --train-scale must be at "
+                                                                   r"least the crop, 48 \(--img-size\)"),
         "unknown model": (["--model", "big"], r"--model: invalid choice: 'big'"),
         "missing path": (["--train", missing, "--val", missing, "--no-randaugment"],
                          f"--train {re.escape(missing)}: No such file or directory$"),
