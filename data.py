@@ -1,5 +1,4 @@
-"""Video data for HaltingVT: decoding, frame sampling, augmentation, the Motion Loss pair, datasets, a demo set;
-and checkpoint files, read safely (`read_checkpoint`).
+"""Video data for HaltingVT: decoding, frame sampling, augmentation, the Motion Loss pair, datasets, a demo set.
 
 Axis letters: B batch, C channels (RGB), T frames of a clip, H height, W width, n frames of a whole video.
 A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per clip, (B, C, T, H, W) per batch.
@@ -17,15 +16,12 @@ Pipeline of one training sample (paper Sec. 4.1 and 3.4):
  5) `collate`: B pairs -> 2B clips, the action label for both, the motion labels.
 Evaluation: centre frame of each segment, short-side resize, centre crop, one clip per video.
 """
-import argparse
 import bisect
 import collections
 import contextlib
 import functools
-import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -972,109 +968,6 @@ def single_threaded(loader):
         if batch is None:
             return
         yield batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint files: read without running code from them (haltingvt.load_pretrained maps what they hold);
-# written as plain values that torch.load(weights_only=True) reads, whole or not at all
-
-# The only objects besides tensors and plain values that a checkpoint may hold: DeiT's main.py and timm's
-# train.py save their argparse.Namespace under "args". Nothing else is unpickled (weights_only=True).
-SAFE_GLOBALS = [argparse.Namespace]
-
-# safetensors' dtype names (timm's hub weights are model.safetensors files).
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint file's contents, read without running any code from it.
-
-    A `.safetensors` file is parsed as it is; anything else goes through torch.load(weights_only=True), which
-    builds tensors and plain values only, plus SAFE_GLOBALS. Raises ValueError naming the file and the object it
-    refused (a class saved by another codebase, say) or saying that it is no checkpoint (a text file, a zip
-    archive), FileNotFoundError for a missing file.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if not magic.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (or, before 1.6, a pickle)
-        raise ValueError(f"{path}: not a checkpoint (it starts with {magic!r}); expected a file written by "
-                         "torch.save (.pt, .pth, .bin) or a .safetensors file")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as err:  # a zip archive that torch.save did not write
-        raise ValueError(f"{path}: a zip archive but not a checkpoint torch.save wrote "
-                         f"({str(err).splitlines()[0]})") from None
-    except pickle.UnpicklingError as err:
-        what = re.search(r"GLOBAL (\S+)", str(err))
-        raise ValueError(f"{path}: refused to unpickle {what.group(1) if what else 'an object'}: only tensors, "
-                         "plain values and argparse.Namespace are read, since unpickling anything else can run "
-                         "code. If you trust the file, load it yourself and torch.save its state dict alone") from None
-
-
-def read_safetensors(path) -> dict:
-    """A .safetensors file as a state dict: an 8-byte little-endian header size, a JSON header giving each
-    tensor's dtype, shape and byte range, then the bytes (read here without the safetensors package)."""
-    raw = bytearray(Path(path).read_bytes())
-    n = int.from_bytes(raw[:8], "little")
-    header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(body[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start else \
-            torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        state[name] = flat.reshape(info["shape"])
-    return state
-
-
-def rng_states() -> dict:
-    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
-    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
-    version, internal, gauss = random.getstate()
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": [version, list(internal), gauss],
-              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict):
-    """Put back the states rng_states saved."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def plain(value):
-    """A value (a run's arguments, say) as one that weights_only=True loads: tuples become lists, paths strings."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
-def write_checkpoint(path, ckpt: dict):
-    """torch.save to a temporary file, then a rename: a kill at any moment leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

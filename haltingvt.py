@@ -11,13 +11,13 @@ pure PyTorch, written to read beside the paper:
 Halted tokens really leave the computation (the authors' release only multiplies them by zero), so time falls
 with the FLOPs. `drop_halted` picks one of two executions of the same math, with the same logits: drop removes
 halted tokens and packs the samples' live tokens back to back, without padding; mask keeps shapes (B, K, D) and
-hides halted tokens behind a key mask. Code that exists only for speed is in "Execution machinery", near the end.
+hides halted tokens behind a key mask. Nothing here exists only for speed (docs/speed.md: what was tried, kept,
+removed).
 
 Shapes: B batch, C channels, T frames, H/W pixels, S patches per frame, K tokens (class token first), N packed
 tokens of several samples, L layers, D width, h heads, d = D / h. Token 0 is the class token, then frame-major
 patches: token 1 + t * S + s.
 """
-import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -25,8 +25,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -512,183 +510,11 @@ def dense_gflops(cfg: HaltingVTConfig, num_frames: Optional[int] = None, img_siz
     return count_gflops(dense, torch.full((1, cfg.depth), 1 + T * S), T, S).item()
 
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Pretrained weights: DeiT/timm image checkpoints, the authors' release, train.py's own video checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-WEIGHT_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")  # wrappers; raw weights before EMA
-ANCHOR = "patch_embed.proj.weight"  # in every layout; what precedes it ("module.", "backbone.model.") is a prefix
-RELEASE_HEADS = {"cls_head.fc_cls.": "head.", "cls_head.fc_motion.": "motion_head."}  # the release's mmaction2 heads
-HEADS = ("head.", "motion_head.")  # task heads: another task's checkpoint may lack them or count other classes
-
-
-def find_state_dict(ckpt) -> tuple:
-    """(state dict, where it was found): the first WEIGHT_KEYS wrapper, else the top level, that holds a tensor
-    named *ANCHOR. The wrappers come first, since a training script's file may hold scalar tensors beside its
-    `state_dict` (pytorch/examples' ImageNet script saves `best_acc1` so). Without ANCHOR anywhere: the first
-    wrapper or a top level holding tensors, for the error to describe; (None, None) if neither."""
-    if not isinstance(ckpt, dict):
-        return None, None
-    places = [(ckpt[k], f'"{k}"') for k in WEIGHT_KEYS if isinstance(ckpt.get(k), dict)] + [(ckpt, "the top level")]
-    for state, where in places:
-        if any(str(k).endswith(ANCHOR) and isinstance(v, torch.Tensor) for k, v in state.items()):
-            return state, where
-    if len(places) > 1 or any(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return places[0]
-    return None, None
-
-
-def strip_prefix(state: dict) -> Optional[dict]:
-    """The tensors of `state` under the model's names: the prefix before ANCHOR (`module.` of DDP, `model.`,
-    the release's `backbone.model.`, ...) removed, the release's head names replaced. None without ANCHOR."""
-    anchors = [k for k in state if k.endswith(ANCHOR)]
-    if not anchors:
-        return None
-    prefix, out = min(anchors, key=len)[:-len(ANCHOR)], {}
-    for key, value in state.items():
-        key = key[len(prefix):] if key.startswith(prefix) else key
-        for old, new in RELEASE_HEADS.items():
-            key = new + key.split(old, 1)[1] if old in key else key
-        if isinstance(value, torch.Tensor):
-            out[key] = value
-    return out
-
-
-def checkpoint_layout(keys) -> str:
-    """"video" (train.py's own names), "release" (flat `blocks.i` with temporal layers) or "image" (DeiT/timm)."""
-    if any(k.startswith(("glimpser.blocks.", "joint.blocks.")) for k in keys):
-        return "video"
-    return "release" if any(k.startswith("blocks.") and ".temporal_" in k for k in keys) else "image"
-
-
-def checkpoint_file_layout(ckpt) -> Optional[str]:
-    """The layout (checkpoint_layout) of a checkpoint file's contents, or None where no ViT weights are found."""
-    state = find_state_dict(ckpt)[0]
-    keys = strip_prefix(state) if state is not None else None
-    return None if keys is None else checkpoint_layout(keys)
-
-
-def model_keys(key: str, layout: str, g: int) -> list:
-    """The model's names for one file key. Flat `blocks.i` (image, release): the first g layers are the
-    Glimpser's, the rest joint.blocks.(i-g); an image layer also lends its attention and norm1 to the
-    Glimpser's temporal attention (TimeSformer's inflation). train.py's names are the model's."""
-    if layout == "video" or not key.startswith("blocks."):
-        return [key]
-    _, i, rest = key.split(".", 2)
-    if int(i) >= g:
-        return [f"joint.blocks.{int(i) - g}.{rest}"]
-    temporal = layout == "image" and rest.startswith(("attn.", "norm1."))
-    return [f"glimpser.blocks.{i}.{rest}"] + ([f"glimpser.blocks.{i}.temporal_{rest}"] if temporal else [])
-
-
-def adapt_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
-    """A file's (1, p + S0, D) position embedding -> the model's (1, 1 + gh*gw, D). The p entries before the
-    square patch grid: 1, the class token's (DeiT, timm, the release); 2, the class token's and the
-    distillation token's (DeiT's distilled models), the second dropped; 0, none (the class token gets zero)."""
-    n = pos.shape[1]
-    p = next((p for p in (1, 2, 0) if n > p and math.isqrt(n - p) ** 2 == n - p), None)
-    if p is None:
-        raise ValueError(f"pos_embed has {n} entries: not a square patch grid after 0, 1 or 2 token entries")
-    cls = pos[:, :1] if p else pos.new_zeros(1, 1, pos.shape[2])
-    return resize_pos_embed(torch.cat([cls, pos[:, p:]], 1), grid)
-
-
-def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
-    """(model name -> tensor, file keys not used, notes): names mapped, embeddings resized, a head of another
-    class count dropped (left fresh). Raises ValueError for any other shape that differs."""
-    cfg, target = model.cfg, model.state_dict()
-    mapped, unused, notes = {}, [], []
-    for key, value in keys.items():
-        names = [n for n in model_keys(key, layout, cfg.glimpser_depth) if n in target]
-        mapped.update((n, value) for n in names)
-        if not names:
-            unused.append(key)
-    if "pos_embed" in mapped:
-        mapped["pos_embed"] = adapt_pos_embed(mapped["pos_embed"], (cfg.img_size // cfg.patch_size,) * 2)
-    if "time_embed" in mapped and layout != "image":
-        mapped["time_embed"] = resize_time_embed(mapped["time_embed"], cfg.num_frames)
-    for head in HEADS:
-        w = head + "weight"
-        if w in mapped and mapped[w].shape != target[w].shape:
-            notes.append(f"{head[:-1]}: {mapped[w].shape[0]} outputs in the file, {target[w].shape[0]} in the "
-                         "model: left fresh")
-            mapped.pop(w), mapped.pop(head + "bias", None)
-    if "dist_token" in unused:
-        notes.append("dist_token: a distilled DeiT's distillation token is not used, so the class token's features "
-                     "differ a little from the image model's")
-    for name, value in mapped.items():
-        if value.shape != target[name].shape:
-            raise ValueError(f"checkpoint tensor for {name} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(target[name].shape)}")
-    return mapped, unused, notes
-
-
-def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, describe: str):
-    """ValueError unless every backbone tensor (not the heads; for an image checkpoint, not the time embedding and
-    `temporal_fc`, which start at zero) was found, and no file tensor of one of the model's layers went unused
-    (layer scale, a temporal part where the model has a joint layer: the layer would compute something else)."""
-    target = model.state_dict()
-    fresh = lambda k: k.startswith(HEADS) or layout == "image" and (k == "time_embed" or ".temporal_fc." in k)
-    missing = [k for k in target if k not in mapped and not fresh(k)]
-    layers = {".".join(k.split(".")[:3]) for k in target if k.startswith(("glimpser.blocks.", "joint.blocks."))}
-    misfits = [k for k in unused for n in model_keys(k, layout, model.cfg.glimpser_depth)
-               if ".".join(n.split(".")[:3]) in layers]
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} of the model's backbone tensors, e.g. {missing[:4]}; "
-                         f"{describe}. Expected a DeiT/ViT image checkpoint with timm's names (cls_token, "
-                         f"pos_embed, {ANCHOR}, blocks.0.attn.qkv.weight, ..., norm.weight; any prefix), "
-                         "one of the authors' release (backbone.model.*, cls_head.*) or one written by train.py, "
-                         "of the model's depth and width")
-    if misfits:
-        raise ValueError(f"the checkpoint's layers hold tensors this model has no place for, e.g. {misfits[:4]}; "
-                         f"{describe}")
-
-
-def load_pretrained(model: HaltingVT, ckpt) -> dict:
-    """Load a checkpoint's weights into the video model. ckpt: a file's contents (data.read_checkpoint reads one
-    without running code from it): a state dict, raw or in a WEIGHT_KEYS wrapper, under any prefix, of a layout
-    found by its names:
-      - image (DeiT's, timm's): every layer gets its spatial weights; the Glimpser's temporal attention and norm
-        copy the spatial ones and `temporal_fc` and the time embedding start at zero, so the video model starts
-        as the image model; `pos_embed` is resized to the patch grid (a distillation entry dropped);
-      - video (train.py's): loaded as it is; embeddings resized if frames or size differ;
-      - release (the authors' mmaction2 `backbone.model.blocks.i`, `cls_head.fc_cls`, `cls_head.fc_motion`):
-        the release drops the class token's residual in the Glimpser's pruning layer, this model keeps it; a
-        motion token stays unused (the motion head reads the class token); gamma, beta and R: set them as its
-        config did.
-    A head of another class count is left fresh. Raises ValueError, naming what the file holds and what was
-    expected, when a backbone tensor is missing, a shape differs or a layer holds tensors the model lacks.
-    Returns a report, also logged: {"layout", "weights" (where found), "loaded" (tensors filled), "share"
-    (fraction of parameter elements filled), "missing" (left as initialised), "unused" (file tensors), "notes"}.
-    """
-    state, where = find_state_dict(ckpt)
-    keys = strip_prefix(state) if state is not None else None
-    top = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-    names = [k for k, v in (state or {}).items() if isinstance(v, torch.Tensor)][:5]
-    describe = f"the file's top-level keys: {top}; tensors such as {names}"
-    if keys is None:
-        raise ValueError(f"no ViT weights found (no tensor named *{ANCHOR}): {describe}. Expected a state dict, "
-                         f"raw or under one of {list(WEIGHT_KEYS)}")
-    layout = checkpoint_layout(keys)
-    mapped, unused, notes = map_checkpoint(model, keys, layout)
-    check_coverage(model, mapped, unused, layout, describe)
-    model.load_state_dict(mapped, strict=False)
-    if layout == "image":
-        with torch.no_grad():
-            model.time_embed.zero_()
-            for blk in model.glimpser.blocks if model.glimpser else []:
-                blk.temporal_fc.weight.zero_(), blk.temporal_fc.bias.zero_()
-    target = model.state_dict()
-    share = sum(target[k].numel() for k in mapped) / sum(t.numel() for t in target.values())
-    report = dict(layout=layout, weights=where, loaded=len(mapped), share=share,
-                  missing=[k for k in target if k not in mapped], unused=unused, notes=notes)
-    # the share rounded down: a fresh head of a few hundred parameters must not read as 100.0%
-    log.info("loaded %d of %d tensors (%.1f%% of the parameters) from a checkpoint of layout %s (weights under %s)%s;"
-             " left as initialised: %s; not used: %s", len(mapped), len(target), math.floor(1000 * share) / 10,
-             layout, where,
-             "".join(f"; {n}" for n in notes), report["missing"] or "none", unused or "none")
-    return report
+def __getattr__(name):  # haltingvt.load_pretrained still works: it lives in checkpoints.py, which imports this file
+    if name == "load_pretrained":
+        from checkpoints import load_pretrained
+        return load_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

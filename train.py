@@ -40,9 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import data
 import losses
-from haltingvt import HaltingVT, HaltingVTConfig, checkpoint_file_layout, dense_gflops, load_pretrained
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops
 from losses import haltingvt_loss
 
 log = logging.getLogger("train")
@@ -142,7 +143,9 @@ def resume_run_args(args, given: set):
     """--resume (and --eval-only --resume) go on with the run the checkpoint holds: its saved flags (data, out,
     epochs, seed, ...), except those given again. Without this, a bare `--resume run/last.pt` would train the
     demo preset into runs/sanity."""
-    for key, value in read_run_checkpoint(args.resume).get("args", {}).items():
+    with blame("--resume", args.resume):
+        saved = checkpoints.read_run_checkpoint(args.resume).get("args", {})
+    for key, value in saved.items():
         if key not in given and key not in ("resume", "eval_only", "init") and hasattr(args, key):
             setattr(args, key, value)
 
@@ -177,7 +180,7 @@ def model_flags(p: argparse.ArgumentParser):
     m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
     m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
     m("--init", help="weights to start from: a DeiT-S image checkpoint (inflated), a train.py checkpoint (stage 2 "
-                     "of the paper's recipe) or the release's (haltingvt.load_pretrained)")
+                     "of the paper's recipe) or the release's (checkpoints.load_pretrained)")
     m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
     for name in ("--img-size", "--embed-dim", "--depth", "--heads", "--glimpser-depth"):
         m(name, type=int)
@@ -373,8 +376,8 @@ def build_model(cfg: HaltingVTConfig, args, device):
     """The model of `cfg` on `device`, with --init's weights. A checkpoint of the release's layout turns on the
     release-compatible forward (its cfg says so) unless --no-release-compat was given."""
     with blame("--init", args.init):
-        ckpt = data.read_checkpoint(args.init) if args.init else None
-    if ckpt is not None and args.release_compat is None and checkpoint_file_layout(ckpt) == "release":
+        ckpt = checkpoints.read_checkpoint(args.init) if args.init else None
+    if ckpt is not None and args.release_compat is None and checkpoints.checkpoint_file_layout(ckpt) == "release":
         log.info("--init %s has the release's layout: release-compatible forward on (halted tokens zeroed and "
                  "still attended, halting on > 1 - eps, no class-token residual in the pruning layer; mask "
                  "execution); --no-release-compat turns it off", args.init)
@@ -387,7 +390,7 @@ def build_model(cfg: HaltingVTConfig, args, device):
     if args.init:
         log.info("--init %s", args.init)
         with blame("--init", args.init):
-            load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
+            checkpoints.load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
 
@@ -411,40 +414,6 @@ def lr_at(args, epochs_done: float) -> float:
     if epochs_done < warm:
         return args.lr * (0.1 + 0.9 * epochs_done / warm)
     return args.lr * (1 + math.cos(math.pi * (epochs_done - warm) / (args.epochs - warm))) / 2
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(path, model, optimizer, state: dict, cfg: HaltingVTConfig, args, classes=None):
-    """The run as a plain dict (tensors, numbers, strings, lists: it loads with weights_only=True), written whole
-    or not at all (data.write_checkpoint). `state`: the PROGRESS values and "world"; `classes`: the class names,
-    or None."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            **state, "config": cfg.to_dict(), "args": data.plain(vars(args)),
-            "classes": classes, "rng": data.rng_states()}
-    data.write_checkpoint(path, ckpt)
-
-
-def read_run_checkpoint(path) -> dict:
-    """A checkpoint written by train.py, read with weights_only=True; UsageError naming the file for any other."""
-    with blame("--resume", path):
-        ckpt = data.read_checkpoint(path)
-    if not (isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys()):
-        raise UsageError(f"--resume {path}: not written by train.py (it has no 'model' and 'config'); to start "
-                         "from other weights, pass it to --init")
-    return ckpt
-
-
-def load_checkpoint(path, model, optimizer=None) -> dict:
-    """Load weights (and optimiser and RNG states when given); returns the checkpoint (PROGRESS: where it stood)."""
-    ckpt = read_run_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        data.set_rng_states(ckpt["rng"])
-    return ckpt
 
 
 def weights_sha(model) -> str:
@@ -814,7 +783,8 @@ def run(args, rank, world, device) -> dict:
         claim_out(args)
     cfg = model_config(args, num_classes)
     if args.resume:
-        ckpt = read_run_checkpoint(args.resume)
+        with blame("--resume", args.resume):
+            ckpt = checkpoints.read_run_checkpoint(args.resume)
         if not args.eval_only and finished(ckpt, args):
             log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
             return json.loads((Path(args.out) / "final.json").read_text())
@@ -830,7 +800,8 @@ def run(args, rank, world, device) -> dict:
     val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
     if args.eval_only:  # check_args: --resume or --init
         if args.resume:
-            load_checkpoint(args.resume, model)
+            with blame("--resume", args.resume):
+                checkpoints.load_checkpoint(args.resume, model)
         metrics = evaluate(model, val_loader, args, device, cfg)
         log.info("eval: %s", summary(metrics))
         return metrics
@@ -868,8 +839,9 @@ def claim_out(args):
     if "last.pt" not in found:
         problem, hint = f"another run's {', '.join(found)}", ""
     else:
-        ckpt = read_run_checkpoint(last)
-        saved, now = ckpt.get("args", {}), data.plain(vars(args))
+        with blame("--resume", last):
+            ckpt = checkpoints.read_run_checkpoint(last)
+        saved, now = ckpt.get("args", {}), checkpoints.plain(vars(args))
         differ = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now"
                   for k in sorted(saved.keys() & now.keys() - RESUME_FREE) if saved[k] != now[k]]
         if not differ and not finished(ckpt, args):
@@ -911,7 +883,8 @@ def start(s: RunState):
 def resume(s: RunState):
     """Weights, optimiser, RNG states and progress from the --resume checkpoint; logs where the run goes on, and
     how, when the number of processes or the batch size changed."""
-    ckpt = load_checkpoint(s.args.resume, s.model, s.optimizer)
+    with blame("--resume", s.args.resume):
+        ckpt = checkpoints.load_checkpoint(s.args.resume, s.model, s.optimizer)
     for key in PROGRESS:
         setattr(s, key, ckpt[key])
     s.start_step = s.step
@@ -944,10 +917,10 @@ def record(metrics: dict, s: RunState, out: Path):
 
 
 def save(s: RunState, path: Path):
-    """The run as it stands to `path` (rank 0; save_checkpoint)."""
+    """The run as it stands to `path` (rank 0; checkpoints.save_checkpoint)."""
     if s.rank == 0:
-        save_checkpoint(path, s.model, s.optimizer, {**{k: getattr(s, k) for k in PROGRESS}, "world": s.world},
-                        s.cfg, s.args, s.classes)
+        progress = {**{k: getattr(s, k) for k in PROGRESS}, "world": s.world}
+        checkpoints.save_checkpoint(path, s.model, s.optimizer, progress, s.cfg, s.args, s.classes)
 
 
 def finish(s: RunState, metrics: dict):
@@ -969,7 +942,8 @@ def finish(s: RunState, metrics: dict):
 def load_trained_model(path, device):
     """(model in eval mode, the checkpoint: "config", "args" (the run's, a dict), "classes", ...), rebuilt from a
     train.py checkpoint alone."""
-    ckpt = read_run_checkpoint(path)
+    with blame("--resume", path):
+        ckpt = checkpoints.read_run_checkpoint(path)
     model = HaltingVT(HaltingVTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
