@@ -11,7 +11,8 @@ pure PyTorch, written to read beside the paper:
 Halted tokens really leave the computation (the authors' release only multiplies them by zero), so time falls
 with the FLOPs. `drop_halted` picks one of two executions of the same math, with the same logits: drop removes
 halted tokens and packs the samples' live tokens back to back, without padding; mask keeps shapes (B, K, D) and
-hides halted tokens behind a key mask. Code that exists only for speed is in "Execution machinery", near the end.
+hides halted tokens behind a key mask. Nothing here exists only for speed (docs/speed.md: what was tried, kept,
+removed).
 
 Shapes: B batch, C channels, T frames, H/W pixels, S patches per frame, K tokens (class token first), N packed
 tokens of several samples, L layers, D width, h heads, d = D / h. Token 0 is the class token, then frame-major
@@ -41,7 +42,7 @@ class HaltingVTConfig:
     keep_ratio: float = 0.5  # R of Sec. 3.3, 0.5 in the main results (Table 1)
     halting: bool = True  # Sec. 3.2; False runs every joint layer on every token
     gamma: float = 10.0  # Eq. (2), official config
-    beta: float = 20.0  # Eq. (2), official config (Table 2's 24.2 GFLOPs row); subtracted, see halting_score
+    beta: float = 20.0  # Eq. (2), official config (Table 2's 24.2 GFLOPs row); subtracted, see HaltingStage.scores
     eps: float = 0.01  # Eq. (3), official config
     motion_head: bool = True  # Sec. 3.4: the real/fake head of the Motion Loss
     drop_path: float = 0.1  # stochastic depth of the official config
@@ -101,36 +102,6 @@ class HaltingVTOutput:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Halting math (Eqs. 2-4, 6) as pure functions
-# ----------------------------------------------------------------------------------------------------------
-
-def halting_score(x: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
-    """Eq. (2) on a layer's output, from the first channel of each token: (..., D) -> (...).
-
-    The paper prints `+ beta`; the authors' release subtracts it, and only that sign matches Table 2 (a larger
-    beta halts less and spends more GFLOPs). We follow the release.
-    """
-    return torch.sigmoid(gamma * x[..., 0] - beta)
-
-
-def halting_weights(h: torch.Tensor, eps: float):
-    """The ACT bookkeeping of Eqs. (3), (4), (6) for per-layer scores h (L, ...), the last one taken as 1.
-
-    Returns weights (L, ...): h_l before the halting layer, r at it, 0 after (summing to 1; Eq. 6); depth (...):
-    N, the first layer where the running sum reaches 1 - eps (Eq. 3), in 1..L; remainder (...): r = 1 - the sum
-    of the scores before layer N (Eq. 4)."""
-    L = h.shape[0]
-    h = torch.cat([h[:-1], torch.ones_like(h[-1:])])  # h^L := 1
-    layer = torch.arange(1, L + 1, device=h.device).view(L, *[1] * (h.dim() - 1))  # (L, 1, ...)
-    before = torch.cumsum(torch.cat([torch.zeros_like(h[:1]), h[:-1]]), 0)  # sum_{l' < l} h_l'  (L, ...)
-    reached = before + h >= 1 - eps  # Eq. (3): has the running sum reached 1 - eps at layer l?
-    depth = reached.int().argmax(0) + 1  # first such layer (argmax returns the first maximum)
-    remainder = 1 - before.gather(0, (depth - 1).unsqueeze(0)).squeeze(0)  # Eq. (4)
-    weights = torch.where(layer < depth, h, torch.where(layer == depth, remainder, torch.zeros_like(h)))
-    return weights, depth, remainder
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------
 
@@ -141,21 +112,18 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor, lengths: Optional[list] = None) -> torch.Tensor:
-        """x is (B, ...) or, with `lengths`, packed (N, D) where sample i owns lengths[i] rows."""
+    def forward(self, x: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, ...) -> (B, ...); or packed rows x (N, D) with counts (B,): sample b owns counts[b] rows."""
         if self.p == 0.0 or not self.training:
             return x
-        samples = x.shape[0] if lengths is None else len(lengths)
-        keep = x.new_empty(samples).bernoulli_(1 - self.p) / (1 - self.p)  # (B,)
-        if lengths is not None:  # output_size given: the GPU is not asked for it
-            keep = keep.repeat_interleave(to_device(lengths, x.device), output_size=x.shape[0])  # (N,)
+        keep = x.new_empty(len(x if counts is None else counts)).bernoulli_(1 - self.p) / (1 - self.p)  # (B,)
+        if counts is not None:  # each sample's draw over its rows; output_size given: no read-back
+            keep = keep.repeat_interleave(counts, output_size=x.shape[0])  # (N,)
         return x * keep.view(-1, *[1] * (x.dim() - 1))
 
 
 class Mlp(nn.Module):
     """The token-wise MLP: fc1, GELU, fc2."""
-
-    rows = 2048  # tokens per chunk (in_chunks)
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -164,17 +132,11 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         """(..., D) -> (..., D)."""
-        return in_chunks(self.chunk, self.rows, x.reshape(-1, x.shape[-1])).view(x.shape)
-
-    def chunk(self, x):
-        return self.fc2(gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Attention(nn.Module):
     """Multi-head self-attention, Eq. (1), through F.scaled_dot_product_attention."""
-
-    rows = 2048  # tokens per chunk (in_chunks)
-    pad_on_cuda = True  # packed_attention: one padded attention call on a GPU instead of one per sample
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -184,36 +146,21 @@ class Attention(nn.Module):
 
     def heads(self, x):
         """(B, K, D) -> q, k, v, each a (B, h, K, d) view (not copied: the CPU kernel takes strided heads)."""
-        return self.split_heads(self.qkv(x))
-
-    def split_heads(self, qkv):
-        """(B, K, 3D) -> q, k, v, each (B, h, K, d)."""
-        B, K, D3 = qkv.shape
-        qkv = qkv.view(B, K, 3, self.num_heads, D3 // (3 * self.num_heads))
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (3, B, h, K, d)
-
-    def merge(self, o):
-        """(B, h, K, d) -> (B, K, D), then the output projection."""
-        B, h, K, d = o.shape
-        return self.proj(o.transpose(1, 2).reshape(B, K, h * d))
+        B, K, D = x.shape
+        return self.qkv(x).view(B, K, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x, key_mask: Optional[torch.Tensor] = None):
         """x (B, K, D) -> (B, K, D); key_mask (B, K) bool, True for the tokens that may be attended to."""
-        return in_chunks(self.chunk, self.rows, x, key_mask)
-
-    def chunk(self, x, key_mask):
-        q, k, v = self.heads(x)
+        q, k, v = self.heads(x)  # each (B, h, K, d)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, K)
-        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # Eq. (1): softmax(q k^T / sqrt(d)) v
+        return self.proj(o.transpose(1, 2).flatten(2))  # (B, h, K, d) -> (B, K, D)
 
     def forward_with_cls_row(self, x):
         """forward, plus the class token's attention row averaged over heads (Eq. 7's w): x (B, K, D) ->
         (B, K, D), (B, K). Only that row is computed explicitly: O(K) extra work, not O(K^2)."""
-        return in_chunks(self.chunk_with_cls_row, self.rows, x)
-
-    def chunk_with_cls_row(self, x):
-        q, k, v = self.heads(x)
-        out = self.merge(F.scaled_dot_product_attention(q, k, v))
+        q, k, v = self.heads(x)  # each (B, h, K, d)
+        out = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # Eq. (1)
         w = (q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, h, 1, K)
         return out, w.mean(1).squeeze(1)  # (B, K, D), (B, K)
 
@@ -233,11 +180,6 @@ class Block(nn.Module):
         """x (B, K, D) -> (B, K, D); key_mask (B, K) hides tokens from attention (mask mode)."""
         x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def forward_packed(self, x, lengths: list):
-        """forward on x (N, D): several samples' tokens back to back, sample i owning lengths[i] rows."""
-        x = x + self.drop_path(packed_attention(self.attn, self.norm1(x), lengths), lengths)
-        return x + self.drop_path(self.mlp(self.norm2(x)), lengths)
 
 
 class DividedBlock(Block):
@@ -336,7 +278,9 @@ class HaltingStage(nn.Module):
       - evaluation: the sample stops when its class token halts (where inference saves time); a token still
         running gets the class token's depth and the remainder of its budget, 1 - its sum so far.
     The logits are the same either way; depths, remainders and token counts report what ran.
-    release_compat: the release's loop (forward_masked), in training and evaluation alike."""
+    release_compat: the release's loop, in training and evaluation alike: halted tokens enter each layer as zeros
+    and are attended to (a zero token after LayerNorm is the norm's bias: a real key and value), a token halts
+    once its sum passes 1 - eps (strictly), and every token runs to its own halt in evaluation too."""
 
     def __init__(self, blocks: list, gamma: float, beta: float, eps: float, halting: bool, release_compat=False):
         super().__init__()
@@ -344,41 +288,42 @@ class HaltingStage(nn.Module):
         self.gamma, self.beta, self.eps, self.halting = gamma, beta, eps, halting
         self.release_compat = release_compat
 
-    def scores(self, x, layer: int, beta: float):
-        """h^l of every token (Eq. 2), forced to 1 at the last layer; all 0 before it without halting."""
+    def scores(self, x0, layer: int, beta: float):
+        """h^l of every token from the first channel x0 = x[..., 0] of its layer output (B, K), forced to 1 at
+        the last layer; all 0 before it without halting. The paper prints Eq. (2) with `+ beta`; the authors'
+        release subtracts it, and only that sign matches Table 2 (a larger beta halts less and spends more
+        GFLOPs). We follow the release."""
         if layer == len(self.blocks) - 1:
-            return x.new_ones(x.shape[:-1])
-        if not self.halting:
-            return x.new_zeros(x.shape[:-1])
-        return halting_score(x, self.gamma, beta)
+            return torch.ones_like(x0)
+        return torch.sigmoid(self.gamma * x0 - beta) if self.halting else torch.zeros_like(x0)  # Eq. (2)
 
     def forward(self, x, drop: bool, beta: Optional[float] = None) -> dict:
         """x (B, K, D); drop: remove halted tokens (else mask them); beta: Eq. (2)'s beta, None = the stage's.
         Returns x_o (B, D) the halting-weighted class token (Eq. 6), halt_scores (L, B, K), depth (B, K),
         remainder (B, K) and tokens (B, L) entering each layer as drop mode runs it."""
-        beta = self.beta if beta is None else beta
-        return halting_dropped(self, x, beta) if drop else self.forward_masked(x, beta)
-
-    def forward_masked(self, x, beta: float) -> dict:
-        """Fixed shapes: halted tokens stay in x, frozen, and hidden from attention by a key mask. With
-        release_compat, the release's loop instead: halted tokens enter each layer as zeros and are attended to (a
-        zero token after LayerNorm is the norm's bias: a real key and value), a token halts once its sum passes
-        1 - eps (strictly), and every token runs to its own halt in evaluation too."""
-        release = self.release_compat
-        (B, K, D), L = x.shape, len(self.blocks)
+        beta, release = self.beta if beta is None else beta, self.release_compat
+        (B, K, D), L, dev = x.shape, len(self.blocks), x.device
         total = x.new_zeros(B, K)  # running sum of scores, Eq. (3)
-        active = torch.ones(B, K, dtype=torch.bool, device=x.device)
-        depth = torch.full((B, K), L, dtype=torch.long, device=x.device)
+        active = torch.ones(B, K, dtype=torch.bool, device=dev)  # the tokens still running
+        depth = torch.full((B, K), L, dtype=torch.long, device=dev)
         remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
+        if drop:  # x packed (N, D), the running tokens only; row (N,): each row's token as b * K + k
+            row = torch.arange(B * K, device=dev)
+            x, row, first, counts, lengths = pack_running(x.reshape(B * K, D), row, active)
         scores, tokens = [], []
         for l, blk in enumerate(self.blocks):
             tokens.append(active.sum(1))
-            if release:
-                x = blk(x * active.unsqueeze(-1))  # halted tokens zeroed, still in every attention
-            else:
-                x = torch.where(active.unsqueeze(-1), blk(x, key_mask=active), x)  # halted tokens stay frozen
+            # 0) the layer on the running tokens: the modes differ only in what halted tokens do
+            if drop:  # removed (pack_running below)
+                x = packed_block(blk, x, counts, lengths)  # (N, D)
+            elif release:  # zeroed, but still attended to
+                x = blk(x * active.unsqueeze(-1))
+            else:  # frozen, and hidden from attention by a key mask
+                x = torch.where(active.unsqueeze(-1), blk(x, key_mask=active), x)
+            x0 = x.new_zeros(B * K).index_put((row,), x[:, 0]).view(B, K) if drop else x[..., 0]  # (B, K) channel 0
+            x_cls = x[first] if drop else x[:, 0]  # (B, D) the class token (once halted, weighted by 0 below)
             # 1) halting score, 0 for tokens that already halted
-            h = self.scores(x, l, beta) * active
+            h = self.scores(x0, l, beta) * active
             # 2) accumulate; 3) the tokens whose sum reaches 1 - eps halt here, with their remainder
             stop = active & (total + h > 1 - self.eps if release else total + h >= 1 - self.eps)  # Eq. (3)
             if not self.training and not release:  # evaluation: the sample is done when its class token halts
@@ -386,12 +331,46 @@ class HaltingStage(nn.Module):
             r = 1 - total  # Eq. (4)
             depth = torch.where(stop, l + 1, depth)
             remainder = torch.where(stop, r, remainder)
-            x_o = x_o + torch.where(stop[:, :1], r[:, :1], h[:, :1]) * x[:, 0]  # Eq. (6); h is 0 once halted
+            x_o = x_o + torch.where(stop[:, :1], r[:, :1], h[:, :1]) * x_cls  # Eq. (6); h is 0 once halted
             # 4) halted tokens take no part in later layers
             total, active = total + h, active & ~stop
             scores.append(h)
+            if drop:
+                x, row, first, counts, lengths = pack_running(x, row, active)
+                if not lengths:  # every sample has stopped
+                    break
+        tokens += [torch.zeros_like(tokens[0])] * (L - len(tokens))
+        scores += [torch.zeros_like(scores[0])] * (L - len(scores))
         return dict(x_o=x_o, halt_scores=torch.stack(scores), depth=depth, remainder=remainder,
                     tokens=torch.stack(tokens, 1))
+
+
+def pack_running(x: torch.Tensor, row: torch.Tensor, active: torch.Tensor) -> tuple:
+    """Drop mode: keep the rows of x (N, D) whose token still runs. row (N,): each row's token as b * K + k;
+    active (B, K). Returns x (N', D) and row (N',) of the running tokens, in order; first (B,): each sample's
+    first row (its class token while it runs); counts (B,): rows per sample; lengths: the non-zero counts as
+    ints, which attention needs. That is the one read-back of a layer: the rest stays on the device, since on a
+    GPU every read-back (a boolean index x[mask] included) stalls the launch queue."""
+    counts = active.sum(1)  # (B,)
+    lengths = [n for n in counts.tolist() if n]
+    kept = torch.nonzero_static(active.flatten()[row], size=sum(lengths)).squeeze(1)  # known size: no read-back
+    first = (counts.cumsum(0) - counts).clamp(max=max(sum(lengths) - 1, 0))  # (B,)
+    return x[kept], row[kept], first, counts, lengths
+
+
+def packed_block(blk: Block, x: torch.Tensor, counts: torch.Tensor, lengths: list) -> torch.Tensor:
+    """Block.forward on drop mode's packed rows x (N, D) (pack_running): sample b owns counts[b] rows (B,), and
+    lengths lists the non-zero counts as ints."""
+    x = x + blk.drop_path(packed_attention(blk.attn, blk.norm1(x), lengths), counts)
+    return x + blk.drop_path(blk.mlp(blk.norm2(x)), counts)
+
+
+def packed_attention(attn: Attention, x: torch.Tensor, lengths: list) -> torch.Tensor:
+    """attn over x (N, D), several samples' tokens back to back (sample i owns lengths[i] rows) -> (N, D): each
+    sample attends only to its own tokens, and nothing is padded."""
+    q, k, v = attn.heads(x.unsqueeze(0))  # each (1, h, N, d)
+    o = [F.scaled_dot_product_attention(*t) for t in zip(*(a.split(lengths, 2) for a in (q, k, v)))]  # Eq. (1)
+    return attn.proj(torch.cat(o, 2).transpose(1, 2).flatten(2)).squeeze(0)  # (1, h, N, d) -> (N, D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,125 +508,6 @@ def dense_gflops(cfg: HaltingVTConfig, num_frames: Optional[int] = None, img_siz
     S = (size // cfg.patch_size) ** 2
     dense = HaltingVTConfig(**{**cfg.to_dict(), "glimpser_depth": 0, "halting": False})
     return count_gflops(dense, torch.full((1, cfg.depth), 1 + T * S), T, S).item()
-
-
-# ==========================================================================================================
-# Execution machinery (for speed; the paper's math does not depend on it)
-# ==========================================================================================================
-
-def to_device(ints: list, device: torch.device) -> torch.Tensor:
-    """A list of Python ints as a tensor on `device`. To a GPU it goes from pinned memory without waiting: a
-    plain torch.tensor(ints, device=...) would first wait for every kernel queued before it."""
-    t = torch.tensor(ints)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def cat(tensors: list, dim: int = 0) -> torch.Tensor:
-    """torch.cat that returns a single tensor as it is instead of copying it (one sample, one group)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-
-
-def row_groups(lengths: list, rows: int) -> list:
-    """Split consecutive samples' lengths into groups of about `rows` token rows (a longer sample alone)."""
-    groups, size = [], 0
-    for n in lengths:
-        if not groups or size + n > rows:
-            groups, size = groups + [[]], 0
-        groups[-1].append(n)
-        size += n
-    return groups
-
-
-def gelu(h: torch.Tensor) -> torch.Tensor:
-    """GELU; without autograd, in place: no fresh (rows, hidden) buffer, about 5% of a DeiT-S forward on the CPU.
-    (With autograd the in-place op would save a copy of its input for the backward, so nothing is gained.)"""
-    return F.gelu(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h)
-
-
-def in_chunks(fn, rows: int, x: torch.Tensor, *rest):
-    """fn(x, *rest) on parts of dim 0 of about `rows` token rows (whole samples of x (B, K, D); rows of (N, D)),
-    the outputs (tensors or tuples) concatenated; a `rest` entry may be None. Why: small (rows, hidden) buffers
-    are reused from the allocator and cache; a fresh (B*K, hidden) one made bias + GELU a third of a CPU forward."""
-    step = max(1, rows // (x.shape[1] if x.dim() > 2 else 1))
-    if x.shape[0] <= step:
-        return fn(x, *rest)
-    parts = [[None] * math.ceil(x.shape[0] / step) if t is None else t.split(step) for t in (x, *rest)]
-    outs = [fn(*part) for part in zip(*parts)]
-    return torch.cat(outs) if torch.is_tensor(outs[0]) else tuple(torch.cat(o) for o in zip(*outs))
-
-
-def packed_attention(attn: Attention, x: torch.Tensor, lengths: list) -> torch.Tensor:
-    """attn over x (N, D), several samples' tokens back to back (sample i owns lengths[i] rows): projections
-    over groups of about attn.rows rows of whole samples, attention per sample, so no token sees another
-    sample's and nothing is padded. On a GPU, padded_attention (one call beats one launch per sample)."""
-    if x.is_cuda and len(lengths) > 1 and attn.pad_on_cuda:
-        return padded_attention(attn, x, lengths)
-    groups, out = row_groups(lengths, attn.rows), []
-    for group, part in zip(groups, x.split([sum(g) for g in groups])):
-        q, k, v = attn.heads(part.unsqueeze(0))  # each (1, h, n, d), n = sum(group)
-        o = [F.scaled_dot_product_attention(*t) for t in zip(*(a.split(group, dim=2) for a in (q, k, v)))]
-        out.append(attn.merge(cat(o, dim=2)).squeeze(0))  # (n, D)
-    return cat(out)  # (N, D)
-
-
-def padded_attention(attn: Attention, x: torch.Tensor, lengths: list) -> torch.Tensor:
-    """packed_attention for a GPU, where one attention call per sample costs more in launches than padding does:
-    the qkv rows are gathered into a (G, n) grid, n the longest sample, and a key mask hides the padding.
-    Padded queries are computed and dropped; the projections still run over the N real rows only."""
-    N, G, n = x.shape[0], len(lengths), max(lengths)
-    count = to_device(lengths, x.device)  # (G,)
-    pos = torch.arange(n, device=x.device)
-    valid = pos < count[:, None]  # (G, n)
-    index = ((count.cumsum(0) - count)[:, None] + pos).clamp(max=N - 1)  # (G, n) row of x; any for padding
-    q, k, v = attn.split_heads(attn.qkv(x)[index])  # each (G, h, n, d)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (G, h, n, d)
-    o = o.transpose(1, 2).reshape(G * n, -1)  # (G*n, D)
-    return attn.proj(o[torch.nonzero_static(valid.flatten(), size=N).squeeze(1)])  # (N, D)
-
-
-def halting_dropped(stage: HaltingStage, x: torch.Tensor, beta: float) -> dict:
-    """HaltingStage.forward_masked with halted tokens removed: the live tokens of all samples are packed in one
-    (N, D) tensor, each sample's class token first while it runs. The bookkeeping stays on the device and reads
-    back only the token counts, once per layer (attention needs them as ints): on a GPU every read-back, a
-    boolean index x[mask] included, stalls the queue."""
-    B, K, D = x.shape
-    L, dev = len(stage.blocks), x.device
-    sample = torch.arange(B, device=dev).repeat_interleave(K)  # (N,) sample of each packed row
-    token = torch.arange(K, device=dev).repeat(B)  # (N,) its index among the sample's K tokens
-    x, total = x.reshape(B * K, D), x.new_zeros(B * K)
-    counts, lengths = torch.full((B,), K, device=dev), [K] * B  # rows per sample: (B,) and the non-zero ones
-    depth = torch.full((B, K), L, dtype=torch.long, device=dev)
-    remainder, x_o = x.new_ones(B, K), x.new_zeros(B, D)
-    scores, tokens = x.new_zeros(L, B, K), []
-    for l, blk in enumerate(stage.blocks):
-        tokens.append(counts)
-        x = blk.forward_packed(x, lengths)  # (N, D)
-        # 1) halting score; 2) accumulate; 3) halt where the sum reaches 1 - eps (Eq. 3), with remainder
-        h = stage.scores(x, l, beta)
-        stop = total + h >= 1 - stage.eps
-        first = (counts.cumsum(0) - counts).clamp(max=len(x) - 1)  # (B,) first row of each sample
-        cls = (counts > 0) & (token[first] == 0)  # (B,) the class token still runs (then it is that row)
-        if not stage.training:  # evaluation: a sample's tokens stop with its class token
-            stop = stop | (cls & stop[first])[sample]
-        r = 1 - total  # Eq. (4); for tokens stopped by their class token: what is left of their budget
-        at = (sample, token)
-        scores = scores.index_put((torch.full_like(token, l), *at), h)
-        depth = depth.index_put(at, torch.where(stop, l + 1, depth[at]))
-        remainder = remainder.index_put(at, torch.where(stop, r, remainder[at]))
-        w = torch.where(cls, torch.where(stop, r, h)[first], 0)  # (B,) class token weights
-        x_o = x_o + w.unsqueeze(-1) * x[first]  # Eq. (6)
-        # 4) drop the halted tokens
-        keep, total = ~stop, total + h
-        counts = torch.zeros_like(counts).index_add_(0, sample, keep.long())  # (B,)
-        lengths = [n for n in counts.tolist() if n]  # the one read-back of the layer
-        if not lengths:
-            break
-        left = sum(lengths)
-        if left < len(keep):
-            kept = torch.nonzero_static(keep, size=left).squeeze(1)  # known size: no read-back
-            x, total, sample, token = x[kept], total[kept], sample[kept], token[kept]
-    tokens += [torch.zeros_like(counts)] * (L - len(tokens))  # layers after every sample stopped
-    return dict(x_o=x_o, halt_scores=scores, depth=depth, remainder=remainder, tokens=torch.stack(tokens, 1))
 
 
 def __getattr__(name):  # haltingvt.load_pretrained still works: it lives in checkpoints.py, which imports this file

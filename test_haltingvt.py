@@ -1,12 +1,14 @@
 """Tests for haltingvt: shapes, then gradients, then parity with slow, obviously-correct references.
 
-Sections follow the files: haltingvt.py (the network, its execution machinery), checkpoints.py, losses.py,
+Sections follow the files: haltingvt.py (the network, drop mode's execution), checkpoints.py, losses.py,
 data.py, train.py, bench.py. No wall-clock thresholds: timings are benchmark figures (bench.py, the sanity run),
 not tests. Tests marked `slow` (a few seconds each: several processes, whole training runs) are left out by
 `python -m pytest -q -m "not slow" test_haltingvt.py`; CI runs them all.
 """
 import argparse
+import ast
 import fractions
+import io
 import json
 import logging
 import math
@@ -19,7 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+import tokenize
 import tracemalloc
+import types
 import weakref
 import zipfile
 from fractions import Fraction
@@ -41,9 +45,9 @@ import data
 import haltingvt
 import losses
 import train
-from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches, gelu,
-                       halting_weights, row_groups, to_device, top_k_per_frame)
 from checkpoints import load_pretrained
+from haltingvt import (Attention, HaltingVT, HaltingVTConfig, count_gflops, dense_gflops, gather_patches,
+                       top_k_per_frame)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,6 +65,21 @@ def slow_halting(h, eps):
             return [h[l] for l in range(n - 1)] + [r] + [0.0] * (L - n), n, r
         total += h[n - 1]  # case 2: not reached, go on
     raise AssertionError("unreachable: the last score is 1")
+
+
+def halting_weights(h, eps):
+    """The ACT bookkeeping of Eqs. (3), (4), (6) for per-layer scores h (L, ...), the last one taken as 1, in
+    closed form (the reference HaltingStage's loop is held to): weights (L, ...) h_l before the halting layer, r at
+    it, 0 after (summing to 1; Eq. 6); depth (...) N, the first layer where the running sum reaches 1 - eps
+    (Eq. 3), in 1..L; remainder (...) r = 1 - the sum of the scores before layer N (Eq. 4)."""
+    L = h.shape[0]
+    h = torch.cat([h[:-1], torch.ones_like(h[-1:])])  # h^L := 1
+    layer = torch.arange(1, L + 1).view(L, *[1] * (h.dim() - 1))  # (L, 1, ...)
+    before = torch.cumsum(torch.cat([torch.zeros_like(h[:1]), h[:-1]]), 0)  # sum_{l' < l} h_l'  (L, ...)
+    depth = (before + h >= 1 - eps).int().argmax(0) + 1  # Eq. (3): the first layer where the sum reaches 1 - eps
+    remainder = 1 - before.gather(0, (depth - 1).unsqueeze(0)).squeeze(0)  # Eq. (4)
+    weights = torch.where(layer < depth, h, torch.where(layer == depth, remainder, torch.zeros_like(h)))
+    return weights, depth, remainder
 
 
 def check_against_slow(h, eps):
@@ -860,69 +879,104 @@ def test_plain_joint_vt_and_no_halting():
     assert out.halt_scores.shape == (cfg.depth, 2, 1 + cfg.num_frames * 16)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# haltingvt.py: execution machinery (row chunks, in-place GELU, packed and padded attention, read-backs)
-# ----------------------------------------------------------------------------------------------------------
+def code_lines(src: str) -> int:
+    """Lines of code of a source text: lines holding a token, docstrings and comments not counted."""
+    docs = set()
+    for node in ast.walk(ast.parse(src)):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            docs.update(range(body[0].lineno, body[0].end_lineno + 1))
+    lines, skip = set(), {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type not in skip:
+            lines.update(range(tok.start[0], tok.end[0] + 1))
+    return len(lines - docs)
 
-def test_bench_row_groups_keep_order_and_bound_the_rows():
-    lengths = [5, 3, 9, 1, 1, 4, 12]
-    groups = row_groups(lengths, rows=8)
-    assert [n for g in groups for n in g] == lengths  # consecutive samples, none lost or moved
-    assert all(sum(g) <= 8 or len(g) == 1 for g in groups)  # a longer sample stands alone
-    assert row_groups([], rows=8) == []
+
+def copy_unit(src: str, roots: tuple) -> str:
+    """What an engineer copies out of a file to use `roots`: the file's imports, then every top-level definition
+    the roots use, transitively (found by walking the AST for the names they read), in the file's order."""
+    tree = ast.parse(src)
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defs.update((t.id, n) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Name))
+    used, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in used:
+            used.add(name)
+            todo += [n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name) and n.id in defs]
+    nodes = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) or any(defs[u] is n for u in used)]
+    lines = src.splitlines()
+    first = lambda n: min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])])
+    return "\n\n\n".join("\n".join(lines[first(n) - 1:n.end_lineno]) for n in nodes) + "\n"
 
 
-def test_gelu_matches_exact_gelu_and_is_in_place_only_without_autograd():
-    h = torch.randn(7, 11, requires_grad=True)
-    out = gelu(h)
-    assert torch.equal(out, F.gelu(h)) and out.data_ptr() != h.data_ptr()  # autograd: h is left as it was
+@pytest.mark.parametrize("roots, budget", [(("Glimpser", "DividedBlock"), 110), (("HaltingStage", "Block"), 140),
+                                           (("HaltingVT",), 320)])
+def test_copyable_units_run_on_their_own(roots, budget, monkeypatch):
+    """The Glimpser with its divided layer, the halting stage with its joint layer (drop mode included) and the
+    whole network, each copied out with its imports alone into a fresh module, stay within their line budgets
+    (and the file within 560 lines) and compute what the library's own classes compute."""
+    source = Path(haltingvt.__file__).read_text()
+    assert len(source.splitlines()) <= 560  # the whole file, read top to bottom beside the paper
+    code = copy_unit(source, roots)
+    assert code_lines(code) <= budget, code
+    copied = types.ModuleType("copied_unit")
+    monkeypatch.setitem(sys.modules, "copied_unit", copied)  # dataclasses look their module up
+    exec(compile(code, "copied_unit", "exec"), copied.__dict__)
+    torch.manual_seed(0)
     with torch.no_grad():
-        expected, g = F.gelu(h), h.detach().clone()
-        out = gelu(g)
-    assert torch.equal(out, expected) and out.data_ptr() == g.data_ptr()
+        if roots[0] == "Glimpser":
+            unit = copied.Glimpser([copied.DividedBlock(16, 2, 2.0, 0.0) for _ in range(2)], 0.5).eval()
+            ref = haltingvt.Glimpser([haltingvt.DividedBlock(16, 2, 2.0, 0.0) for _ in range(2)], 0.5).eval()
+            ref.load_state_dict(unit.state_dict())
+            x = torch.randn(2, 1 + 4 * 9, 16)  # T = 4 frames of S = 9 patches
+            for a, b in zip(unit(x, 4), ref(x, 4)):
+                assert torch.equal(a, b)
+        elif roots[0] == "HaltingStage":
+            unit = copied.HaltingStage([copied.Block(16, 2, 2.0, 0.0) for _ in range(4)], 1.0, 0.0, 0.01, True)
+            ref = haltingvt.HaltingStage([haltingvt.Block(16, 2, 2.0, 0.0) for _ in range(4)], 1.0, 0.0, 0.01, True)
+            ref.load_state_dict(unit.state_dict())
+            x = torch.randn(3, 10, 16)
+            for drop in (False, True):
+                a, b = unit.eval()(x, drop), ref.eval()(x, drop)
+                assert all(torch.equal(a[k], b[k]) for k in b)
+                assert (a["tokens"][:, -1] < 10).all()  # tokens halted: drop mode removed some
+        else:
+            unit = copied.HaltingVT(copied.HaltingVTConfig.tiny()).eval()
+            ref = HaltingVT(HaltingVTConfig.tiny()).eval()
+            ref.load_state_dict(unit.state_dict())
+            video = torch.randn(2, 3, 8, 64, 64)
+            assert torch.equal(unit(video).logits, ref(video).logits)
 
 
-def test_bench_row_chunks_do_not_change_outputs():
-    """Running Attention and Mlp over small chunks of rows gives what one pass over all rows gives."""
-    model, video = diverse_model(batch=4)  # samples keep different token counts
-    chunked = [m for m in model.modules() if hasattr(m, "rows")]
-    assert chunked
-    with torch.no_grad():
-        whole = [model(video, drop_halted=d) for d in (True, False)]
-        for m in chunked:
-            m.rows = 40  # fewer rows than one sample: chunks of single samples, and of 40 MLP rows
-        parts = [model(video, drop_halted=d) for d in (True, False)]
-    for a, b in zip(whole, parts):
-        assert torch.allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
-        assert torch.equal(a.tokens_per_layer, b.tokens_per_layer)
+# ----------------------------------------------------------------------------------------------------------
+# haltingvt.py: drop mode's execution (packed attention, read-backs)
+# ----------------------------------------------------------------------------------------------------------
 
-
-def test_attention_padded_matches_per_sample_attention():
-    """padded_attention (the GPU's packed attention: one call over a padded grid) gives packed_attention's
-    per-sample result, values and gradients, for samples of different lengths."""
+def test_packed_attention_matches_per_sample_attention():
+    """packed_attention (drop mode's attention over several samples' tokens back to back) gives plain attention
+    over each sample alone, values and gradients, for samples of different lengths."""
     torch.manual_seed(0)
     attn = Attention(16, 4)
     lengths = [5, 1, 9, 3]
     x = torch.randn(sum(lengths), 16, requires_grad=True)
     grad = torch.randn(sum(lengths), 16)
-    out = []
-    for fn in (haltingvt.packed_attention, haltingvt.padded_attention):
-        y = fn(attn, x, lengths)
-        (g,) = torch.autograd.grad(y, x, grad)
-        out.append((y, g))
-    (y_ref, g_ref), (y_pad, g_pad) = out
-    assert torch.allclose(y_pad, y_ref, atol=1e-6) and torch.allclose(g_pad, g_ref, atol=1e-6)
-    # and per sample, against plain attention over that sample alone
-    for part, n in zip(y_pad.split(lengths), x.split(lengths)):
-        assert torch.allclose(part, attn(n.unsqueeze(0)).squeeze(0), atol=1e-6)
+    (g,) = torch.autograd.grad(haltingvt.packed_attention(attn, x, lengths), x, grad)
+    for y, part, dy, dx in zip(haltingvt.packed_attention(attn, x, lengths).split(lengths), x.split(lengths),
+                               grad.split(lengths), g.split(lengths)):
+        ref = attn(part.unsqueeze(0)).squeeze(0)
+        assert torch.allclose(y, ref, atol=1e-6)
+        assert torch.allclose(dx, torch.autograd.grad(ref, part, dy)[0], atol=1e-6)
 
 
 class DataDependentOps(TorchDispatchMode):
     """Records the ops whose result a GPU would have to send back to the host before the next launch: shapes
     that depend on values (nonzero, boolean indexing, unique, repeat_interleave without its output size),
     Python scalars (item, bool(tensor)) and tensors built from host data (torch.tensor(list), which then goes
-    to the device; haltingvt.to_device, which sends it from pinned memory without waiting, is let through).
-    `.tolist()` does not pass through this mode."""
+    to the device). `.tolist()` does not pass through this mode."""
 
     SYNCING = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
                "aten.masked_select.default", "aten.unique_consecutive.default", "aten._unique2.default",
@@ -930,33 +984,25 @@ class DataDependentOps(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.seen, self.trusted = [], False
+        self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         bool_index = func is torch.ops.aten.index.Tensor and any(
             i is not None and i.dtype == torch.bool for i in args[1])
         unsized = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
-        if (str(func) in self.SYNCING or bool_index or unsized) and not self.trusted:
+        if str(func) in self.SYNCING or bool_index or unsized:
             self.seen.append(str(func))
         return func(*args, **kwargs)
 
 
-def test_drop_mode_reads_nothing_back_but_the_token_counts(monkeypatch):
+def test_drop_mode_reads_nothing_back_but_the_token_counts():
     """Drop mode's bookkeeping stays on the device: no value-dependent shape, no Python scalar, no host-built
     tensor in a whole forward, nor in training with stochastic depth and the backward (its one read-back per
     layer, the token counts, goes through .tolist()). On a GPU each of these drains the launch queue: eight of
     them per layer halved the speed on an H200 (README)."""
     model, video = diverse_model()
     ops = DataDependentOps()
-
-    def trusted(ints, device):
-        ops.trusted = True
-        try:
-            return to_device(ints, device)
-        finally:
-            ops.trusted = False
-    monkeypatch.setattr(haltingvt, "to_device", trusted)
     with torch.no_grad(), ops:
         out = model(video, drop_halted=True)
     assert (out.tokens_per_layer[:, -1] < out.tokens_per_layer[:, 2]).all()  # tokens did halt and leave
