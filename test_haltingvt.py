@@ -172,6 +172,29 @@ def test_model_halts_where_the_sum_is_exactly_1_minus_eps(eps, depth, remainder)
         assert torch.equal(out.ponder, torch.full((2,), depth + remainder))  # Eq. (5)
 
 
+def test_release_compat_halts_only_past_1_minus_eps():
+    """The same tie with the release-compatible forward: the release halts on `> 1 - eps`, so a sum that lands on
+    1 - eps = 0.5 exactly at layer 1 runs one layer more, and halts at layer 2 with remainder 1 - 0.5."""
+    depth, remainder = 2, 0.5
+    cfg = HaltingVTConfig.tiny(glimpser_depth=0, depth=3, gamma=2.0, beta=1.5, eps=0.5, release_compat=True)
+    model = HaltingVT(cfg)
+    with torch.no_grad():
+        for blk in model.joint.blocks:
+            for layer in (blk.attn.proj, blk.mlp.fc2):
+                layer.weight.zero_(), layer.bias.zero_()
+        model.patch_embed.proj.weight[0] = 0.0
+        model.patch_embed.proj.bias[0] = 0.75
+        model.cls_token[..., 0] = 0.75
+        model.pos_embed[..., 0] = 0.0
+    video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    for training in (True, False):
+        with torch.no_grad():
+            out = model.train(training)(video)
+        assert (out.halt_scores[0] == 0.5).all()
+        assert (out.halt_depth == depth).all() and (out.remainder == remainder).all(), training
+        assert torch.equal(out.ponder, torch.full((2,), depth + remainder))  # Eq. (5)
+
+
 def test_model_halting_invariants_and_loop_agrees_with_halting_weights():
     model, video = diverse_model()
     model.train()  # every token halts on its own scores (Eqs. 3, 4)
