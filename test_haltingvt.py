@@ -148,12 +148,9 @@ def test_halting_weights_edge_cases(scores, eps, depth):
     assert weights.sum().item() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("eps, depth, remainder", [(0.5, 1, 1.0), (0.0, 2, 0.5)])
-def test_model_halts_where_the_sum_is_exactly_1_minus_eps(eps, depth, remainder):
-    """The model's own halting path at a tie: every token scores exactly 0.5 in every layer (channel 0 is 0.75
-    everywhere, layers that leave x unchanged, gamma 2 and beta 1.5: sigmoid(0)), so the running sum lands on
-    1 - eps exactly, at layer 1 for eps 0.5 and at layer 2 for eps 0. Eq. (3) halts there (>=, not >)."""
-    cfg = HaltingVTConfig.tiny(glimpser_depth=0, depth=3, gamma=2.0, beta=1.5, eps=eps)
+def tie_model(cfg):
+    """A model whose tokens all score sigmoid(2 * 0.75 - 1.5) = 0.5 in every layer (gamma 2, beta 1.5): channel 0
+    is 0.75 everywhere and every layer leaves x unchanged."""
     model = HaltingVT(cfg)
     with torch.no_grad():
         for blk in model.joint.blocks:
@@ -163,6 +160,16 @@ def test_model_halts_where_the_sum_is_exactly_1_minus_eps(eps, depth, remainder)
         model.patch_embed.proj.bias[0] = 0.75
         model.cls_token[..., 0] = 0.75
         model.pos_embed[..., 0] = 0.0
+    return model
+
+
+@pytest.mark.parametrize("eps, depth, remainder", [(0.5, 1, 1.0), (0.0, 2, 0.5)])
+def test_model_halts_where_the_sum_is_exactly_1_minus_eps(eps, depth, remainder):
+    """The model's own halting path at a tie: every token scores exactly 0.5 in every layer (channel 0 is 0.75
+    everywhere, layers that leave x unchanged, gamma 2 and beta 1.5: sigmoid(0)), so the running sum lands on
+    1 - eps exactly, at layer 1 for eps 0.5 and at layer 2 for eps 0. Eq. (3) halts there (>=, not >)."""
+    cfg = HaltingVTConfig.tiny(glimpser_depth=0, depth=3, gamma=2.0, beta=1.5, eps=eps)
+    model = tie_model(cfg)
     video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
     for training, drop in [(True, False), (True, True), (False, False), (False, True)]:
         with torch.no_grad():
@@ -177,15 +184,7 @@ def test_release_compat_halts_only_past_1_minus_eps():
     1 - eps = 0.5 exactly at layer 1 runs one layer more, and halts at layer 2 with remainder 1 - 0.5."""
     depth, remainder = 2, 0.5
     cfg = HaltingVTConfig.tiny(glimpser_depth=0, depth=3, gamma=2.0, beta=1.5, eps=0.5, release_compat=True)
-    model = HaltingVT(cfg)
-    with torch.no_grad():
-        for blk in model.joint.blocks:
-            for layer in (blk.attn.proj, blk.mlp.fc2):
-                layer.weight.zero_(), layer.bias.zero_()
-        model.patch_embed.proj.weight[0] = 0.0
-        model.patch_embed.proj.bias[0] = 0.75
-        model.cls_token[..., 0] = 0.75
-        model.pos_embed[..., 0] = 0.0
+    model = tie_model(cfg)
     video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
     for training in (True, False):
         with torch.no_grad():
