@@ -363,7 +363,14 @@ def read_all_frames(path, *, short_side=None):
     return _read(path, range, short_side)
 
 
-_WARNED = set()  # the damaged files already named in a warning: one line per file and process, not per epoch
+_WARNED = set()  # the files already named in a warning: one line per file and process, not one per epoch
+
+
+def _warn_once(path, message, *args):
+    """logging.warning(message, *args) the first time this process warns about `path` (a video or frame folder)."""
+    if str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        logging.warning(message, *args)
 
 
 def _read(path, choose, short_side, stats=None):
@@ -395,9 +402,8 @@ def _read(path, choose, short_side, stats=None):
         notes = [f"{len(clip.lost)} of the {len(clip.slots)} frames read could not be decoded and show their "
                  f"nearest decodable neighbour ({clip.damaged} damaged packets skipped)"] if clip.lost else []
         notes += [f"nothing decodes after frame {good - 1} of {n}, so the video ends there"] if good < n else []
-        if notes and str(path) not in _WARNED:
-            _WARNED.add(str(path))
-            logging.warning("%s: %s", path, "; ".join(notes))
+        if notes:
+            _warn_once(path, "%s: %s", path, "; ".join(notes))
         if stats is not None:
             stats.update(frames=n, decoded=decoded, lost=sum(len(clip.slots[k]) for k in clip.lost),
                          minimum=None if index is None else _seek_minimum(index, indices))
@@ -406,7 +412,6 @@ def _read(path, choose, short_side, stats=None):
 
 # mmaction2's frame folders (RawframeDataset): frame_dir/img_00001.jpg, img_00002.jpg, ...
 FRAME_TEMPLATE = "img_{:05}.jpg"
-_MISCOUNTED = set()  # frame folders whose listed frame count was found wrong, already logged (once per process)
 
 
 def count_frame_files(folder, template=FRAME_TEMPLATE, start_index=1, listed=None):
@@ -424,10 +429,9 @@ def count_frame_files(folder, template=FRAME_TEMPLATE, start_index=1, listed=Non
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if present(mid) else (lo, mid)
         n = lo
-    if listed and (n < listed or present(listed)) and folder not in _MISCOUNTED:
-        _MISCOUNTED.add(folder)
-        logging.warning("%s: the list says %d frames, the folder holds %s; sampling from the first %d", folder,
-                        listed, n if n < listed else "more", n)
+    if listed and (n < listed or present(listed)):
+        _warn_once(folder, "%s: the list says %d frames, the folder holds %s; sampling from the first %d", folder,
+                   listed, n if n < listed else "more", n)
     return n
 
 
