@@ -14,6 +14,7 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py --data     # training samples per second from a short and a long video, frames decoded per clip
     python bench.py --step     # the sanity run's training step by part (data, forward, backward, optimiser)
     python bench.py --busy     # that step at 1 and 2 threads, quiet and beside two CPU-bound processes
+    python bench.py --sanity   # `python train.py` itself: seeds 0, 1, 2 one after the other, then seed 0 when busy
     python bench.py --ablation [train.py flags]   # Tables 1 and 2 on the demo set: runs/ablation/ablation.md
 
 Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
@@ -31,6 +32,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -484,15 +486,19 @@ def demo_step(folder: Path, flags=()):
 
 
 def step_main(args, result: dict) -> dict:
-    """--step: the median ms of each part of the sanity run's step over --repeats steps (after one warm-up)."""
+    """--step: the median ms of each part of the sanity run's step over --repeats steps (after one warm-up), at
+    --threads or, as train.py, at the cores other processes leave idle."""
+    if not args.threads:
+        torch.set_num_threads(train.cpu_threads(train.parse_args([]), world=1)[0])
     step = demo_step(args.data_dir)
     step()
     runs = [step() for _ in range(args.repeats or 5)]
     ms = {part: statistics.median(r[part] for r in runs) * 1e3 for part in STEP_PARTS}
     result["step_ms"] = {**ms, "total": statistics.median(sum(r.values()) for r in runs) * 1e3}
-    # what OpenMP read as torch loaded: bench.py loads torch before train.py can set its default
-    result["omp_wait_policy"] = train.OMP_WAIT_POLICY_GIVEN or "unset (OpenMP's default: spin, then sleep)"
-    print(f"the sanity run's step (no halting: the warm-up's), OMP_WAIT_POLICY {result['omp_wait_policy']}:")
+    result["threads"] = torch.get_num_threads()
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY") or "unset (OpenMP's default: spin, then sleep)"
+    print(f"the sanity run's step (no halting: the warm-up's), {result['threads']} threads, OMP_WAIT_POLICY "
+          f"{result['omp_wait_policy']}:")
     for part, t in result["step_ms"].items():
         print(f"  {part:<32}{t:>8.1f} ms {t / result['step_ms']['total']:>5.0%}")
     if args.json:
@@ -500,17 +506,18 @@ def step_main(args, result: dict) -> dict:
     return result
 
 
-# (name, torch threads, OMP_WAIT_POLICY or None for OpenMP's default, which spins before it sleeps)
+# (name, torch threads (None: train.py's choice, the cores other processes leave idle), OMP_WAIT_POLICY or None
+# for OpenMP's default, which spins a little before it sleeps)
 BUSY_SETTINGS = [("2 threads, spinning waits", 2, None), ("2 threads, passive waits", 2, "PASSIVE"),
-                 ("1 thread", 1, "PASSIVE")]
+                 ("1 thread", 1, None), ("train.py's choice", None, None)]
 
 
 def step_ms_in_child(threads: int, policy, repeats: int, folder: Path) -> float:
     """The sanity run's median step (--step) in a fresh process: OpenMP reads its waiting policy once, at start."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env.update({"OMP_WAIT_POLICY": policy} if policy else {})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", "--json", "--threads", str(threads),
-           "--repeats", str(repeats), "--data-dir", str(folder)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", "--json", "--repeats", str(repeats),
+           "--data-dir", str(folder), *(["--threads", str(threads)] if threads else [])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["step_ms"]["total"]
 
@@ -541,6 +548,39 @@ def busy_main(args, result: dict) -> dict:
           "processes)")
     for r in result["busy"]:
         print(f"{r['setting']:<28}{r['quiet_ms']:>10.0f}{r['busy_ms']:>10.0f}{r['ratio']:>7.2f}")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+def sanity_run(seed: int, folder: Path) -> dict:
+    """`python train.py --seed N` in a fresh process, in the environment as given, its demo set written afresh:
+    its wall seconds (start-up, the demo set and evaluation included) and its final metrics."""
+    out, demo = folder / f"seed{seed}", folder / "demo"
+    for path in (out, demo):
+        shutil.rmtree(path, ignore_errors=True)
+    cmd = [sys.executable, str(Path(train.__file__).resolve()), "--seed", str(seed), "--out", str(out),
+           "--demo-root", str(demo)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return dict(seed=seed, wall_s=time.perf_counter() - t0, **json.loads((out / "final.json").read_text()))
+
+
+def sanity_main(args, result: dict) -> dict:
+    """--sanity: the sanity run whole for each of --seeds, one after the other, then the first seed again beside
+    two CPU-bound processes; its busy / quiet wall time is what a shared machine costs it."""
+    quiet = [sanity_run(seed, args.data_dir) for seed in args.seeds]
+    with busy(2):
+        loaded = sanity_run(args.seeds[0], args.data_dir)
+    result["sanity"] = dict(quiet=quiet, busy=loaded, busy_ratio=loaded["wall_s"] / quiet[0]["wall_s"])
+    print(table_line(("seed", "wall time", "val top-1 / top-5", "motion acc.", "GFLOPs/video (x dense)",
+                      "mean halting depth", "tokens halting at joint layer 1..L")))
+    for r in quiet + [loaded]:
+        busy_note = f" ({r['wall_s'] / quiet[0]['wall_s']:.2f}x, busy)" if r is loaded else ""
+        print(table_line((str(r["seed"]), f"{r['wall_s']:.0f} s{busy_note}", f"{r['val_top1']:.3f} / {r['val_top5']:.3f}",
+                          f"{r['val_motion_acc']:.3f}",
+                          f"{r['val_gflops']:.4f} ({r['val_gflops'] / r['dense_gflops']:.2f}x)",
+                          f"{r['halt_depth_mean']:.2f}", ", ".join(f"{h:.2f}" for h in r["halt_depth_hist"]))))
     if args.json:
         print(json.dumps(result))
     return result
@@ -711,6 +751,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--step", action="store_true", help="instead: the sanity run's training step by part, data included")
     a("--busy", action="store_true", help="instead: the sanity run's step at 1 and 2 threads, quiet and beside two "
                                           "CPU-bound processes (each setting in a fresh process)")
+    a("--sanity", action="store_true", help="instead: `python train.py` whole, one --seeds after the other (each "
+                                            "writing its demo set), then the first beside two CPU-bound processes")
+    a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--sanity: the seeds (default 0 1 2)")
     a("--ablation", action="store_true", help="instead: paper Tables 1 and 2, one train.py run per row "
                                               "(bench.py --ablation --help)")
     a("--repeats", type=int, default=None, help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run "
@@ -742,8 +785,8 @@ def main(argv=None):
     base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
     if args.data:
         return data_main(args, result)
-    if args.step or args.busy:
-        return (step_main if args.step else busy_main)(args, result)
+    if args.step or args.busy or args.sanity:
+        return (step_main if args.step else busy_main if args.busy else sanity_main)(args, result)
     if args.profile:
         mm_seconds = profile_main(args, result, base, device, repeats, mm, mm_flops)
     elif args.train:

@@ -2480,24 +2480,49 @@ def test_train_threads_come_from_the_flag_then_the_environment_then_the_cores(mo
     assert train.cpu_threads(train.parse_args([]), world=2)[0] == max(1, os.cpu_count() // 2)
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert train.cpu_threads(train.parse_args([]), world=2)[0] == max(1, os.cpu_count() // 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with caplog.at_level(logging.INFO, logger="train"):
-        train.log_threads(train.parse_args(["--threads", "1"]), 1, torch.device("cpu"))
-    assert "CPU: 1 torch threads (--threads), OMP_WAIT_POLICY=" in caplog.text
+        assert train.set_threads(train.parse_args(["--threads", "1"]), 1) is None  # a fixed count: no second look
+    assert "CPU: 1 torch threads (--threads); OpenMP waiting: OMP_WAIT_POLICY=ACTIVE" in caplog.text
 
 
-@pytest.mark.parametrize("given", [None, "ACTIVE"])
-def test_train_sets_openmp_waiting_before_torch_loads_and_the_environment_wins(given):
-    # OpenMP reads OMP_WAIT_POLICY once, as torch loads it: record the value at torch's own import
-    probe = ("import builtins, os; real = builtins.__import__; seen = []\n"
-             "def spy(name, *a, **k):\n"
-             "    if name == 'torch' and not seen: seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
-             "    return real(name, *a, **k)\n"
-             "builtins.__import__ = spy; import train; print(seen[0])")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update({"OMP_WAIT_POLICY": given} if given else {})
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(train.__file__).parent)
-    assert out.stdout.strip() == (given or "PASSIVE")
+def test_train_threads_follow_the_cores_other_processes_leave_idle(tmp_path, monkeypatch, caplog):
+    """Without --threads or OMP_NUM_THREADS, one process runs as many threads as the cores that the other
+    processes left idle (from /proc/stat, this process's own CPU time taken out), at least 1, and looks again."""
+    stat, clock, hz = tmp_path / "stat", {}, os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(train, "PROC_STAT", stat)
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+
+    def at(busy, own, wall):  # the machine's busy core-seconds (half user, half system), this process's, the clock
+        stat.write_text(f"cpu  {busy * hz / 2:.0f} 7 {busy * hz / 2:.0f} {999 * hz} {3 * hz} 0 0 0 0 0\ncpu0 1 2\n")
+        monkeypatch.setattr(train.time, "process_time", lambda: own)
+        monkeypatch.setattr(train.time, "monotonic", lambda: wall)
+        return train.cpu_seconds()
+
+    args, since = train.parse_args([]), at(busy=100, own=5, wall=10)
+    for busy, own, expect in ((0.3, 0.0, 4), (3.6, 1.0, 1), (3.2, 0.5, 1), (1.7, 0.0, 2), (4.0, 0.1, 1)):
+        at(busy=100 + busy, own=5 + own, wall=11)  # one second later
+        assert train.idle_cores(since) == pytest.approx(4 - (busy - own), abs=2 / hz)
+        assert train.cpu_threads(args, 1, since)[0] == expect, (busy, own)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="train"):
+            at(busy=100, own=5, wall=10)
+            since = train.set_threads(args, 1)  # looks over 0.2 s: nothing else ran -> all 4 cores
+            assert torch.get_num_threads() == 4 and since == train.cpu_seconds()
+            at(busy=100 + 3.5, own=5 + 0.8, wall=11)
+            assert train.set_threads(args, 1, since) and torch.get_num_threads() == 1
+        said = [r.getMessage() for r in caplog.records]
+        assert said == ["CPU: 4 torch threads (4 cores, 0.0 busy with other processes); OpenMP waiting: OpenMP's "
+                        "default (spin a little, then sleep)",
+                        "CPU: 1 torch threads from now on (4 cores, 2.7 busy with other processes)"]
+    finally:
+        torch.set_num_threads(before)
+    stat.unlink()  # not Linux: the cores, shared by the local processes, and no second look
+    assert train.cpu_threads(args, 1) == (4, "4 cores / 1 process(es)") and train.set_threads(args, 1) is None
+    torch.set_num_threads(before)
 
 
 def test_train_randaugment_on_for_real_data_off_in_the_demo_and_the_flag_wins(demo, monkeypatch):
@@ -2571,11 +2596,19 @@ def test_train_average_precision():
     assert losses.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
-def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog):
+def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
-    metrics = train.main(small_run(demo, tmp_path, "--epochs", "2"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the threads are train.py's choice: it looks again
+    looks, set_threads, threads = [], train.set_threads, torch.get_num_threads()
+    monkeypatch.setattr(train, "set_threads", lambda *a: looks.append(a[2:]) or set_threads(*a))
+    try:
+        metrics = train.main(small_run(demo, tmp_path, "--epochs", "2"))
+    finally:
+        torch.set_num_threads(threads)
+    if train.cpu_seconds():  # Linux: before training, then after each epoch from where the last look ended
+        assert len(looks) == 3 and looks[0] == () and all(len(since[0]) == 3 for since in looks[1:])
     said = [r.getMessage() for r in caplog.records if r.name == "train"]
-    assert said[0].startswith("CPU: ") and " torch threads (" in said[0] and "OMP_WAIT_POLICY=" in said[0]
+    assert said[0].startswith("CPU: ") and " torch threads (" in said[0] and "OpenMP waiting: " in said[0]
     assert said[1] == f"outputs: {tmp_path} (metrics.jsonl, last.pt, best.pt, final.json)"
     warm = train.DEMO_PRESET["halting_warmup"]
     assert f"halting warm-up: no halting nor ponder loss until epoch {warm / 2:g}, then both rise to full by " \

@@ -36,21 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-# OpenMP reads its waiting policy once, when torch loads it, so it is chosen here, before the import (a value in
-# the environment wins). PASSIVE: a thread waiting for work sleeps instead of spinning. On a shared CPU the
-# default spinning burns the cycles the working thread needs (bench.py --busy: "The sanity run" in README).
-OMP_WAIT_POLICY_GIVEN = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+import torch.distributed as dist
 
-import numpy as np  # noqa: E402 (after the OpenMP setting above)
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import checkpoints  # noqa: E402
-import data  # noqa: E402
-import losses  # noqa: E402
-from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops  # noqa: E402
-from losses import haltingvt_loss  # noqa: E402
+import checkpoints
+import data
+import losses
+from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops
+from losses import haltingvt_loss
 
 log = logging.getLogger("train")
 
@@ -309,29 +303,66 @@ def setup_distributed(args):
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(args, world)[0])
     return rank, world, device
 
 
-def cpu_threads(args, world: int) -> tuple:
-    """(torch threads per process, where the number came from): --threads; else OMP_NUM_THREADS for a single
-    process (torchrun sets it to 1 for every process it starts); else the cores shared by the local processes."""
+# CPU threads. At the sanity run's sizes a step is many small operations, each split over the threads, which then
+# wait for each other. On an idle machine 2 threads are the fastest on 2 cores, with OpenMP's default waiting (a
+# waiting thread spins a little before it sleeps: PASSIVE waits cost about a third more time). Beside other
+# CPU-bound processes, though, a thread that waits for a preempted partner spins on a core they need: 2 threads
+# took 3.8x their idle time beside two busy loops, 1 thread far less (bench.py --busy, README "The sanity run").
+# So train.py runs as many threads as the cores other processes leave idle, looked at before training and again
+# after every epoch. Linux only (/proc/stat); elsewhere, and with --threads or OMP_NUM_THREADS, the count is fixed.
+PROC_STAT = Path("/proc/stat")
+
+
+def cpu_seconds() -> Optional[tuple]:
+    """(seconds the machine's cores have been busy since boot, CPU seconds of this process, wall seconds), or None
+    where PROC_STAT cannot be read."""
+    try:
+        ticks = [int(v) for v in PROC_STAT.read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # user nice system idle iowait irq softirq steal: all but idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
+
+
+def idle_cores(since: tuple) -> float:
+    """Cores that other processes left idle since `since` (cpu_seconds()); this process's own use counts as idle."""
+    busy, own, wall = (now - then for now, then in zip(cpu_seconds(), since))
+    return (os.cpu_count() or 1) - max(0.0, busy - own) / max(wall, 1e-3)
+
+
+def cpu_threads(args, world: int, since: Optional[tuple] = None) -> tuple:
+    """(torch threads per process, why): --threads; else OMP_NUM_THREADS for one process (torchrun sets it to 1 in
+    each process it starts); else, for one process, the cores other processes left idle since `since`
+    (cpu_seconds(); None: over the next 0.2 s), at least 1; else the cores shared by the local processes."""
     if args.threads:
         return args.threads, "--threads"
     if world == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return max(1, (os.cpu_count() or 1) // local_world), f"{os.cpu_count()} cores / {local_world} process(es)"
+    cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world == 1 and since is None and (since := cpu_seconds()):
+        time.sleep(0.2)
+    if world == 1 and since:
+        idle = idle_cores(since)
+        return max(1, min(cores, round(idle))), f"{cores} cores, {cores - idle:.1f} busy with other processes"
+    return max(1, cores // local_world), f"{cores} cores / {local_world} process(es)"
 
 
-def log_threads(args, world: int, device):
-    """The log's first line on a CPU: the threads and OpenMP's waiting policy, and who chose each."""
-    if device.type == "cpu":
-        threads, source = cpu_threads(args, world)
-        given = "from the environment" if OMP_WAIT_POLICY_GIVEN else "train.py's default; the environment's wins"
-        log.info("CPU: %d torch threads (%s), OMP_WAIT_POLICY=%s (%s)", threads, source,
-                 os.environ.get("OMP_WAIT_POLICY"), given)
+def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tuple]:
+    """Set torch's CPU threads (cpu_threads), logged: with OpenMP's waiting policy the first time (the log's first
+    line), and later when the count changes. Returns the cpu_seconds() to look again from after an epoch, or None
+    when the count is fixed (--threads, OMP_NUM_THREADS, several processes, no PROC_STAT)."""
+    threads, why = cpu_threads(args, world, since)
+    if since is None:
+        policy = os.environ.get("OMP_WAIT_POLICY")
+        log.info("CPU: %d torch threads (%s); OpenMP waiting: %s", threads, why,
+                 f"OMP_WAIT_POLICY={policy}" if policy else "OpenMP's default (spin a little, then sleep)")
+    elif threads != torch.get_num_threads():
+        log.info("CPU: %d torch threads from now on (%s)", threads, why)
+    torch.set_num_threads(threads)
+    return cpu_seconds() if "busy with other processes" in why else None
 
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -485,6 +516,7 @@ class RunState:
     step: int = 0  # steps taken in all
     best: Optional[float] = None  # best val top-1 (or mAP) since the halting warm-up (record)
     start_step: int = 0  # the step this process started from, for the time left
+    cpu_since: Optional[tuple] = None  # where the next look at the idle cores starts from (set_threads)
     t0: float = field(default_factory=time.time)
 
     def epochs_done(self) -> float:
@@ -506,6 +538,8 @@ def fit(s: RunState, train_set, val_loader) -> dict:
     with StopFlag() as stop:
         while s.epoch < last_epoch:
             train_loss = train_epoch(s, train_set, stop)
+            if s.cpu_since:  # the CPU threads follow the cores other processes leave idle
+                s.cpu_since = set_threads(args, s.world, s.cpu_since)
             save(s, out / "last.pt")
             if train_loss is None:
                 raise stopped(s, stop.signum, "training")
@@ -793,7 +827,8 @@ def processes(args):
     rank, world, device = setup_distributed(args)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    log_threads(args, world, device)
+    if device.type == "cpu":
+        set_threads(args, world)
     try:
         yield rank, world, device
         if dist.is_initialized():
@@ -844,7 +879,7 @@ def run(args, rank, world, device) -> dict:
         raise UsageError(f"--batch-size {args.batch_size}: the training set has {plural(len(train_set), 'video')}, "
                          f"fewer than one batch per process x {plural(world, 'process', 'processes')}")
     s = RunState(args, model, build_optimizer(model, args), cfg, device, rank, world, num_classes, classes,
-                 steps_per_epoch)
+                 steps_per_epoch, cpu_since=cpu_seconds() if device.type == "cpu" else None)
     start(s)
     log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %s, %s",
              cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
