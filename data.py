@@ -3,11 +3,12 @@
 Axis letters: B batch, C channels (RGB), T frames of a clip, H height, W width, n frames of a whole video.
 A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per clip, (B, C, T, H, W) per batch.
 
-One training sample (paper Sec. 4.1 and 3.4): 1) `sample_indices`: a frame from each of T equal segments (TSN);
-2) `read_clip` (`read_frames` for frame folders): decode just those, upright, in the video's colours, scaled down
-while decoding; 3) `train_transform`: random short-side rescale, one random crop for all frames, RandAugment,
-[-1, 1]; 4) `make_motion_pair`: the real clip (motion label 1) and a fake, one frame repeated T times (label 0);
-5) `collate`: B pairs -> 2B clips. Evaluation: segment centres, short-side resize, centre crop, one clip a video.
+One training sample (paper Sec. 4.1 and 3.4):
+ 1) `sample_indices`: one frame from each of T equal segments (TSN), or the release's T frames I apart;
+ 2) `read_clip` (`read_frames`: frame folders): decode just those, upright, in the video's colours, scaled down;
+ 3) `train_transform`: random short-side rescale, one random crop for all frames, RandAugment, to [-1, 1];
+ 4) `make_motion_pair`: the real clip (motion label 1) and a fake, one of its frames repeated T times (label 0);
+ 5) `collate`: B pairs -> 2B clips. Evaluation: segment centres, short-side resize, centre crop.
 """
 import bisect
 import collections
@@ -59,8 +60,7 @@ def sample_indices(n_frames, num_frames, train, rng=None, frame_interval=None):
 
 @contextlib.contextmanager
 def _errors_name(path):
-    """Any failure while reading `path` as a VideoDecodeError naming it: a damaged file can also fail in numpy or
-    the frame conversion (odd sizes, a resolution change), and a dataset must be able to skip it."""
+    """Any failure while reading `path` (PyAV's, numpy's, ...) as a VideoDecodeError naming it, for datasets to skip."""
     try:
         yield
     except VideoDecodeError:
@@ -95,8 +95,7 @@ def _count(packets):
 
 
 def count_frames(path):
-    """Number of frames of the video at `path` as a full decode shows them, from its packets, nothing decoded (the
-    header's count can be 0 or wrong: a truncated file keeps it; a stream-copy cut counts its hidden pre-roll)."""
+    """The frames of the video at `path` as a decode shows them, counted from its packets (headers can be wrong)."""
     with _errors_name(path), av.open(str(path)) as container:
         return _count(_demux(container, path)[1])
 
@@ -110,14 +109,10 @@ def _frame_index(packets):
         return None
     keys = [pos for pos, p in enumerate(packets) if p.keyframe and p.pts is not None]
     start = []
-    for pts, pos in shown:
-        i = bisect.bisect_right(keys, pos) - 1
-        while i >= 0 and packets[keys[i]].pts > pts:
-            i -= 1
-        if i < 0:
-            return None
-        start.append(keys[i])
-    return [pts for pts, _ in shown], [pos for _, pos in shown], start
+    for pts, pos in shown:  # the last keyframe before the frame's packet that is not shown later than it
+        before = (keys[i] for i in range(bisect.bisect_right(keys, pos) - 1, -1, -1))
+        start.append(next((k for k in before if packets[k].pts <= pts), None))
+    return None if None in start else ([pts for pts, _ in shown], [pos for _, pos in shown], start)
 
 
 class _SeekMissed(Exception):
@@ -172,8 +167,7 @@ def _decode_seeking(container, stream, packets, index, clip):
 
 
 def _decode_packet(packet, clip):
-    """The frames the decoder gives for `packet`; none for a damaged one, counted in clip.damaged. Decoding goes on,
-    as FFmpeg's tools do: frames that refer to it come out concealed, only its own is lost."""
+    """The frames of `packet`; none if damaged (counted in clip.damaged): decoding goes on, as FFmpeg's tools do."""
     try:
         return packet.decode()
     except av.error.FFmpegError:
@@ -362,12 +356,10 @@ def read_frames(folder, num_frames, train=False, rng=None, *, total_frames=None,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Transforms: uint8 (T, H, W, 3) -> float (C, T, H, W). No horizontal flip: the demo's classes include "move left"
-# and "move right" (and Kinetics has left/right-sensitive classes too), and a flip would swap them.
+# Transforms: uint8 (T, H, W, 3) -> float (C, T, H, W). No horizontal flip: it would swap left and right classes.
 
 def resize_short_side(x, short_side):
-    """Bilinear resize of frames (T, C, H, W), uint8 or float, so that min(H, W) == short_side, keeping the aspect
-    ratio; `x` itself when it already has that size."""
+    """Frames (T, C, H, W), uint8 or float, bilinear-resized so that min(H, W) == short_side (`x` if it is)."""
     size = _short_side_size(*x.shape[-2:], short_side)
     if size == tuple(x.shape[-2:]):
         return x
@@ -427,8 +419,7 @@ def train_transform(clip, size, scale, rng=None, randaugment=False):
 
 
 def eval_transform(clip, size, short_side):
-    """Evaluation (paper Sec. 4.1), uint8 (T, H, W, 3) -> float (C, T, size, size): short side to `short_side`,
-    centre crop, normalised."""
+    """Evaluation (Sec. 4.1), uint8 (T, H, W, 3) -> float (C, T, size, size): short side `short_side`, centre crop."""
     h, w = _short_side_size(*clip.shape[1:3], short_side)  # the size after the resize
     return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))
 
@@ -519,13 +510,10 @@ def read_class_folders(root, classes=None):
 def find_listed_files(source, samples, on_error="skip"):
     """The `samples` of the list file `source` whose files exist, as spelled on disk (`_respelled`); the missing
     named in one warning, or a FileNotFoundError with on_error="raise" or none left (a wrong --root stops a run)."""
-    found, missing, listings = [], [], {}
-    for path, *rest in samples:  # rest: labels (and a frame folder's listed count)
-        on_disk = path if path.exists() else _respelled(path, listings)
-        if on_disk is None:
-            missing.append(path)
-        else:
-            found.append((on_disk, *rest))
+    listings = {}
+    on_disk = [path if path.exists() else _respelled(path, listings) for path, *_ in samples]
+    found = [(disk, *rest) for disk, (_, *rest) in zip(on_disk, samples) if disk is not None]  # rest: labels, ...
+    missing = [path for disk, (path, *_) in zip(on_disk, samples) if disk is None]
     if missing:
         message = (f"{source}: {len(missing)} of the {len(samples)} listed files do not exist, e.g. "
                    f"{[str(path) for path in missing[:5]]}")
@@ -553,10 +541,9 @@ def _respelled(path, listings):
 
 
 def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None, rawframes=False):
-    """(samples, class names or None, num_classes) from a list file or class folders (labelled by name with
-    `classes`, the training set's). num_classes defaults to the classes' count or the largest label + 1. ValueError
-    for no videos, multi-label folders, too many classes, or a folder count without `classes` that is not
-    num_classes (a missing folder would shift every later label onto another class)."""
+    """(samples, class names or None, num_classes) from a list file or class folders (named by `classes`, the
+    training set's, if given); num_classes: by default the classes' count or the largest label + 1. ValueError for
+    no videos, multi-label or uncounted folders (a missing folder would shift every later label), too many classes."""
     source = Path(source)
     if classes is not None and num_classes is None:
         num_classes = len(classes)  # every label must name a class
@@ -604,8 +591,7 @@ def class_names(dataset, source) -> Optional[list]:
 
 
 def log_labels_by_index(train_source, val_source, train, val):
-    """Say so when one of the training and validation sets is a list file and the other class folders: labels
-    then match by index, not name."""
+    """Log it when one of the training and validation sets is a list file, the other class folders: labels by index."""
     if train.classes is None and val.classes is not None:
         logging.warning("labels by index: the training list file %s names no classes, so the class folders of %s "
                         "are numbered in sorted order (%r is 0)", train_source, val_source, val.classes[0])
@@ -618,10 +604,9 @@ class VideoDataset(torch.utils.data.Dataset):
     """Clips from a list file (`rawframes`: of frame folders) or class folders `root/<class>/<video>` (load_samples).
     A sample: "video" float (C, T, H, W), "label" (int, or multi-hot float (num_classes,)), "skipped" (bad videos
     passed over) and, for Motion Loss pairs (training by default), "fake". A bad video: on_error="raise" lets the
-    VideoDecodeError through; "skip" logs it once, and training takes the next video while evaluation leaves it
-    out ({"skipped": [path]}) so none counts twice. Randomness is seeded by (seed, epoch, index), whatever the
-    workers: call `set_epoch` every epoch. cache=True keeps every decoded frame, for the short demo videos.
-    Defaults follow the paper's 256-320 / 224 and 256 / 224."""
+    VideoDecodeError through; "skip" logs it once, training takes the next video, evaluation leaves it out so none
+    counts twice. Randomness is seeded by (seed, epoch, index), whatever the workers: call `set_epoch` each epoch.
+    cache=True keeps every decoded frame, for the short demo videos. Defaults: the paper's 256-320 / 224, 256 / 224."""
 
     def __init__(self, source, root=None, *, num_frames, img_size, train, short_side=None, scale=None,
                  multi_label=False, num_classes=None, on_error="skip", randaugment=False, seed=0, cache=False,
@@ -654,8 +639,7 @@ class VideoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def set_epoch(self, epoch):
-        """New random sampling and augmentation each epoch (like DistributedSampler.set_epoch)."""
+    def set_epoch(self, epoch):  # new random sampling and augmentation each epoch (as DistributedSampler's)
         self.epoch = epoch
 
     def _clip(self, path, rng):
@@ -685,25 +669,19 @@ class VideoDataset(torch.utils.data.Dataset):
         target[labels] = 1.0
         return target
 
-    def _decoded(self, path, rng):
-        """uint8 (T, H, W, 3), or None for a bad video (logged the first time, then remembered in bad_files)."""
-        if path in self.bad_files:
-            return None
-        try:
-            return self._clip(path, rng)
-        except VideoDecodeError as err:
-            if self.on_error == "raise":
-                raise
-            logging.warning("skipping a bad video: %s", err)
-            self.bad_files.add(path)
-            return None
-
     def __getitem__(self, index):
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds hash the same in every process
         skipped = []
         for step in range(len(self.samples) if self.train else 1):  # training moves on to the next video
             path, labels = self.samples[(index + step) % len(self.samples)]
-            clip = self._decoded(path, rng)  # (T, H, W, 3)
+            try:
+                clip = None if path in self.bad_files else self._clip(path, rng)  # (T, H, W, 3)
+            except VideoDecodeError as err:
+                if self.on_error == "raise":
+                    raise
+                logging.warning("skipping a bad video: %s", err)  # once: then it is in bad_files
+                self.bad_files.add(path)
+                clip = None
             if clip is None:
                 skipped.append(str(path))
                 continue
@@ -740,10 +718,8 @@ def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers
     """The DataLoader of one epoch, `batch_size` videos a batch (collate). Training: train_order, so an epoch's
     samples are the same however often the run resumed, on any number of processes. Evaluation: every world-th."""
     dataset.set_epoch(epoch)
-    if train:
-        order = train_order(len(dataset), batch_size, epoch, rank, world, seed=seed, skip_samples=skip_samples)
-    else:
-        order = list(range(rank, len(dataset), world))
+    order = train_order(len(dataset), batch_size, epoch, rank, world, seed=seed, skip_samples=skip_samples) if train \
+        else list(range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=train,
                                        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
                                        worker_init_fn=_leave_signals_to_main)
