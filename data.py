@@ -102,8 +102,8 @@ def count_frames(path):
 
 def _frame_index(packets):
     """(pts, pos, start) lists: frame k (in presentation order) has timestamp pts[k], its packet at decode-order
-    position pos[k], and decodes from the keyframe at start[k], the last before it not shown later (open GOPs).
-    None when timestamps cannot tell the frames apart or a frame has no keyframe before it."""
+    position pos[k], and decodes from start[k], the last keyframe before it not shown after it (open GOPs need
+    the one before). None when timestamps cannot tell the frames apart or a frame has no keyframe before it."""
     shown = sorted((p.pts, pos) for pos, p in enumerate(packets) if not p.discard and p.pts is not None)
     if len(shown) < _count(packets) or len({pts for pts, _ in shown}) < len(shown):
         return None
@@ -141,7 +141,7 @@ def _from_keyframe(container, stream, packets, keys, pos, later):
 
 def _decode_seeking(container, stream, packets, index, clip):
     """Decode the frames `clip` wants into clip.put, seeking to the next missing frame's keyframe when it lies ahead
-    (close frames share a pass), skipping unwanted non-reference frames (bit-identical); returns packets decoded."""
+    (close frames share a pass) and skipping unwanted frames nothing refers to; returns the packets decoded."""
     pts, pos, start = index
     todo = sorted(clip.slots)  # by index, i.e. by timestamp
     number, needed = {t: k for k, t in enumerate(pts)}, {pos[k] for k in todo}
@@ -202,16 +202,15 @@ def _short_side_size(height, width, short_side):
     return max(short_side, round(height * scale)), max(short_side, round(width * scale))
 
 
-# Bilinear (antialiased when shrinking), with the colour planes interpolated at full resolution: without the
-# FULL_CHR flags FFmpeg's scaler takes shortcuts with 4:2:0 colour that cost about 4 levels on fine colour detail.
+# Bilinear, colour planes at full resolution: without FULL_CHR, FFmpeg's 4:2:0 shortcuts cost ~4 levels of colour.
 _SCALING = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
 
 
 class _Clip:
     """Frames as a player shows them, uint8 (T, H, W, 3) for the frame indices `indices`: each passes FFmpeg's
-    scaler once (RGB by its own colour matrix and range, square pixels by the aspect ratio `sar`, `short_side`) and
-    is turned by its display matrix (phones store portrait video landscape). Frames come in presentation order; a
-    wanted frame the decoder passed over (damaged) shows its nearest decoded neighbour, the earlier on a tie."""
+    scaler once (to RGB by its own colour matrix and range, square pixels by the aspect ratio `sar`, down to
+    `short_side`), then its display matrix turns it (phones store portrait video landscape). Frames come in order;
+    a wanted frame the decoder passed over (damaged) shows its nearest decoded neighbour, the earlier on a tie."""
 
     def __init__(self, indices, short_side=None, sar=None):
         self.slots = {}  # frame index -> clip positions (a short video repeats frames)
@@ -548,11 +547,9 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
     if classes is not None and num_classes is None:
         num_classes = len(classes)  # every label must name a class
     if source.is_dir():
-        if rawframes:
-            raise ValueError(f"{source} is a folder: frame folders are listed in a list file (`frame_dir "
-                             "total_frames label`)")
-        if multi_label:
-            raise ValueError("class folders give one label per video; use a list file for multi-label")
+        if rawframes or multi_label:
+            raise ValueError(f"{source} is a folder (class folders, one label a video): list "
+                             f"{'frame folders' if rawframes else 'multi-label videos'} in a list file instead")
         samples, found = read_class_folders(source, classes)
         if classes is None and num_classes is not None and len(found) != num_classes:
             raise ValueError(f"{source}: {len(found)} class folders but num_classes is {num_classes}; pass the "
@@ -605,7 +602,8 @@ class VideoDataset(torch.utils.data.Dataset):
     A sample: "video" float (C, T, H, W), "label" (int, or multi-hot float (num_classes,)), "skipped" (bad videos
     passed over) and, for Motion Loss pairs (training by default), "fake". A bad video: on_error="raise" lets the
     VideoDecodeError through; "skip" logs it once, training takes the next video, evaluation leaves it out so none
-    counts twice. Randomness is seeded by (seed, epoch, index), whatever the workers: call `set_epoch` each epoch.
+    counts twice (each DataLoader worker keeps its own `bad_files`: count the batches' "skipped" lists instead).
+    Randomness is seeded by (seed, epoch, index), whatever the workers: call `set_epoch` each epoch.
     cache=True keeps every decoded frame, for the short demo videos. Defaults: the paper's 256-320 / 224, 256 / 224."""
 
     def __init__(self, source, root=None, *, num_frames, img_size, train, short_side=None, scale=None,
