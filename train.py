@@ -47,6 +47,7 @@ from losses import haltingvt_loss  # noqa: E402
 
 log = logging.getLogger("train")
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Presets and defaults: a setting is its flag, else (--resume) the run's own, else the preset's, else DEFAULTS'
 
@@ -109,9 +110,9 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "final.json")  # what a trai
 RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "threads", "device", "log_every",
                "batch_size"}
 
+
 # ----------------------------------------------------------------------------------------------------------
 # The command line
-
 
 class UsageError(Exception):
     """A mistake in the command: main prints it as one line, `error: --flag value: what is wrong`, and exits with
@@ -192,7 +193,7 @@ def data_and_model_flags(p: argparse.ArgumentParser):
     a("--workers", type=int, help="DataLoader worker processes per training process (0)")
     a("--train-scale", type=int, nargs=2, help="random short side range (default: img_size * 8/7 .. 10/7)")
     a("--eval-short-side", type=int, help="eval short side before the centre crop (default: img_size * 8/7)")
-    a("--randaugment", action=argparse.BooleanOptionalAction, help="torchvision's RandAugment (Sec. 4.1)")
+    a("--randaugment", action=argparse.BooleanOptionalAction, help="RandAugment (Sec. 4.1; off in the demo)")
     a("--cache", action=argparse.BooleanOptionalAction, help="keep decoded videos in RAM (small sets only)")
     a("--rawframes", action="store_true", help="lists of frame folders: `frame_dir total_frames label ...`")
     a("--frame-template", help="a frame's file name in its folder (img_{:05}.jpg)")
@@ -288,9 +289,9 @@ def read_run(path, flag="--resume") -> dict:
     with blame(flag, path):
         return checkpoints.read_run_checkpoint(path)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Processes and devices
-
 
 @contextlib.contextmanager
 def processes(args):
@@ -357,9 +358,9 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 def plural(n: int, one: str, many: Optional[str] = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"  # `1 video`, `2 videos`
 
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop: data, model, optimiser; a run from the start or from a checkpoint; epochs, steps, stops, checkpoints
-
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was left as it was."""
@@ -383,9 +384,10 @@ def run(args, rank, world, device) -> dict:
         if not args.eval_only and finished(ckpt, args):
             log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
             return json.loads((Path(args.out) / "final.json").read_text())
-        if HaltingVTConfig(**ckpt["config"]) != cfg:
-            log.warning("--resume: using the checkpoint's model config %s", HaltingVTConfig(**ckpt["config"]))
-        cfg = HaltingVTConfig(**ckpt["config"])
+        saved = HaltingVTConfig(**ckpt["config"])
+        if saved != cfg:
+            log.warning("--resume: using the checkpoint's model config %s", saved)
+        cfg = saved
     model = build_model(cfg, args, device)
     if model.cfg.release_compat and args.train_mode == "drop":  # turned on by --init of the release's layout
         log.info("training in mask mode: the release-compatible forward has no drop mode")
@@ -761,9 +763,9 @@ def finish(s: RunState, metrics: dict):
         if metrics:
             log.info("done in %.0f s (outputs in %s): %s", time.time() - s.t0, s.args.out, summary(metrics))
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: top-1/top-5 or mAP, motion accuracy, GFLOPs and halting depths, summed batch by batch
-
 
 def evaluation(s: RunState, val_loader, stop: StopFlag, train_loss: Optional[float]) -> dict:
     """Evaluate the epoch just finished and record it: its metrics (stopped's SystemExit when a signal cut it)."""
@@ -895,9 +897,9 @@ def summary(m: dict) -> str:
             f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
             ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Prediction and the halting map (paper Fig. 4) from a trained checkpoint
-
 
 def trained_model(args, device, flag: str):
     """(model in eval mode, its run's flags, its class names) from --resume, a train.py checkpoint."""
