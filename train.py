@@ -368,7 +368,9 @@ class NonFiniteLoss(RuntimeError):
 
 def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     if not args.eval_only:
         log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
     if args.amp and device.type != "cuda":
@@ -563,8 +565,9 @@ def start(s: RunState):
         dist.broadcast(flat, 0)
         torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
     Path(s.args.out).mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES if s.rank == 0 and not s.args.resume else ():
-        (Path(s.args.out) / name).unlink(missing_ok=True)
+    if s.rank == 0 and not s.args.resume:
+        for name in RUN_FILES:
+            (Path(s.args.out) / name).unlink(missing_ok=True)
 
 
 def resume(s: RunState):
@@ -803,9 +806,9 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional[S
     if skipped:
         log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
     count["skipped"] += len(skipped)
+    sizes = [c.numel() for c in count.values()]
     flat = all_reduce(torch.cat([c.reshape(-1) for c in count.values()]).to(device)).cpu()  # all in one all_reduce
-    count = dict(zip(count, (part.view_as(c) for c, part in zip(count.values(), flat.split(
-        [c.numel() for c in count.values()])))))
+    count = {name: part.view_as(c) for (name, c), part in zip(count.items(), flat.split(sizes))}
     if count["videos"] == 0:
         log.warning("evaluation: no readable validation video; the metrics are nan")
     metrics = eval_metrics(count, dense_gflops(cfg), args.multi_label)
@@ -843,7 +846,8 @@ def add_eval_batch(count, out, label, motion, multi_label, scores, targets):
     count["gflops"] += out.gflops[:B].sum().item()
     if out.gflops_release is not None:  # a release-compatible forward: the release's count too
         count["gflops_release"] += out.gflops_release[:B].sum().item()
-    count["depth_sum"], count["tokens"] = count["depth_sum"] + depth.sum().item(), count["tokens"] + depth.numel()
+    count["depth_sum"] += depth.sum().item()
+    count["tokens"] += depth.numel()
     count["depth_hist"] += torch.bincount(depth.flatten().cpu() - 1, minlength=len(count["depth_hist"])).double()
     count["tokens_per_layer"] += out.tokens_per_layer[:B].sum(0).cpu().double()
 
