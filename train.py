@@ -51,20 +51,24 @@ log = logging.getLogger("train")
 # ----------------------------------------------------------------------------------------------------------
 # Presets and defaults: a setting is its flag, else (--resume) the run's own, else the preset's, else DEFAULTS'
 
-# Every setting, by its flag's name. The optimisation values are the real-data preset, the authors' release config
-# per process (16 videos, 32 clips, a GPU). None: worked out where used (the model's from --model's config).
+# Every setting, by its flag's name; None: worked out where it is used.
 DEFAULTS = dict(
-    train=None, val=None, root=None, num_classes=None, multi_label=False, on_error="skip", workers=0,  # data
+    # data: TSN segments of the video files, decoded as the run goes; a bad video is skipped and logged
+    train=None, val=None, root=None, num_classes=None, multi_label=False, on_error="skip", workers=0,
     train_scale=None, eval_short_side=None, randaugment=True, cache=False, rawframes=False,
     frame_template=data.FRAME_TEMPLATE, start_index=1, frame_interval=None, demo_root="data/demo",
     demo_videos=(100, 20),
-    model="deit_small", init=None, frames=None, img_size=None, embed_dim=None, depth=None, heads=None,  # model
+    # model: None takes --model's value (HaltingVTConfig.deit_small(), the paper's; .tiny(), the demo's); the
+    # release-compatible forward comes on for --init of the release's layout
+    model="deit_small", init=None, frames=None, img_size=None, embed_dim=None, depth=None, heads=None,
     glimpser_depth=None, keep_ratio=None, gamma=None, eps=None, beta=None, drop_path=None, halting=True,
-    release_compat=None,  # None: on for --init of the release's layout
+    release_compat=None,
+    # optimisation: the real-data preset, the authors' release config per process (16 videos, 32 clips, a GPU)
     preset=None, optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20, warmup_epochs=5, batch_size=16,
     clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01, train_mode=None, task_on_fakes=True, halting_warmup=0.0,
     embed_std=None,
-    out=None, seed=0, device=None, amp=False, threads=None, resume=None, overwrite=False, eval_only=False,  # run
+    # run
+    out=None, seed=0, device=None, amp=False, threads=None, resume=None, overwrite=False, eval_only=False,
     eval_every=1, log_every=20, stop_after=None, predict=None, json=False, halting_map=None, map_layers=None)
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
