@@ -894,14 +894,3 @@ def make_demo_dataset(root, *, seed=0, num_train=60, num_val=20):
     (root / _MARKER).write_text(_demo_params(seed, num_train, num_val))
     return info
 
-
-if __name__ == "__main__":
-    import tempfile
-    import time
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.time()
-        info = make_demo_dataset(tmp, num_train=4, num_val=2)
-        print(f"demo dataset (4 + 2 videos per class) written in {time.time() - start:.2f} s")
-        train = VideoDataset(info["train"], num_frames=8, img_size=64, train=True, scale=DEMO_TRAIN_SCALE)
-        batch = collate([train[0], train[1]])
-        print({k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in batch.items()}, batch["motion"].tolist())
