@@ -1,7 +1,6 @@
 """Checkpoint files: read without running code from them (`read_checkpoint`); the weights found in any wrapper and
-mapped onto the model from DeiT's or timm's image layout, train.py's video layout or the authors' release
-(`load_pretrained`); the run checkpoint that train.py writes, whole or not at all, and resumes from, with every
-RNG's state (`save_checkpoint`, `load_checkpoint`)."""
+mapped from DeiT's or timm's image layout, train.py's or the authors' release's (`load_pretrained`); train.py's run
+checkpoint, written whole or not at all, with every RNG's state (`save_checkpoint`, `load_checkpoint`)."""
 import argparse
 import json
 import logging
@@ -18,26 +17,18 @@ import torch
 
 from haltingvt import HaltingVT, HaltingVTConfig, resize_pos_embed, resize_time_embed
 
-log = logging.getLogger(__name__)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Reading files without running code from them
 
-# The only objects besides tensors and plain values that a checkpoint may hold: DeiT's main.py and timm's
-# train.py save their argparse.Namespace under "args". Nothing else is unpickled (weights_only=True).
-SAFE_GLOBALS = [argparse.Namespace]
-# safetensors' dtype names (timm's hub weights are model.safetensors files).
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFE_GLOBALS = [argparse.Namespace]  # DeiT's and timm's training scripts save their args; nothing else is unpickled
+SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
+                          I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
 
 
 def read_checkpoint(path) -> dict:
-    """A checkpoint file's contents, read without running any code from it: a `.safetensors` file parsed as it is,
-    anything else through torch.load(weights_only=True), which builds tensors and plain values only, plus
-    SAFE_GLOBALS. Raises ValueError naming the file and the object it refused (a class saved by another codebase,
-    say) or saying that it is no checkpoint (a text file, a zip archive), FileNotFoundError for a missing file."""
+    """A checkpoint file's contents, read without running code from it: a `.safetensors` file parsed, anything else
+    through torch.load(weights_only=True) (tensors, plain values, SAFE_GLOBALS). Raises ValueError naming the file
+    and the object refused, or saying it is no checkpoint (a text file, a zip archive); FileNotFoundError."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
@@ -60,8 +51,8 @@ def read_checkpoint(path) -> dict:
 
 
 def read_safetensors(path) -> dict:
-    """A .safetensors file as a state dict: an 8-byte little-endian header size, a JSON header giving each
-    tensor's dtype, shape and byte range, then the bytes (read here without the safetensors package)."""
+    """A .safetensors file (timm's hub weights) as a state dict: an 8-byte little-endian header size, a JSON header
+    giving each tensor's dtype, shape and byte range, then the bytes (read without the safetensors package)."""
     raw = bytearray(Path(path).read_bytes())
     n = int.from_bytes(raw[:8], "little")
     header, body = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:]
@@ -70,9 +61,8 @@ def read_safetensors(path) -> dict:
     for name, info in header.items():
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(body[start:end], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start else \
-            torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        (start, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(body[start:end], dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
         state[name] = flat.reshape(info["shape"])
     return state
 
@@ -87,19 +77,16 @@ HEADS = ("head.", "motion_head.")  # task heads: another task's checkpoint may l
 
 
 def find_state_dict(ckpt) -> tuple:
-    """(state dict, where it was found): the first WEIGHT_KEYS wrapper, else the top level, that holds a tensor
-    named *ANCHOR. The wrappers come first, since a training script's file may hold scalar tensors beside its
-    `state_dict` (pytorch/examples' ImageNet script saves `best_acc1` so). Without ANCHOR anywhere: the first
-    wrapper or a top level holding tensors, for the error to describe; (None, None) if neither."""
+    """(state dict, where found): the first WEIGHT_KEYS wrapper, else the top level, with a tensor *ANCHOR (wrappers
+    first: a file may hold scalars, as `best_acc1`, beside `state_dict`); else the first wrapper or a top level with
+    tensors, for the error to describe; else (None, None)."""
     if not isinstance(ckpt, dict):
         return None, None
     places = [(ckpt[k], f'"{k}"') for k in WEIGHT_KEYS if isinstance(ckpt.get(k), dict)] + [(ckpt, "the top level")]
     for state, where in places:
         if any(str(k).endswith(ANCHOR) and isinstance(v, torch.Tensor) for k, v in state.items()):
             return state, where
-    if len(places) > 1 or any(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return places[0]
-    return None, None
+    return places[0] if len(places) > 1 or any(isinstance(v, torch.Tensor) for v in ckpt.values()) else (None, None)
 
 
 def strip_prefix(state: dict) -> Optional[dict]:
@@ -118,23 +105,20 @@ def strip_prefix(state: dict) -> Optional[dict]:
     return out
 
 
-def checkpoint_layout(keys) -> str:
-    """"video" (train.py's own names), "release" (flat `blocks.i` with temporal layers) or "image" (DeiT/timm)."""
+def checkpoint_file_layout(ckpt) -> Optional[str]:
+    """The layout of a checkpoint file's contents, by its names: "video" (train.py's own), "release" (flat
+    `blocks.i` with temporal layers) or "image" (DeiT/timm); None where no ViT weights are found."""
+    keys = strip_prefix(find_state_dict(ckpt)[0] or {})
+    if keys is None:
+        return None
     if any(k.startswith(("glimpser.blocks.", "joint.blocks.")) for k in keys):
         return "video"
     return "release" if any(k.startswith("blocks.") and ".temporal_" in k for k in keys) else "image"
 
 
-def checkpoint_file_layout(ckpt) -> Optional[str]:
-    """The layout (checkpoint_layout) of a checkpoint file's contents, or None where no ViT weights are found."""
-    keys = strip_prefix(find_state_dict(ckpt)[0] or {})
-    return None if keys is None else checkpoint_layout(keys)
-
-
 def model_keys(key: str, layout: str, g: int) -> list:
-    """The model's names for one file key. Flat `blocks.i` (image, release): the first g layers are the
-    Glimpser's, the rest joint.blocks.(i-g); an image layer also lends its attention and norm1 to the
-    Glimpser's temporal attention (TimeSformer's inflation). train.py's names are the model's."""
+    """The model's names for one file key. Flat `blocks.i` (image, release): the first g layers are the Glimpser's,
+    the rest joint.blocks.(i-g); an image layer also lends attn and norm1 to the Glimpser's temporal ones."""
     if layout == "video" or not key.startswith("blocks."):
         return [key]
     _, i, rest = key.split(".", 2)
@@ -145,9 +129,8 @@ def model_keys(key: str, layout: str, g: int) -> list:
 
 
 def adapt_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
-    """A file's (1, p + S0, D) position embedding -> the model's (1, 1 + gh*gw, D). The p entries before the
-    square patch grid: 1, the class token's (DeiT, timm, the release); 2, the class token's and the
-    distillation token's (DeiT's distilled models), the second dropped; 0, none (the class token gets zero)."""
+    """A file's (1, p + S0, D) position embedding -> the model's (1, 1 + gh*gw, D). p entries before the square
+    grid: 1, the class token's; 2, a distilled DeiT's class and distillation tokens' (the second dropped); 0."""
     n = pos.shape[1]
     p = next((p for p in (1, 2, 0) if n > p and math.isqrt(n - p) ** 2 == n - p), None)
     if p is None:
@@ -176,8 +159,7 @@ def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
                          "model: left fresh")
             mapped.pop(w), mapped.pop(head + "bias", None)
     if "dist_token" in unused:
-        notes.append("dist_token: a distilled DeiT's distillation token is not used, so the class token's features "
-                     "differ a little from the image model's")
+        notes.append("dist_token: a distilled DeiT's, unused, so the class token's features differ a little")
     for name, value in mapped.items():
         if value.shape != target[name].shape:
             raise ValueError(f"checkpoint tensor for {name} has shape {tuple(value.shape)}, the model expects "
@@ -186,9 +168,9 @@ def map_checkpoint(model: HaltingVT, keys: dict, layout: str) -> tuple:
 
 
 def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, describe: str):
-    """ValueError unless every backbone tensor (not the heads; for an image checkpoint, not the time embedding and
-    `temporal_fc`, which start at zero) was found, and no file tensor of one of the model's layers went unused
-    (layer scale, a temporal part where the model has a joint layer: the layer would compute something else)."""
+    """ValueError unless every backbone tensor (not the heads; for an image checkpoint, not time_embed and
+    temporal_fc, which start at zero) was found and no file tensor of a model layer went unused (layer scale, a
+    temporal part where the model has a joint layer: the layer would compute something else)."""
     target = model.state_dict()
     fresh = lambda k: k.startswith(HEADS) or layout == "image" and (k == "time_embed" or ".temporal_fc." in k)
     missing = [k for k in target if k not in mapped and not fresh(k)]
@@ -197,54 +179,48 @@ def check_coverage(model: HaltingVT, mapped: dict, unused: list, layout: str, de
                if ".".join(n.split(".")[:3]) in layers]
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} of the model's backbone tensors, e.g. {missing[:4]}; "
-                         f"{describe}. Expected a DeiT/ViT image checkpoint with timm's names (cls_token, "
-                         f"pos_embed, {ANCHOR}, blocks.0.attn.qkv.weight, ..., norm.weight; any prefix), "
-                         "one of the authors' release (backbone.model.*, cls_head.*) or one written by train.py, "
-                         "of the model's depth and width")
+                         f"{describe}. Expected a DeiT/ViT image checkpoint with timm's names (cls_token, pos_embed, "
+                         f"{ANCHOR}, blocks.0.attn.qkv.weight, ..., norm.weight; any prefix), the authors' release "
+                         "(backbone.model.*, cls_head.*) or a train.py checkpoint, of the model's depth and width")
     if misfits:
         raise ValueError(f"the checkpoint's layers hold tensors this model has no place for, e.g. {misfits[:4]}; "
                          f"{describe}")
 
 
 def load_pretrained(model: HaltingVT, ckpt) -> dict:
-    """Load a checkpoint's weights into the video model. ckpt: a file's contents (read_checkpoint): a state dict,
-    raw or in a WEIGHT_KEYS wrapper, under any prefix, of a layout found by its names:
-      - image (DeiT's, timm's): every layer gets its spatial weights; the Glimpser's temporal attention and norm
-        copy the spatial ones and `temporal_fc` and the time embedding start at zero, so the video model starts
-        as the image model; `pos_embed` is resized to the patch grid (a distillation entry dropped);
-      - video (train.py's): loaded as it is; embeddings resized if frames or size differ;
-      - release (the authors' mmaction2 `backbone.model.blocks.i`, `cls_head.fc_cls`, `cls_head.fc_motion`): the
-        release drops the class token's residual in the Glimpser's pruning layer, this model keeps it; a motion
-        token stays unused (the motion head reads the class token); gamma, beta and R: set them as its config did.
-    A head of another class count is left fresh. Raises ValueError, naming what the file holds and what was
-    expected, when a backbone tensor is missing, a shape differs or a layer holds tensors the model lacks.
-    Returns a report, also logged: {"layout", "weights" (where found), "loaded" (tensors), "share" (of parameter
-    elements), "missing" (left as initialised), "unused" (file tensors), "notes"}."""
+    """Load the weights of `ckpt`, a file's contents (read_checkpoint: a state dict, raw or in a WEIGHT_KEYS
+    wrapper, any prefix), into the video model, by the layout its names show:
+      - image (DeiT's, timm's): the Glimpser's temporal attention and norm copy the spatial ones, `temporal_fc`
+        and the time embedding start at zero (the video model starts as the image model); `pos_embed` resized;
+      - video (train.py's): as it is, the embeddings resized to the model's frames and size;
+      - release (mmaction2's `backbone.model.blocks.i`, `cls_head.fc_cls`, `cls_head.fc_motion`; its motion token
+        unused): it computes as trained with `release_compat` and its config's gamma, beta and R.
+    A head of another class count is left fresh. ValueError, naming what the file holds and what was expected,
+    for a missing backbone tensor, a differing shape or a layer tensor the model has no place for. Returns (and
+    logs) {"layout", "weights" (where), "loaded", "share" (of parameters), "missing", "unused", "notes"}."""
     state, where = find_state_dict(ckpt)
-    keys = strip_prefix(state) if state is not None else None
+    keys, layout = strip_prefix(state or {}), checkpoint_file_layout(ckpt)
     top = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
     names = [k for k, v in (state or {}).items() if isinstance(v, torch.Tensor)][:5]
     describe = f"the file's top-level keys: {top}; tensors such as {names}"
     if keys is None:
         raise ValueError(f"no ViT weights found (no tensor named *{ANCHOR}): {describe}. Expected a state dict, "
                          f"raw or under one of {list(WEIGHT_KEYS)}")
-    layout = checkpoint_layout(keys)
     mapped, unused, notes = map_checkpoint(model, keys, layout)
     check_coverage(model, mapped, unused, layout, describe)
     model.load_state_dict(mapped, strict=False)
-    if layout == "image":
-        with torch.no_grad():
-            model.time_embed.zero_()
-            for blk in model.glimpser.blocks if model.glimpser else []:
-                blk.temporal_fc.weight.zero_(), blk.temporal_fc.bias.zero_()
-    target = model.state_dict()
+    target = model.state_dict()  # the parameters' tensors, detached
+    for name in target if layout == "image" else []:  # the video parts start at zero: the image model, per frame
+        if name == "time_embed" or ".temporal_fc." in name:
+            target[name].zero_()
     share = sum(target[k].numel() for k in mapped) / sum(t.numel() for t in target.values())
     report = dict(layout=layout, weights=where, loaded=len(mapped), share=share,
                   missing=[k for k in target if k not in mapped], unused=unused, notes=notes)
     # the share rounded down: a fresh head of a few hundred parameters must not read as 100.0%
-    log.info("loaded %d of %d tensors (%.1f%% of the parameters) from a checkpoint of layout %s (weights under %s)%s;"
-             " left as initialised: %s; not used: %s", len(mapped), len(target), math.floor(1000 * share) / 10,
-             layout, where, "".join(f"; {n}" for n in notes), report["missing"] or "none", unused or "none")
+    logging.getLogger(__name__).info(
+        "loaded %d of %d tensors (%.1f%% of the parameters) from a checkpoint of layout %s (weights under %s)%s; left "
+        "as initialised: %s; not used: %s", len(mapped), len(target), math.floor(1000 * share) / 10, layout, where,
+        "".join(f"; {n}" for n in notes), report["missing"] or "none", unused or "none")
     return report
 
 
@@ -252,24 +228,21 @@ def load_pretrained(model: HaltingVT, ckpt) -> dict:
 # The run checkpoint: plain values that torch.load(weights_only=True) reads, written whole or not at all
 
 def rng_states() -> dict:
-    """Every RNG's state in a form weights_only=True loads: Python's (version, 625 ints, gauss) tuple as a list,
-    numpy's legacy state tuple with its uint32 key array as an int64 tensor, torch's as tensors."""
+    """Every RNG's state in a form weights_only=True loads: Python's and numpy's state tuples as lists (numpy's
+    uint32 key array as an int64 tensor), torch's as tensors."""
     version, internal, gauss = random.getstate()
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": [version, list(internal), gauss],
-              "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    name, key, *rest = np.random.get_state()  # rest: position, has_gauss, cached Gaussian (Python numbers)
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": [version, list(internal), gauss], "numpy": [name, torch.from_numpy(key.astype(np.int64)), *rest],
+            "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_states(states: dict):
     """Put back the states rng_states saved."""
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
-    name, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    name, key, *rest = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

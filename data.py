@@ -3,18 +3,12 @@
 Axis letters: B batch, C channels (RGB), T frames of a clip, H height, W width, n frames of a whole video.
 A decoded clip is uint8 (T, H, W, 3); the model takes float (C, T, H, W) per clip, (B, C, T, H, W) per batch.
 
-Pipeline of one training sample (paper Sec. 4.1 and 3.4):
- 1) `sample_indices`: "uniform" TSN sampling, one frame from each of T equal segments of the video (or the
-    release's T frames I apart);
- 2) `read_clip` (`read_frames` for a folder of JPEG frames): decode just those frames with PyAV (seeking to the
-    keyframe before each), upright, in the video's own colours, scaled down in FFmpeg's scaler to the largest
-    short side step 3 needs;
- 3) `train_transform`: random short-side rescale, one random crop for all frames (in uint8, frame by frame),
-    optional RandAugment, normalise to [-1, 1];
- 4) `make_motion_pair`: the real clip (motion label 1) and a fake clip, one of its frames repeated T times and
-    augmented on its own (motion label 0);
- 5) `collate`: B pairs -> 2B clips, the action label for both, the motion labels.
-Evaluation: centre frame of each segment, short-side resize, centre crop, one clip per video.
+One training sample (paper Sec. 4.1 and 3.4):
+ 1) `sample_indices`: one frame from each of T equal segments (TSN), or the release's T frames I apart;
+ 2) `read_clip` (`read_frames`: frame folders): decode just those, upright, in the video's colours, scaled down;
+ 3) `train_transform`: random short-side rescale, one random crop for all frames, RandAugment, to [-1, 1];
+ 4) `make_motion_pair`: the real clip (motion label 1) and a fake, one of its frames repeated T times (label 0);
+ 5) `collate`: B pairs -> 2B clips. Evaluation: segment centres, short-side resize, centre crop.
 """
 import bisect
 import collections
@@ -36,10 +30,8 @@ import torch
 import torch.nn.functional as F
 from av.video.reformatter import Interpolation, VideoReformatter
 
-# The release maps pixels to [-1, 1] with mean = std = 127.5 for every channel, although DeiT itself was trained
-# with ImageNet's per-channel mean/std. The one place these constants live.
-MEAN = 127.5
-STD = 127.5
+# The release maps pixels to [-1, 1] with mean = std = 127.5 for every channel (DeiT was trained with ImageNet's).
+MEAN, STD = 127.5, 127.5
 
 class VideoDecodeError(RuntimeError):
     """A video that cannot be opened or decoded; the message names the file."""
@@ -48,19 +40,11 @@ class VideoDecodeError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Frame sampling and decoding
 
-
 def sample_indices(n_frames, num_frames, train, rng=None, frame_interval=None):
-    """Which of a video's `n_frames` frames form the clip: TSN-style "uniform" sampling (paper Sec. 4.1), or with
-    `frame_interval` the release's strided clip. Every reader samples here.
-
-    TSN: picture frame k as shown during the time [k, k+1). Cut the time line [0, n_frames) into `num_frames`
-    equal segments and take the frame on screen at a random time inside each segment (training) or at its
-    midpoint (evaluation). A video shorter than the clip repeats frames, because several segments fall in one.
-    Strided (mmaction2's SampleFrames(clip_len=T, frame_interval=I, num_clips=1), which the release's configs
-    use): T frames I apart from a start drawn from [0, n - T*I] in training (0 when n < T*I) or, in evaluation,
-    the centred start max(n - ((T-1)*I + 1), 0) // 2; indices past the end wrap around (mod n).
-    `rng` is a `random.Random`; pass a seeded one for reproducible training samples.
-    """
+    """Which of a video's `n_frames` frames form the clip. TSN's "uniform" sampling (Sec. 4.1): [0, n_frames) cut
+    into `num_frames` equal segments, the frame shown at a random time in each (training) or its midpoint (eval).
+    `frame_interval` I: the release's clip (mmaction2's SampleFrames), T frames I apart from a random start in
+    [0, n - T*I] (training) or the centred one, wrapping around. `rng`: a `random.Random`, seeded to reproduce."""
     if n_frames < 1 or num_frames < 1 or (frame_interval is not None and frame_interval < 1):
         raise ValueError(f"need at least one frame, got n_frames={n_frames}, num_frames={num_frames}, "
                          f"frame_interval={frame_interval}")
@@ -76,33 +60,24 @@ def sample_indices(n_frames, num_frames, train, rng=None, frame_interval=None):
 
 @contextlib.contextmanager
 def _errors_name(path):
-    """Re-raise whatever goes wrong while reading `path` as a VideoDecodeError that names it.
-
-    Not only PyAV's and the OS's errors: a damaged file can also fail in numpy or in the frame conversion (odd
-    sizes, a resolution change), and a dataset must be able to skip the file whatever the cause.
-    """
+    """Any failure while reading `path` (PyAV's, numpy's, ...) as a VideoDecodeError naming it, for datasets to skip."""
     try:
         yield
     except VideoDecodeError:
         raise
-    except Exception as err:  # every failure of a bad file, by design: see the docstring
+    except Exception as err:  # every failure of a bad file, by design
         raise VideoDecodeError(f"cannot decode video {path}: {type(err).__name__}: {err}") from err
 
 
-class _Packet(NamedTuple):
-    """What the demux pass keeps of one non-empty packet (timestamps in stream.time_base units)."""
+class _Packet(NamedTuple):  # what the demux pass keeps of a non-empty packet (pts in stream.time_base units)
     pts: Optional[int]
     keyframe: bool
     discard: bool  # decoded for reference but never shown: the hidden pre-roll of a cut made by stream copy
 
 
 def _demux(container, path):
-    """(stream, its non-empty packets in decode order) of the recording, from one demux pass: nothing decoded.
-
-    The recording is never an attached picture (cover art); among the other video streams it is the one with
-    the most frames, so that a one-frame thumbnail track listed first loses; among equals FFmpeg's "best"
-    stream, then the first. The pass is also the probe a threaded decoder needs: a truncated file can crash one.
-    """
+    """(stream, its non-empty packets in decode order) of the recording (not cover art; the most frames, so a
+    thumbnail track loses; then FFmpeg's "best"): one demux pass, the probe a threaded decoder needs."""
     candidates = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not candidates:
         raise VideoDecodeError(f"no video stream in {path}")
@@ -110,11 +85,8 @@ def _demux(container, path):
     for p in container.demux(candidates):
         if p.size > 0:
             packets[p.stream_index].append(_Packet(p.pts, p.is_keyframe, p.is_discard))
-    best = container.streams.best("video")
-
-    def rank(s):
-        return _count(packets[s.index]), best is not None and s.index == best.index, -s.index
-    stream = max(candidates, key=rank)
+    best = getattr(container.streams.best("video"), "index", None)
+    stream = max(candidates, key=lambda s: (_count(packets[s.index]), s.index == best, -s.index))
     return stream, packets[stream.index]
 
 
@@ -123,59 +95,34 @@ def _count(packets):
 
 
 def count_frames(path):
-    """Number of frames of the video at `path`, as a full decode shows them, counted from its packets.
-
-    The header's `stream.frames` can be 0 or wrong (a truncated file keeps the full count; a cut made by stream
-    copy counts its hidden pre-roll), so we demux the file and count the recording's non-empty packets that are
-    not marked discard: this reads the file but decodes nothing.
-    """
+    """The frames of the video at `path` as a decode shows them, counted from its packets (headers can be wrong)."""
     with _errors_name(path), av.open(str(path)) as container:
         return _count(_demux(container, path)[1])
 
 
 def _frame_index(packets):
-    """Where each frame is, from the packets of one stream: (pts, pos, start) lists, or None.
-
-    Frames are numbered in presentation order, as a sequential decode outputs them. Frame k has timestamp pts[k]
-    and its packet sits at decode-order position pos[k]; it is decoded from the keyframe at position start[k],
-    the last one before it whose own timestamp is not later (an open GOP's leading frames need the keyframe
-    before). None when timestamps cannot tell the frames apart (missing or repeated) or a frame has no keyframe
-    before it: then only a sequential decode can number them.
-    """
+    """(pts, pos, start) lists: frame k (in presentation order) has timestamp pts[k], its packet at decode-order
+    position pos[k], and decodes from start[k], the last keyframe before it not shown after it (open GOPs need
+    the one before). None when timestamps cannot tell the frames apart or a frame has no keyframe before it."""
     shown = sorted((p.pts, pos) for pos, p in enumerate(packets) if not p.discard and p.pts is not None)
     if len(shown) < _count(packets) or len({pts for pts, _ in shown}) < len(shown):
         return None
     keys = [pos for pos, p in enumerate(packets) if p.keyframe and p.pts is not None]
     start = []
-    for pts, pos in shown:
-        i = bisect.bisect_right(keys, pos) - 1
-        while i >= 0 and packets[keys[i]].pts > pts:
-            i -= 1
-        if i < 0:
-            return None
-        start.append(keys[i])
-    return [pts for pts, _ in shown], [pos for _, pos in shown], start
-
-
-def _seek_minimum(index, wanted):
-    """Packets any keyframe-seeking reader must decode for the frames `wanted`: those from each frame's keyframe
-    to its own packet, counted once (for `bench.py --data`)."""
-    _, pos, start = index
-    return len(set().union(*(range(start[k], pos[k] + 1) for k in set(wanted))))
+    for pts, pos in shown:  # the last keyframe before the frame's packet that is not shown later than it
+        before = (keys[i] for i in range(bisect.bisect_right(keys, pos) - 1, -1, -1))
+        start.append(next((k for k in before if packets[k].pts <= pts), None))
+    return None if None in start else ([pts for pts, _ in shown], [pos for _, pos in shown], start)
 
 
 class _SeekMissed(Exception):
     """A seek landed where the index does not say, or the stream ended before a wanted frame: read sequentially."""
 
 
-def _seek(container, stream, packets, keys, pos, later):
-    """Seek to the keyframe at decode-order position `pos`: (the position it landed on, its first packet, the
-    demux iterator for the rest). `keys` maps a keyframe's pts to its position.
-
-    Asked for a keyframe's own timestamp, some files (with an edit list, as a cut made by stream copy has) land
-    one keyframe early, so the timestamps `later` (of the next packets shown) are tried too; when none lands on
-    it exactly, the first landing, on an earlier keyframe, is taken: the same frames come out, only later.
-    """
+def _from_keyframe(container, stream, packets, keys, pos, later):
+    """Seek to the keyframe at decode-order position `pos` and yield (position, packet) on, None for flush packets.
+    Files with an edit list (stream-copy cuts) can land one keyframe early, so the next shown timestamps `later` are
+    tried too; failing all, the first (earlier) landing is taken: the same frames come out, only later."""
     tries = [packets[pos].pts, *later]
     for ts in tries + tries[:1]:
         container.seek(ts, stream=stream, backward=True)
@@ -186,13 +133,6 @@ def _seek(container, stream, packets, keys, pos, later):
             break
     if at is None or at > pos:
         raise _SeekMissed(f"a seek for packet {pos} landed elsewhere")
-    return at, first, demuxed
-
-
-def _from_keyframe(container, stream, packets, keys, pos, later):
-    """Seek to the keyframe at decode-order position `pos` (see `_seek`) and yield (position, packet) from there to
-    the end, the position None for the flush packets that drain the decoder."""
-    at, first, demuxed = _seek(container, stream, packets, keys, pos, later)
     yield at, first
     for packet in demuxed:
         at += packet.size > 0
@@ -200,14 +140,8 @@ def _from_keyframe(container, stream, packets, keys, pos, later):
 
 
 def _decode_seeking(container, stream, packets, index, clip):
-    """Decode the frames `clip` wants (indices into `index`), handing every frame decoded to clip.put. Returns
-    the number of packets decoded.
-
-    For the next frame still missing: seek to its keyframe when that lies ahead of the decoder, otherwise read
-    straight on (close frames share one pass); frames are matched by timestamp, so a seek that lands on an
-    earlier keyframe only costs time. On the way, frames that no other frame refers to are skipped unless
-    wanted: the decoder drops them unseen, and what it outputs stays bit-identical.
-    """
+    """Decode the frames `clip` wants into clip.put, seeking to the next missing frame's keyframe when it lies ahead
+    (close frames share a pass) and skipping unwanted frames nothing refers to; returns the packets decoded."""
     pts, pos, start = index
     todo = sorted(clip.slots)  # by index, i.e. by timestamp
     number, needed = {t: k for k, t in enumerate(pts)}, {pos[k] for k in todo}
@@ -228,15 +162,12 @@ def _decode_seeking(container, stream, packets, index, clip):
             if i == len(todo) or (at is not None and landed.get(start[todo[i]], start[todo[i]]) > at + 1):
                 break  # all found, or the next missing frame's keyframe lies ahead (a seek gets nearer): go there
         else:
-            if i < len(todo):
-                raise _SeekMissed(f"the stream ended before frame {todo[i]}")
+            raise _SeekMissed(f"the stream ended before frame {todo[i]}")
     return decoded
 
 
 def _decode_packet(packet, clip):
-    """The frames the decoder gives for `packet`; none for a damaged packet, counted in clip.damaged. As FFmpeg's
-    own tools do, decoding goes on with the next packet: the frames that refer to the damaged one come out with
-    its errors concealed, and only its own frame is lost."""
+    """The frames of `packet`; none if damaged (counted in clip.damaged): decoding goes on, as FFmpeg's tools do."""
     try:
         return packet.decode()
     except av.error.FFmpegError:
@@ -245,10 +176,8 @@ def _decode_packet(packet, clip):
 
 
 def _decode(path, stream_index, index, clip):
-    """Decode the stream `stream_index` of `path` from its first packet, handing every frame to clip.put with its
-    index in presentation order: by timestamp from `index`, else by order of output, a damaged packet counting
-    as one lost frame. Stops once the clip has every frame it wants; a file that cannot be read on (a truncated
-    tail) ends there. Returns the number of packets decoded."""
+    """Decode stream `stream_index` of `path` from the start into clip.put (frames numbered by `index`, else in
+    output order, a damaged packet one frame) until the clip is complete or the file ends; returns packets decoded."""
     number = None if index is None else {t: k for k, t in enumerate(index[0])}
     seen = decoded = 0
     with av.open(str(path)) as container:
@@ -273,22 +202,15 @@ def _short_side_size(height, width, short_side):
     return max(short_side, round(height * scale)), max(short_side, round(width * scale))
 
 
-# Bilinear (antialiased when shrinking), with the colour planes interpolated at full resolution: without the
-# FULL_CHR flags FFmpeg's scaler takes shortcuts with 4:2:0 colour that cost about 4 levels on fine colour detail.
+# Bilinear, colour planes at full resolution: without FULL_CHR, FFmpeg's 4:2:0 shortcuts cost ~4 levels of colour.
 _SCALING = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
 
 
 class _Clip:
-    """Frames as a player shows them, gathered into uint8 (T, H, W, 3) for the frame indices `indices`.
-
-    Each decoded frame goes through FFmpeg's scaler once: to RGB (by the frame's own colour matrix and range,
-    BT.601 or BT.709, limited or full), to square pixels (the stored width stretched by the sample aspect ratio
-    `sar` of anamorphic video, as a player does) and, when `short_side` is given and the frame is larger, down to
-    that short side; then it is turned by its display matrix (phones store portrait video landscape, tagged 90
-    or 270 degrees) and copied into every clip slot that shows it. So no full-size RGB frame outlives its
-    conversion. Frames come in presentation order (`put`); a wanted frame that the decoder passed without giving
-    it (its packet damaged) shows its nearest decoded neighbour instead, the earlier on a tie, and is in `lost`.
-    """
+    """Frames as a player shows them, uint8 (T, H, W, 3) for the frame indices `indices`: each passes FFmpeg's
+    scaler once (to RGB by its own colour matrix and range, square pixels by the aspect ratio `sar`, down to
+    `short_side`), then its display matrix turns it (phones store portrait video landscape). Frames come in order;
+    a wanted frame the decoder passed over (damaged) shows its nearest decoded neighbour, the earlier on a tie."""
 
     def __init__(self, indices, short_side=None, sar=None):
         self.slots = {}  # frame index -> clip positions (a short video repeats frames)
@@ -311,8 +233,8 @@ class _Clip:
         return np.rot90(image, k=round(frame.rotation / 90) % 4)  # (h, w, 3) or (w, h, 3): counter-clockwise
 
     def put(self, k, frame):
-        """Take decoded frame k (None: not one of the video's frames, pre-roll say). Wanted frames before k that
-        are still missing were lost: the nearer of the previous frame and this one stands in for each."""
+        """Take decoded frame k (None: pre-roll). Wanted frames before k still missing were lost: the nearer of the
+        previous frame and this one stands in for each."""
         if k is None:
             return
         if k in self.slots and k not in self.done:
@@ -332,34 +254,18 @@ class _Clip:
         self.frames[self.slots[k]] = image
         self.done.add(k)
 
-    def tensor(self):
-        return torch.from_numpy(self.frames)  # (T, H, W, 3)
-
 
 def read_clip(path, num_frames, train=False, rng=None, *, short_side=None, stats=None, frame_interval=None):
-    """Decode `num_frames` frames of the video at `path`, sampled by `sample_indices` (TSN segments, or frames
-    `frame_interval` apart): uint8 (T, H, W, 3).
-
-    The frames are those a player shows (see `_Clip`): display rotation and sample aspect ratio applied, colours
-    by the video's own matrix and range, the real recording rather than a cover-art or thumbnail track. With
-    `short_side`, frames larger than that are scaled down while decoding so that min(H, W) == short_side. Only
-    the frames needed are decoded: a seek to the keyframe before each sampled frame, reading straight on where
-    they are close; the result is identical to a full sequential decode at the same indices. `stats`, a dict,
-    receives the counts "frames" (of the video), "decoded" (packets decoded), "minimum" (what seeking allows)
-    and "lost" (clip frames shown by a neighbour).
-
-    Raises VideoDecodeError (naming the path) for a missing, empty or corrupt file, one without a video stream,
-    one with no decodable frame, or whatever else fails while reading it. A damaged packet costs its own frame
-    only: decoding goes on past it, as FFmpeg's tools do, and a sampled frame that cannot be decoded is shown by
-    its nearest decodable neighbour. When nothing decodes after the damage (a truncated file), the video ends
-    at its last good frame and the clip is sampled from the frames before it. Either is logged once per file.
-    """
+    """`num_frames` frames of the video at `path` (`sample_indices`), uint8 (T, H, W, 3), as a player shows them
+    (`_Clip`), min(H, W) scaled down to `short_side`; only those decoded (seeking), as a full decode gives them.
+    `stats` (a dict) gets "frames", "decoded" (packets), "minimum" (for seeking) and "lost". VideoDecodeError naming
+    the path for any failure. A damaged packet costs its own frame; a truncated file ends at its last good frame
+    (either logged once)."""
     return _read(path, lambda n: sample_indices(n, num_frames, train, rng, frame_interval), short_side, stats)
 
 
 def read_all_frames(path, *, short_side=None):
-    """Every frame of a (short) video, uint8 (n, H, W, 3), as `read_clip` shows them (`short_side` likewise):
-    what `VideoDataset(cache=True)` keeps in memory."""
+    """Every frame of a (short) video, uint8 (n, H, W, 3), as `read_clip` shows them: VideoDataset's cache."""
     return _read(path, range, short_side)
 
 
@@ -385,7 +291,7 @@ def _read(path, choose, short_side, stats=None):
             indices = choose(n)
             clip, decoded, good = make(indices), None, n
             if index is not None:
-                stream.thread_type = "AUTO"  # frame + slice threads: much faster than the default slice threading
+                stream.thread_type = "AUTO"  # as in _decode
                 try:
                     decoded = _decode_seeking(container, stream, packets, index, clip)
                 except (_SeekMissed, av.error.FFmpegError) as err:  # damage seeking cannot pass: read it all
@@ -404,19 +310,18 @@ def _read(path, choose, short_side, stats=None):
         notes += [f"nothing decodes after frame {good - 1} of {n}, so the video ends there"] if good < n else []
         if notes:
             _warn_once(path, "%s: %s", path, "; ".join(notes))
-        if stats is not None:
-            stats.update(frames=n, decoded=decoded, lost=sum(len(clip.slots[k]) for k in clip.lost),
-                         minimum=None if index is None else _seek_minimum(index, indices))
-        return clip.tensor()
+        if stats is not None:  # minimum: the packets any seeking reader decodes, from each frame's keyframe to it
+            minimum = index and len(set().union(*(range(index[2][k], index[1][k] + 1) for k in set(indices))))
+            stats.update(frames=n, decoded=decoded, minimum=minimum, lost=sum(len(clip.slots[k]) for k in clip.lost))
+        return torch.from_numpy(clip.frames)  # (T, H, W, 3)
 
 
-# mmaction2's frame folders (RawframeDataset): frame_dir/img_00001.jpg, img_00002.jpg, ...
-FRAME_TEMPLATE = "img_{:05}.jpg"
+FRAME_TEMPLATE = "img_{:05}.jpg"  # mmaction2's frame folders (RawframeDataset): frame_dir/img_00001.jpg, ...
 
 
 def count_frame_files(folder, template=FRAME_TEMPLATE, start_index=1, listed=None):
-    """The frames `folder` holds from `start_index` on, by a binary search over which files exist (so a gap
-    ends the count); at most `listed`, the count a list file gives, which is logged once when it is wrong."""
+    """The frames `folder` holds from `start_index` on (a gap ends them), at most `listed`, a list file's count,
+    which is logged once when wrong."""
     present = lambda k: (folder / template.format(start_index + k)).is_file()  # frame k, counted from 0
     if listed and present(listed - 1):
         n = listed
@@ -424,11 +329,7 @@ def count_frame_files(folder, template=FRAME_TEMPLATE, start_index=1, listed=Non
         hi = listed or 1
         while not listed and present(hi - 1):
             hi *= 2  # no count given: double until a frame is missing
-        lo, hi = 0, hi - 1  # frames < lo exist, frame hi does not
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if present(mid) else (lo, mid)
-        n = lo
+        n = bisect.bisect_left(range(hi - 1), True, key=lambda k: not present(k))  # binary search below frame hi - 1
     if listed and (n < listed or present(listed)):
         _warn_once(folder, "%s: the list says %d frames, the folder holds %s; sampling from the first %d", folder,
                    listed, n if n < listed else "more", n)
@@ -437,10 +338,8 @@ def count_frame_files(folder, template=FRAME_TEMPLATE, start_index=1, listed=Non
 
 def read_frames(folder, num_frames, train=False, rng=None, *, total_frames=None, template=FRAME_TEMPLATE,
                 start_index=1, short_side=None, frame_interval=None):
-    """`read_clip` for a folder of frame images, as mmaction2's RawframeDataset holds a video (frame k in
-    folder / template.format(start_index + k)), each decoded with PyAV: uint8 (T, H, W, 3), sampled by
-    `sample_indices` among the frames present (`count_frame_files`; `total_frames`: the list file's count).
-    Raises VideoDecodeError naming the folder (missing, no first frame) or the frame file that cannot be read."""
+    """`read_clip` for a folder of frame images, frame k in folder / template.format(start_index + k), sampled
+    among those present (`count_frame_files`). VideoDecodeError naming the folder or the unreadable frame."""
     folder = Path(folder)
     if not folder.is_dir():
         raise VideoDecodeError(f"no frame folder {folder}")
@@ -452,30 +351,24 @@ def read_frames(folder, num_frames, train=False, rng=None, *, total_frames=None,
         path = folder / template.format(start_index + k)
         with _errors_name(path), open(path, "rb") as f, av.open(f) as container:  # a file object: no image2 pattern
             clip.put(k, next(container.decode(video=0)))
-    return clip.tensor()
+    return torch.from_numpy(clip.frames)  # (T, H, W, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Transforms: uint8 (T, H, W, 3) -> float (C, T, H, W). No horizontal flip: the demo's classes include "move left"
-# and "move right" (and Kinetics has left/right-sensitive classes too), and a flip would swap them.
-
+# Transforms: uint8 (T, H, W, 3) -> float (C, T, H, W). No horizontal flip: it would swap left and right classes.
 
 def resize_short_side(x, short_side):
-    """Bilinear resize of frames (T, C, H, W), uint8 or float, so that min(H, W) == short_side, keeping the aspect
-    ratio; `x` itself when it already has that size."""
+    """Frames (T, C, H, W), uint8 or float, bilinear-resized so that min(H, W) == short_side (`x` if it is)."""
     size = _short_side_size(*x.shape[-2:], short_side)
     if size == tuple(x.shape[-2:]):
         return x
-    # antialias only acts when shrinking, where plain bilinear would alias fine texture (and F.interpolate's
-    # default differs from PIL's, which torchvision and mmaction resize with)
+    # antialias (as PIL, which torchvision and mmaction resize with): plain bilinear aliases fine texture when shrinking
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (T, C, H', W')
 
 
 def _resized_crop(clip, short_side, top, left, size):
-    """uint8 (T, H, W, 3) -> uint8 (T, 3, size, size): every frame's short side resized to `short_side`, then the
-    size x size window at (top, left). All frames in one call (per-frame calls cost twice as much on the demo's
-    small frames), in uint8: the resized clip held before the crop is a few times the output, never a float copy
-    of a large source."""
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, size, size): short side to `short_side`, then the window at (top, left).
+    All frames in one call (per-frame calls cost twice as much on small frames), in uint8 (no float copy)."""
     frames = clip.permute(0, 3, 1, 2)  # (T, 3, H, W), a view: channels last in memory
     return resize_short_side(frames, short_side)[:, :, top:top + size, left:left + size].contiguous()
 
@@ -487,9 +380,8 @@ def _normalise(x):
 
 
 def rand_augment_class():
-    """torchvision's RandAugment, or an ImportError in one line that gives the pip command for the torchvision
-    built for the installed torch (torchvision is optional). A torchvision that is installed but does not
-    import (built for another torch: "operator torchvision::nms does not exist") is reported the same way."""
+    """torchvision's RandAugment (torchvision is optional), or an ImportError in one line giving the pip command
+    for the build that goes with this torch (also when one is installed but does not import)."""
     try:
         from torchvision.transforms.v2 import RandAugment
     except Exception as err:  # a broken build raises RuntimeError, AttributeError, OSError, ... on import
@@ -501,9 +393,8 @@ def rand_augment_class():
 
 
 def torchvision_install_command(version=None) -> str:
-    """The pip command for the torchvision release built for torch `version` (default: the installed one):
-    torchvision 0.(m+15).p goes with torch 2.m.p; a +cpu or +cuXXX build comes from PyTorch's own index, so that
-    pip neither replaces torch nor pulls CUDA packages into a CPU install."""
+    """The pip command for the torchvision of torch `version` (default: the installed one): 0.(m+15).p for 2.m.p;
+    a +cpu or +cuXXX build from PyTorch's index, so that pip neither replaces torch nor pulls in CUDA."""
     release, _, build = (version or torch.__version__).partition("+")
     major, minor, patch = (release.split(".") + ["0", "0"])[:3]
     command = f"pip install torchvision==0.{int(minor) + (15 if major == '2' else 1)}.{patch}"
@@ -511,19 +402,14 @@ def torchvision_install_command(version=None) -> str:
 
 
 def train_transform(clip, size, scale, rng=None, randaugment=False):
-    """Training augmentation (paper Sec. 4.1): rescale the short side to a random length in [scale[0], scale[1]],
-    take one random size x size crop, the same for every frame, optionally RandAugment; normalise.
-
-    uint8 (T, H, W, 3) -> float (C, T, size, size).
-    """
+    """Training augmentation (paper Sec. 4.1), uint8 (T, H, W, 3) -> float (C, T, size, size): short side to a
+    random length in [scale[0], scale[1]], one random size x size crop for all frames, RandAugment, normalised."""
     rng = random.Random() if rng is None else rng
     short_side = rng.randint(scale[0], scale[1])
     h, w = _short_side_size(*clip.shape[1:3], short_side)  # the size after the rescale
     top, left = rng.randint(0, h - size), rng.randint(0, w - size)
     x = _resized_crop(clip, short_side, top, left, size)  # (T, C, size, size) uint8
-    if randaugment:
-        # RandAugment on the (T, C, H, W) uint8 stack applies one draw of ops and magnitudes to every frame;
-        # it draws from torch's generator, which we seed from `rng` so that samples stay reproducible.
+    if randaugment:  # one draw of ops and magnitudes for every frame, from torch's generator seeded from `rng`
         ra = rand_augment_class()()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
@@ -532,58 +418,38 @@ def train_transform(clip, size, scale, rng=None, randaugment=False):
 
 
 def eval_transform(clip, size, short_side):
-    """Evaluation (paper Sec. 4.1): short side to `short_side`, centre size x size crop, normalise.
-
-    uint8 (T, H, W, 3) -> float (C, T, size, size).
-    """
+    """Evaluation (Sec. 4.1), uint8 (T, H, W, 3) -> float (C, T, size, size): short side `short_side`, centre crop."""
     h, w = _short_side_size(*clip.shape[1:3], short_side)  # the size after the resize
-    return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))  # (C, T, size, size)
+    return _normalise(_resized_crop(clip, short_side, (h - size) // 2, (w - size) // 2, size))
 
 
 def eval_clip(path, num_frames, img_size, short_side=None, *, frame_interval=None, template=FRAME_TEMPLATE,
               start_index=1):
-    """The video at `path`, a file or a frame folder (read_frames), as evaluation feeds it to the model
-    (VideoDataset with train=False): float (C, T, H, W). `short_side`: before the centre crop, default
-    img_size * 8/7. Raises VideoDecodeError."""
+    """The video at `path` (a file or a frame folder) as evaluation feeds it to the model: float (C, T, H, W).
+    `short_side` (before the centre crop): default img_size * 8/7. Raises VideoDecodeError."""
     if Path(path).is_dir():
-        clip = read_frames(path, num_frames, template=template, start_index=start_index,
-                           frame_interval=frame_interval)
+        clip = read_frames(path, num_frames, template=template, start_index=start_index, frame_interval=frame_interval)
     else:
         clip = read_clip(path, num_frames, train=False, frame_interval=frame_interval)  # (T, H, W, 3)
     return eval_transform(clip, img_size, short_side or round(img_size * 8 / 7))
 
 
 def make_motion_pair(clip, transform, rng):
-    """The Motion Loss training pair (paper Sec. 3.4): (real, fake), motion labels 1 and 0.
-
-    real = transform(clip). fake = one of the clip's sampled frames, chosen at random, repeated T times and then
-    transformed on its own (its own random rescale and crop), so both share format and augmentation statistics
-    and differ only in that the fake has no motion. `transform` maps uint8 (T, H, W, 3) to float (C, T, h, w)
-    with one random draw for the whole clip, applied to every frame alike (as `train_transform` does). The fake
-    is a view of one frame expanded over T.
-    """
+    """The Motion Loss pair (Sec. 3.4), motion labels 1 and 0: transform(clip) and one random frame of it transformed
+    on its own, repeated T times. `transform`: uint8 (T, H, W, 3) -> float (C, T, h, w), one draw for all frames."""
     real = transform(clip)
     j = rng.randrange(clip.shape[0])
-    # The transform treats every frame alike, so transforming the one frame and showing it T times is the same
-    # as transforming T copies, for 1/T of the work and memory. A view: collate's stack makes the copies.
-    fake = transform(clip[j:j + 1])  # (C, 1, h, w)
-    return real, fake.expand_as(real)  # (C, T, h, w), every frame the same
+    fake = transform(clip[j:j + 1])  # (C, 1, h, w): 1/T of the work of transforming T copies
+    return real, fake.expand_as(real)  # (C, T, h, w), a view: collate's stack makes the copies
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets
 
-
 def parse_list_line(line, multi_label, rawframes=False):
-    """Split one list-file line into (path, labels), or with `rawframes` (path, labels, total_frames); None for a
-    blank line.
-
-    Single-label (mmaction's `path label`): the last whitespace-separated token is the label and everything
-    before it, inner spaces included, is the path. Multi-label (`path l1 l2 ...`): the labels are the longest run
-    of integer tokens at the end of the line and the rest is the path, so a path must not itself end in a
-    space-separated integer (a file extension is enough: `clip 2.mp4 5 7` -> `clip 2.mp4`, [5, 7]).
-    Frame folders (mmaction2's RawframeDataset lists): `frame_dir total_frames label` or `... l1 l2 ...`.
-    """
+    """One list-file line (`path label`; multi-label `path l1 l2 ...`, the longest run of integers ending the line;
+    `rawframes`: `frame_dir total_frames label ...`) -> (path, labels[, total_frames]), None if blank. A path may
+    hold spaces: `clip 2.mp4 5 7` -> `clip 2.mp4`, [5, 7]."""
     line = line.strip()
     if not line:
         return None
@@ -598,17 +464,12 @@ def parse_list_line(line, multi_label, rawframes=False):
 
 
 def read_list_file(list_file, root=None, multi_label=False, num_classes=None, rawframes=False):
-    """[(path, labels)] from a list file, [(path, labels, total_frames)] from a `rawframes` list (frame folders);
-    paths relative to `root`, by default the list file's folder.
-
-    Labels are checked while parsing: a label outside [0, num_classes) (or negative) raises a ValueError naming
-    the file, line and label, rather than failing later inside the loss.
-    """
+    """[(path, labels)] (`rawframes`: [(path, labels, total_frames)]) from a list file, paths under `root` (default:
+    the file's folder). A label outside [0, num_classes) is a ValueError naming the line, not a failure in the loss."""
     list_file = Path(list_file)
     root = list_file.parent if root is None else Path(root)
     samples = []
-    # utf-8-sig drops the byte-order mark that Windows editors put first (else it joins the first path); text
-    # mode reads "\r\n" line ends as "\n"
+    # utf-8-sig drops the byte-order mark Windows editors put first (else it joins the first path)
     for lineno, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         try:
             parsed = parse_list_line(line, multi_label, rawframes)
@@ -625,20 +486,12 @@ def read_list_file(list_file, root=None, multi_label=False, num_classes=None, ra
 
 
 def read_class_folders(root, classes=None):
-    """[(path, [label])] and the class names in label order, from a `root/<class name>/<video>` layout.
-
-    Every regular file of a class folder whose name does not start with "." is taken as a video, whatever its
-    extension (.3gp, .MTS, .wmv, .gif, ...): the decoder decides, and a file that is not a video is a bad video
-    (VideoDataset's on_error). The log says how many files each class has. Without `classes` the names are the
-    sorted folder names. With `classes` (the training set's names in label order) each folder takes the label
-    of its name: a folder whose name is not in `classes` raises a ValueError naming it; classes without a
-    folder or without files are fine and are named in a warning.
-    """
+    """([(path, [label])], class names) from `root/<class name>/<video>` (every file not starting with "."): the
+    sorted folder names, or `classes` (the training set's) labelling folders by name (ValueError for others)."""
     root = Path(root)
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = folders if classes is None else list(classes)
-    label_of = {name: label for label, name in enumerate(classes)}
-    unknown = [name for name in folders if name not in label_of]
+    unknown = [name for name in folders if name not in classes]
     if unknown:
         raise ValueError(f"{root}: class folders {unknown} are not among the {len(classes)} training classes "
                          f"(first ones: {classes[:5]})")
@@ -654,19 +507,12 @@ def read_class_folders(root, classes=None):
 
 
 def find_listed_files(source, samples, on_error="skip"):
-    """The `samples` of the list file `source` whose files exist, each with its path as on disk (`_respelled`).
-
-    The missing ones are reported together (count, first names) in one warning and left out, or raise a
-    FileNotFoundError with on_error="raise" or when none is left: not a damaged video each, so that a wrong
-    --root stops a run at once rather than skipping every video.
-    """
-    found, missing, listings = [], [], {}
-    for path, *rest in samples:  # rest: labels (and a frame folder's listed count)
-        on_disk = path if path.exists() else _respelled(path, listings)
-        if on_disk is None:
-            missing.append(path)
-        else:
-            found.append((on_disk, *rest))
+    """The `samples` of the list file `source` whose files exist, as spelled on disk (`_respelled`); the missing
+    named in one warning, or a FileNotFoundError with on_error="raise" or none left (a wrong --root stops a run)."""
+    listings = {}
+    on_disk = [path if path.exists() else _respelled(path, listings) for path, *_ in samples]
+    found = [(disk, *rest) for disk, (_, *rest) in zip(on_disk, samples) if disk is not None]  # rest: labels, ...
+    missing = [path for disk, (path, *_) in zip(on_disk, samples) if disk is None]
     if missing:
         message = (f"{source}: {len(missing)} of the {len(samples)} listed files do not exist, e.g. "
                    f"{[str(path) for path in missing[:5]]}")
@@ -677,9 +523,8 @@ def find_listed_files(source, samples, on_error="skip"):
 
 
 def _respelled(path, listings):
-    """The file `path` names as a list file written on another system spells it, or None: backslashes read as
-    separators, each part that does not exist matched to the one name in its folder that equals it in Unicode
-    NFC form (macOS writes NFD) or, failing that, ignoring case. `listings` caches folder listings."""
+    """The file `path` names, as a list written on another system spells it (backslashes; each missing part matched
+    to the one name equal in NFC form, as macOS writes NFD, or else ignoring case), or None."""
     path = Path(str(path).replace("\\", "/"))
     at, nfc = Path(path.anchor), functools.partial(unicodedata.normalize, "NFC")
     for part in path.parts[1 if path.anchor else 0:]:
@@ -695,36 +540,25 @@ def _respelled(path, listings):
 
 
 def load_samples(source, root=None, multi_label=False, num_classes=None, classes=None, rawframes=False):
-    """(samples, class names in label order or None, num_classes) from a list file or a class-folder root;
-    `rawframes`: a list of frame folders (read_list_file).
-
-    `classes`: the training set's class names. Class folders are then labelled by name (read_class_folders);
-    a list file's labels stay indices, into `classes`. Without it, class folders are numbered in sorted order.
-    num_classes, when not given, is the number of classes, or the largest label in the list file + 1.
-    Raises ValueError for no videos, multi-label class folders, more classes than num_classes, and class folders
-    without `classes` whose count is not num_classes (a missing folder would shift every later label onto
-    another class).
-    """
+    """(samples, class names or None, num_classes) from a list file or class folders (named by `classes`, the
+    training set's, if given); num_classes: by default the classes' count or the largest label + 1. ValueError for
+    no videos, multi-label or uncounted folders (a missing folder would shift every later label), too many classes."""
     source = Path(source)
+    if classes is not None and num_classes is None:
+        num_classes = len(classes)  # every label must name a class
     if source.is_dir():
-        if rawframes:
-            raise ValueError(f"{source} is a folder: frame folders are listed in a list file (`frame_dir "
-                             "total_frames label`)")
-        if multi_label:
-            raise ValueError("class folders give one label per video; use a list file for multi-label")
+        if rawframes or multi_label:
+            raise ValueError(f"{source} is a folder (class folders, one label a video): list "
+                             f"{'frame folders' if rawframes else 'multi-label videos'} in a list file instead")
         samples, found = read_class_folders(source, classes)
         if classes is None and num_classes is not None and len(found) != num_classes:
             raise ValueError(f"{source}: {len(found)} class folders but num_classes is {num_classes}; pass the "
                              f"training set's class names (classes=...) to label the folders by name")
-        classes = found
+        classes, num_classes = found, len(found) if num_classes is None else num_classes
     else:
-        if classes is not None and num_classes is None:
-            num_classes = len(classes)  # every label must name a class
         samples = read_list_file(source, root, multi_label, num_classes, rawframes)
-    if classes is not None:
-        num_classes = len(classes) if num_classes is None else num_classes
-        if len(classes) > num_classes:
-            raise ValueError(f"{source}: {len(classes)} classes but num_classes is {num_classes}")
+    if classes is not None and len(classes) > num_classes:
+        raise ValueError(f"{source}: {len(classes)} classes but num_classes is {num_classes}")
     if not samples:
         raise ValueError(f"no videos found in {source}")
     if num_classes is None:
@@ -733,9 +567,8 @@ def load_samples(source, root=None, multi_label=False, num_classes=None, classes
 
 
 def class_names(dataset, source) -> Optional[list]:
-    """The training set's class names: its class folders', or those of a classes.txt beside its list file (one
-    name a line, in label order, as the demo set has) when it names every class; otherwise None. A label beyond
-    the names of classes.txt is a ValueError naming the list file's line (a misnumbered line, most likely)."""
+    """The training set's class names: its folders', or those of a classes.txt beside its list file (one a line,
+    as the demo set has) if it names every class; else None. ValueError naming the line of a label beyond them."""
     if dataset.classes is not None:
         return list(dataset.classes)
     path = Path(source).parent / "classes.txt"
@@ -755,8 +588,7 @@ def class_names(dataset, source) -> Optional[list]:
 
 
 def log_labels_by_index(train_source, val_source, train, val):
-    """Say so when one of the training and validation sets (VideoDataset) is a list file and the other class
-    folders: labels then match by index, not name."""
+    """Log it when one of the training and validation sets is a list file, the other class folders: labels by index."""
     if train.classes is None and val.classes is not None:
         logging.warning("labels by index: the training list file %s names no classes, so the class folders of %s "
                         "are numbered in sorted order (%r is 0)", train_source, val_source, val.classes[0])
@@ -766,30 +598,13 @@ def log_labels_by_index(train_source, val_source, train, val):
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Clips from a list file (`path label` or `path l1 l2 ...`) or from class folders `root/<class>/<video>`.
-
-    A sample is a dict: "video" float (C, T, H, W), "label" (an int, or a 0/1 float (num_classes,) tensor when
-    multi_label), "skipped" (paths of bad videos passed over to build this sample) and, for Motion Loss pairs
-    (training by default), "fake" (C, T, H, W). `collate` turns a list of them into a batch.
-    `classes` in label order: from the class folders, or given (the training set's names, so that validation
-    folders are labelled by name: see load_samples); None for a list file alone.
-
-    Bad videos: with on_error="raise" the VideoDecodeError propagates. With "skip" it is logged once and the
-    path goes into `self.bad_files` (not decoded again). Training then uses the next video (index + 1, + 2, ...;
-    VideoDecodeError if none decodes). Evaluation leaves the video out, so that no video is counted twice: the
-    sample is {"skipped": [path]} alone. With DataLoader workers each worker holds its own copy of the dataset,
-    so `bad_files` in the main process stays empty: count bad files from the batches' "skipped" lists instead
-    (`collate` concatenates them; every bad video passed over is listed, each time).
-
-    Randomness comes from a `random.Random` seeded by (seed, epoch, index), so a sample is the same whatever the
-    number of workers; call `set_epoch(epoch)` every epoch (before creating the DataLoader iterator) to get new
-    augmentations. cache=True keeps every decoded frame of each video in memory (per worker): for the short
-    demo videos, where decoding would dominate a CPU step; not for real datasets.
-    Defaults follow the paper's 256-320 / 224 and 256 / 224 ratios: scale = img_size * (8/7, 10/7) and
-    short_side = img_size * 8/7. frame_interval: the release's strided sampler (sample_indices), else TSN.
-    rawframes: the list names frame folders (read_frames with `frame_template`, `start_index`; a missing or
-    unreadable frame is a bad video), never cached.
-    """
+    """Clips from a list file (`rawframes`: of frame folders) or class folders `root/<class>/<video>` (load_samples).
+    A sample: "video" float (C, T, H, W), "label" (int, or multi-hot float (num_classes,)), "skipped" (bad videos
+    passed over) and, for Motion Loss pairs (training by default), "fake". A bad video: on_error="raise" lets the
+    VideoDecodeError through; "skip" logs it once, training takes the next video, evaluation leaves it out so none
+    counts twice (each DataLoader worker keeps its own `bad_files`: count the batches' "skipped" lists instead).
+    Randomness is seeded by (seed, epoch, index), whatever the workers: call `set_epoch` each epoch.
+    cache=True keeps every decoded frame, for the short demo videos. Defaults: the paper's 256-320 / 224, 256 / 224."""
 
     def __init__(self, source, root=None, *, num_frames, img_size, train, short_side=None, scale=None,
                  multi_label=False, num_classes=None, on_error="skip", randaugment=False, seed=0, cache=False,
@@ -806,31 +621,27 @@ class VideoDataset(torch.utils.data.Dataset):
             frame_template.format(start_index)
         except (IndexError, KeyError, ValueError) as err:
             raise ValueError(f"frame_template {frame_template!r} does not format a frame number: {err}") from None
-        self.frame_interval, self.frame_template, self.start_index = frame_interval, frame_template, start_index
         if randaugment:
             rand_augment_class()  # fail now, not in a worker an epoch later
-        self.num_frames, self.img_size, self.train = num_frames, img_size, train
         self.short_side = round(img_size * 8 / 7) if short_side is None else short_side
         self.scale = (round(img_size * 8 / 7), round(img_size * 10 / 7)) if scale is None else tuple(scale)
         if min(self.short_side, *self.scale) < img_size:
             raise ValueError(f"short_side={self.short_side} and scale={self.scale} must be >= img_size={img_size}"
                              f" (the crop is taken after the resize)")
-        self.multi_label, self.num_classes, self.on_error = multi_label, num_classes, on_error
-        self.randaugment, self.seed, self.epoch = randaugment, seed, 0
+        self.frame_interval, self.frame_template, self.start_index = frame_interval, frame_template, start_index
+        self.num_frames, self.img_size, self.train, self.multi_label = num_frames, img_size, train, multi_label
+        self.num_classes, self.on_error, self.randaugment, self.seed = num_classes, on_error, randaugment, seed
         self.motion_pairs = train if motion_pairs is None else motion_pairs
-        self.cache = {} if cache else None
-        self.bad_files = set()
+        self.epoch, self.cache, self.bad_files = 0, {} if cache else None, set()
 
     def __len__(self):
         return len(self.samples)
 
-    def set_epoch(self, epoch):
-        """New random sampling and augmentation each epoch (like DistributedSampler.set_epoch)."""
+    def set_epoch(self, epoch):  # new random sampling and augmentation each epoch (as DistributedSampler's)
         self.epoch = epoch
 
     def _clip(self, path, rng):
-        """uint8 (T, H, W, 3): decoded now, or sampled from the cached frames of the whole video; scaled while
-        decoding to the largest short side the transform asks for (training: the top of `scale`)."""
+        """uint8 (T, H, W, 3), decoded or from the cache, at the largest short side the transform asks for."""
         short_side = self.scale[1] if self.train else self.short_side
         if self.frame_counts is not None:
             return read_frames(path, self.num_frames, self.train, rng, total_frames=self.frame_counts[path],
@@ -844,7 +655,7 @@ class VideoDataset(torch.utils.data.Dataset):
         frames = self.cache[path]
         return frames[sample_indices(len(frames), self.num_frames, self.train, rng, self.frame_interval)]
 
-    def _transform(self, clip, rng):
+    def _transform(self, clip, rng):  # uint8 (T, H, W, 3) -> float (C, T, H, W)
         if self.train:
             return train_transform(clip, self.img_size, self.scale, rng, self.randaugment)
         return eval_transform(clip, self.img_size, self.short_side)
@@ -856,26 +667,19 @@ class VideoDataset(torch.utils.data.Dataset):
         target[labels] = 1.0
         return target
 
-    def _decoded(self, path, rng):
-        """uint8 (T, H, W, 3), or None for a bad video (logged the first time, then remembered in bad_files)."""
-        if path in self.bad_files:
-            return None
-        try:
-            return self._clip(path, rng)
-        except VideoDecodeError as err:
-            if self.on_error == "raise":
-                raise
-            logging.warning("skipping a bad video: %s", err)
-            self.bad_files.add(path)
-            return None
-
     def __getitem__(self, index):
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds hash the same in every process
         skipped = []
-        # training moves on to the next video; evaluation tries this one only, so that none is counted twice
-        for step in range(len(self.samples) if self.train else 1):
+        for step in range(len(self.samples) if self.train else 1):  # training moves on to the next video
             path, labels = self.samples[(index + step) % len(self.samples)]
-            clip = self._decoded(path, rng)  # (T, H, W, 3)
+            try:
+                clip = None if path in self.bad_files else self._clip(path, rng)  # (T, H, W, 3)
+            except VideoDecodeError as err:
+                if self.on_error == "raise":
+                    raise
+                logging.warning("skipping a bad video: %s", err)  # once: then it is in bad_files
+                self.bad_files.add(path)
+                clip = None
             if clip is None:
                 skipped.append(str(path))
                 continue
@@ -888,79 +692,55 @@ class VideoDataset(torch.utils.data.Dataset):
         if not self.train:
             return {"skipped": skipped}  # left out of the evaluation
         raise VideoDecodeError(f"none of the {len(self.samples)} videos could be decoded; bad files: "
-                           f"{sorted(map(str, self.bad_files))[:5]} ...")
+                               f"{sorted(map(str, self.bad_files))[:5]} ...")
 
 
 def collate(batch):
-    """A list of B samples -> one batch dict.
-
-    Motion Loss pairs (samples with "fake"): "video" (2B, C, T, H, W), the B real clips then their B fakes;
-    "label" the action label for both halves, (2B,) or (2B, num_classes) for multi-label; "motion" (2B,) =
-    [1]*B + [0]*B. Single clips: "video" (B, C, T, H, W), "label" (B,) or (B, num_classes), "motion" ones (B,).
-    "skipped": the paths of bad videos passed over while building this batch. Samples left out of an evaluation
-    (no "video") add only their paths to it, so B counts the others; when every sample of the batch was left
-    out, the batch is {"skipped": [...]} alone.
-    """
+    """B samples -> "video" (B, C, T, H, W), "label" (B,) or (B, num_classes), "motion" ones (B,); Motion Loss pairs:
+    2B clips, the B real then their fakes, labels twice, "motion" [1]*B + [0]*B. "skipped": the bad videos passed
+    over (samples left out of an evaluation add only these; when all were, the batch is {"skipped": [...]})."""
     skipped = [p for s in batch for p in s["skipped"]]
     batch = [s for s in batch if "video" in s]
     if not batch:
         return {"skipped": skipped}
-    videos = [s["video"] for s in batch]
-    labels = [s["label"] for s in batch]
-    motion = [1] * len(batch)
+    videos, labels, motion = [s["video"] for s in batch], [s["label"] for s in batch], [1] * len(batch)
     if "fake" in batch[0]:
         videos += [s["fake"] for s in batch]
         labels += labels  # the fake keeps the video's action label (task loss on both clips)
         motion += [0] * len(batch)
     label = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels)
-    return {"video": torch.stack(videos),  # (B or 2B, C, T, H, W)
-            "label": label, "motion": torch.tensor(motion), "skipped": skipped}
+    return {"video": torch.stack(videos), "label": label, "motion": torch.tensor(motion), "skipped": skipped}
 
 
 def epoch_loader(dataset, batch_size, epoch, rank=0, world=1, *, seed=0, workers=0, skip_samples=0, train=True):
-    """The DataLoader of one epoch over a VideoDataset, `batch_size` videos a batch (collate).
-
-    Training: train_order. The dataset's augmentation is seeded by (seed, epoch, index), so an epoch's samples are
-    the same however often the run stopped and resumed, on any number of processes. Evaluation: each process
-    takes every world-th video, no padding, no duplicates.
-    """
+    """The DataLoader of one epoch, `batch_size` videos a batch (collate). Training: train_order, so an epoch's
+    samples are the same however often the run resumed, on any number of processes. Evaluation: every world-th."""
     dataset.set_epoch(epoch)
-    if train:
-        order = train_order(len(dataset), batch_size, epoch, rank, world, seed=seed, skip_samples=skip_samples)
-    else:
-        order = list(range(rank, len(dataset), world))
+    order = train_order(len(dataset), batch_size, epoch, rank, world, seed=seed, skip_samples=skip_samples) if train \
+        else list(range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=train,
                                        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
                                        worker_init_fn=_leave_signals_to_main)
 
 
 def train_order(n, batch_size, epoch, rank=0, world=1, *, seed=0, skip_samples=0) -> list:
-    """This process's dataset indices for one training epoch, whole batches only.
-
-    One shuffle of the n indices, seeded by (seed, epoch) and the same in every process (DistributedSampler's),
-    is dealt round-robin to the `world` processes; so each step takes the next batch_size x world indices of it,
-    and after any number of steps the samples taken are a prefix of the shuffle. `skip_samples` (that prefix's
-    length, from a checkpoint) resumes in the middle of an epoch, also on another number of processes or batch
-    size: nothing of the epoch is repeated, and only the end that no longer fills a step is left out.
-    """
+    """This process's indices of a training epoch, whole batches: one shuffle seeded by (seed, epoch) dealt round-robin,
+    so the samples taken are a prefix of it and `skip_samples` (from a checkpoint) resumes on any number of
+    processes or batch size, repeating nothing."""
     g = torch.Generator().manual_seed(seed + epoch)
     rest = torch.randperm(n, generator=g).tolist()[skip_samples:]
     return rest[rank::world][:len(rest) // world // batch_size * batch_size]
 
 
 def _leave_signals_to_main(worker_id):
-    """Ctrl-C reaches the DataLoader workers too, and a cluster's SIGTERM reaches every process of the job: the
-    workers ignore both and leave them to the main process, which saves last.pt after the step under way (a
-    worker killed first would fail that step instead)."""
+    """DataLoader workers ignore Ctrl-C and SIGTERM: the main process saves last.pt after the step under way."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 
 
 def single_threaded(loader):
-    """Yield the loader's batches, built with one torch thread (this matters with workers=0).
-
-    The per-clip resizes and crops are too small to gain from intra-op threads, and on a busy CPU their thread
-    hand-offs made a demo batch about 30x slower (3 s instead of 0.1 s on 2 shared CPU cores)."""
+    """The loader's batches, built with one torch thread (workers=0): the small resizes gain nothing from threads,
+    whose hand-offs on a busy CPU made a demo batch 30x slower."""
     threads, batches = torch.get_num_threads(), iter(loader)
     while True:
         torch.set_num_threads(1)
@@ -1114,123 +894,3 @@ def make_demo_dataset(root, *, seed=0, num_train=60, num_val=20):
     (root / _MARKER).write_text(_demo_params(seed, num_train, num_val))
     return info
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pictures: halting maps like the paper's Fig. 4, written as PNG through PyAV (no imaging library needed)
-
-DARKEN = 0.25  # brightness left to a pruned or halted patch
-GAP = 2  # white pixels between the tiles of a halting map
-
-
-def display_frames(video):
-    """Undo `_normalise` for display: float (C, T, H, W) -> uint8 (T, H, W, 3)."""
-    return (video * STD + MEAN).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
-
-
-def active_token_masks(keep_index, halt_depth, num_patches, layers):
-    """Which patches of one clip take part where, from what the model returned for it.
-
-    keep_index (T, k) patch indices the Glimpser kept per frame, or None (no Glimpser: every patch kept);
-    halt_depth (1 + T*k,) N_k of the tokens entering the joint stage: the class token, then frame-major patches.
-    Returns bool (1 + len(layers), T, S): row 0 the patches the Glimpser kept, then for each joint layer l in
-    `layers` (1-based) the patches that take part in it, N_k >= l (Eq. 3; in drop mode the tokens left when the
-    class token halts carry its N_k, so they stop with it).
-    """
-    halt_depth = halt_depth.cpu()
-    if keep_index is None:
-        T = (halt_depth.shape[0] - 1) // num_patches
-        keep_index = torch.arange(num_patches).expand(T, num_patches)  # (T, S)
-    keep_index = keep_index.cpu()
-    T, k = keep_index.shape
-    depth = halt_depth[1:].view(T, k)  # (T*k,) -> (T, k), the patch tokens' N_k
-    frame = torch.arange(T).unsqueeze(1).expand(T, k)  # (T, k) frame of each token
-    masks = torch.zeros(1 + len(layers), T, num_patches, dtype=torch.bool)
-    masks[0, frame, keep_index] = True
-    for i, layer in enumerate(layers, start=1):
-        masks[i, frame, keep_index] = depth >= layer  # pruned patches stay False
-    return masks
-
-
-@torch.no_grad()
-def token_masks(model, video, layers):
-    """Run one clip (C, T, H, W) through a HaltingVT in drop mode (mask mode when release-compatible): bool
-    masks (1 + len(layers), T, S) of the patches the Glimpser kept and of those still active at each joint layer
-    (active_token_masks)."""
-    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
-    keep_index = out.keep_index[0] if out.keep_index is not None else None
-    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
-    return active_token_masks(keep_index, out.halt_depth[0], S, layers)
-
-
-def halting_map(frames, masks, patch_size, scale=2):
-    """A grid image: one column per frame; row 0 the frames, then one row per mask with the patches it leaves
-    out darkened to DARKEN. frames uint8 (T, H, W, 3), masks bool (R, T, S) with S = (H/p) * (W/p) row-major
-    -> uint8 (1 + R) * (scale*H + GAP) x T * (scale*W + GAP) x 3, nearest-neighbour upscaled by `scale`."""
-    T, H, W, _ = frames.shape
-    tiles = [frames]
-    for mask in masks:  # (T, S) -> (T, H, W): one patch covers patch_size x patch_size pixels
-        pixel = mask.view(T, H // patch_size, W // patch_size).repeat_interleave(patch_size, 1)
-        pixel = pixel.repeat_interleave(patch_size, 2)  # (T, H, W)
-        shade = torch.where(pixel, 1.0, DARKEN).unsqueeze(-1)  # (T, H, W, 1)
-        tiles.append((frames.float() * shade).round().to(torch.uint8))
-    image = torch.stack(tiles)  # (rows, T, H, W, 3)
-    image = image.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (rows, T, sH, sW, 3)
-    image = F.pad(image.permute(0, 1, 4, 2, 3), (0, GAP, 0, GAP), value=255)  # white right and below a tile
-    rows, T, C, h, w = image.shape
-    return image.permute(0, 3, 1, 4, 2).reshape(rows * h, T * w, C).numpy()  # (rows, h, T, w, 3) -> (rows*h, T*w, 3)
-
-
-# A 3x5 pixel font for the map's labels (no imaging library needed): a glyph is 5 rows, top first, each an octal
-# digit whose 3 bits are its pixels (7 = ###, 5 = #.#, 2 = .#.).
-FONT = dict(zip("0123456789AEFGIJLMNOPRSTUY ", "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 "
-                "74647 74644 74557 72227 11157 44447 57755 65555 25552 65644 65655 34216 72222 55557 55222 00000"
-                .split()))
-
-
-def text_mask(text, scale=2):
-    """`text` in FONT's letters (lower case drawn as upper case) -> bool (5 * scale, 4 * len(text) * scale), one
-    blank column after each glyph."""
-    glyphs = [[[int(row) >> (2 - c) & 1 for c in range(3)] + [0] for row in FONT[ch]] for ch in text.upper()]
-    mask = torch.tensor(glyphs, dtype=torch.bool).permute(1, 0, 2).reshape(5, -1)  # (n, 5, 4) -> (5, 4n)
-    return mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
-
-
-def label_map(image, rows, columns, scale=2):
-    """A halting map with its row names left of its rows and its column names above its columns, black on white:
-    uint8 (R*h, C*w, 3) of R x C equal tiles -> uint8 (7*scale + R*h, left + C*w, 3)."""
-    h, w = image.shape[0] // len(rows), image.shape[1] // len(columns)
-    top, left = 7 * scale, max(4 * len(name) for name in rows) * scale + 2 * scale
-    canvas = np.full((top + image.shape[0], left + image.shape[1], 3), 255, np.uint8)
-    canvas[top:, left:] = image
-    for i, name in enumerate(rows):  # vertically centred on the row, left-aligned
-        mask = text_mask(name, scale)
-        y = top + i * h + (h - mask.shape[0]) // 2
-        canvas[y:y + mask.shape[0], scale:scale + mask.shape[1]][mask] = 0
-    for j, name in enumerate(columns):  # above the column, cut at its width
-        mask = text_mask(name, scale)[:, :w]
-        canvas[scale:6 * scale, left + j * w:left + j * w + mask.shape[1]][mask] = 0
-    return canvas
-
-
-def write_png(path, image):
-    """Write a uint8 (H, W, 3) image with PyAV's PNG encoder, through a temporary file and a rename."""
-    codec = av.CodecContext.create("png", "w")
-    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-    packets = codec.encode(frame) + codec.encode(None)  # None flushes the encoder
-    tmp = Path(f"{path}.tmp")
-    tmp.write_bytes(b"".join(bytes(p) for p in packets))
-    tmp.replace(path)
-
-
-
-if __name__ == "__main__":
-    import tempfile
-    import time
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.time()
-        info = make_demo_dataset(tmp, num_train=4, num_val=2)
-        print(f"demo dataset (4 + 2 videos per class) written in {time.time() - start:.2f} s")
-        train = VideoDataset(info["train"], num_frames=8, img_size=64, train=True, scale=DEMO_TRAIN_SCALE)
-        batch = collate([train[0], train[1]])
-        print({k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in batch.items()}, batch["motion"].tolist())

@@ -1406,22 +1406,6 @@ def test_loss_motion_is_cross_entropy_with_real_as_class_1():
         math.log(1 + math.exp(3.0)), rel=1e-6)
 
 
-def test_loss_total_with_the_depth_prior_by_hand():
-    """Eq. (9) plus alpha_d times the depth prior's KL (losses.depth_prior_loss), written out."""
-    rows, motion_rows = [[0.2, 0.1, -0.3], [1.0, 0.0, 0.0]], [[0.5, -0.5], [2.0, -1.0]]
-    scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [1.0, 1.0]]).view(3, 1, 2)  # (L, B, K)
-    out = SimpleNamespace(logits=torch.tensor(rows), motion_logits=torch.tensor(motion_rows),
-                          ponder=torch.tensor([6.0, 8.0]), halt_scores=scores)
-    target = torch.tensor([0.2, 0.5, 0.3])
-    total, parts = losses.haltingvt_loss(out, torch.tensor([1, 0]), torch.tensor([1, 0]), alpha_d=0.1,
-                                         depth_target=target)
-    p = [0.3, 0.2, 1.0]
-    kl = sum(t * math.log(t / (q / sum(p))) for t, q in zip([0.2, 0.5, 0.3], p))
-    task, motion = _hand_ce(rows, [1, 0]), _hand_ce(motion_rows, [1, 0])
-    assert parts["depth"] == pytest.approx(kl, rel=1e-5)
-    assert total.item() == pytest.approx(task + 5e-4 * 7.0 + 0.01 * motion + 0.1 * kl, rel=1e-6)
-
-
 def test_loss_num_classes_must_match_the_logits():
     with pytest.raises(ValueError, match="logits have 6 classes but num_classes is 5"):
         losses.haltingvt_loss(_out(torch.zeros(2, 6)), torch.tensor([0, 1]), num_classes=5)
@@ -1463,23 +1447,6 @@ def test_loss_ponder_gradient_raises_halting_score():
     assert s.grad.item() == pytest.approx(-5e-4 * h * (1 - h), rel=1e-5)
 
 
-def test_loss_depth_prior_is_kl_by_hand_and_zero_at_the_target():
-    target = losses.depth_prior(4, mean=2.0, std=0.8)
-    g = [math.exp(-0.5 * ((l - 2.0) / 0.8) ** 2) for l in (1, 2, 3, 4)]
-    assert target.tolist() == pytest.approx([v / sum(g) for v in g], rel=1e-6)
-    scores = torch.tensor([[0.2, 0.4], [0.1, 0.3], [0.0, 0.0], [1.0, 1.0]]).view(4, 1, 2)  # (L, B, K)
-    p = [0.3, 0.2, 0.0, 1.0]
-    p = [v / sum(p) for v in p]
-    hand = sum(t * (math.log(t) - math.log(max(q, 1e-8))) for t, q in zip(target.tolist(), p))
-    assert losses.depth_prior_loss(scores, target).item() == pytest.approx(hand, rel=1e-5)
-    at_target = (target * 3).view(4, 1, 1).expand(4, 2, 3)
-    assert losses.depth_prior_loss(at_target, target).item() == pytest.approx(0.0, abs=1e-6)
-    # too much halting at layer 1: the gradient lowers the first layer's scores
-    scores = torch.tensor([0.9, 0.05, 0.05, 1.0]).view(4, 1, 1).requires_grad_()
-    losses.depth_prior_loss(scores, target).backward()
-    assert scores.grad[0] > 0 and scores.grad[1] < 0
-
-
 def test_loss_bad_labels_raise_with_value():
     out = _out(torch.zeros(2, 6), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="label 7 "):
@@ -1497,7 +1464,7 @@ def test_loss_bad_labels_raise_with_value():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data.py: reading videos, transforms, datasets, the demo set, pictures
+# data.py: reading videos, transforms, datasets, the demo set
 # ----------------------------------------------------------------------------------------------------------
 
 GREY_STEP = 12  # frame k of a test video is grey level 12 * k, so a decoded frame tells its index
@@ -2088,10 +2055,10 @@ def test_data_rawframe_lists_missing_frames_and_counts(tmp_path, caplog):
                   rawframes=True, frame_interval=3)
     ds = data.VideoDataset(listed, **common)
     assert ds.samples[0] == (tmp_path / "a b", [0, 3]) and ds.frame_counts[tmp_path / "a b"] == 12
-    assert _frame_ids(data.display_frames(ds[0]["video"])) == [1, 4, 7, 10]  # the centred start, (12 - 10) // 2
+    assert _frame_ids(train.display_frames(ds[0]["video"])) == [1, 4, 7, 10]  # the centred start, (12 - 10) // 2
     assert ds[0]["label"].tolist() == [1, 0, 0, 1]
     with caplog.at_level(logging.WARNING):
-        ids = [_frame_ids(data.display_frames(ds[1]["video"])) for _ in range(2)]
+        ids = [_frame_ids(train.display_frames(ds[1]["video"])) for _ in range(2)]
     assert ids == [[0, 3, 0, 3]] * 2  # sampled within the 6 frames there are (wrapping), said once
     assert caplog.text.count("the list says 12 frames, the folder holds 6") == 1
     assert len(ds) == 4  # the missing folder "none" is left out when the dataset is built, as a missing video is
@@ -2340,98 +2307,8 @@ def test_data_demo_mover_stays_in_view_and_paired_classes_share_positions():
         assert np.allclose(path("move up-left", seed), path("move down-right", seed)[::-1])
 
 
-def loop_masks(keep_index, halt_depth, S, layers):
-    """The obviously-correct reference: token 1 + t*k + j is frame t, patch keep_index[t][j], with depth N."""
-    T = len(keep_index) if keep_index is not None else (len(halt_depth) - 1) // S
-    kept = [[keep_index[t][j] for j in range(len(keep_index[t]))] if keep_index is not None else list(range(S))
-            for t in range(T)]
-    masks = torch.zeros(1 + len(layers), T, S, dtype=torch.bool)
-    for t in range(T):
-        for j, s in enumerate(kept[t]):
-            n = int(halt_depth[1 + t * len(kept[t]) + j])
-            masks[0, t, s] = True
-            for i, layer in enumerate(layers, start=1):
-                masks[i, t, s] = n >= layer
-    return masks
-
-
-def test_map_active_token_masks_match_a_loop():
-    g = torch.Generator().manual_seed(0)
-    T, S, k, L = 3, 16, 6, 4
-    keep = torch.stack([torch.randperm(S, generator=g)[:k] for _ in range(T)])  # (T, k)
-    depth = torch.randint(1, L + 1, (1 + T * k,), generator=g)
-    got = data.active_token_masks(keep, depth, S, [1, 2, 4])
-    assert torch.equal(got, loop_masks(keep.tolist(), depth.tolist(), S, [1, 2, 4]))
-    assert got[0].sum() == T * k and torch.equal(got[1], got[0])  # every kept token runs joint layer 1
-    depth = torch.randint(1, L + 1, (1 + T * S,), generator=g)  # no Glimpser
-    assert torch.equal(data.active_token_masks(None, depth, S, [3]), loop_masks(None, depth.tolist(), S, [3]))
-
-
-def test_map_darkens_exactly_the_pruned_and_halted_tokens():
-    torch.manual_seed(0)
-    cfg = HaltingVTConfig.tiny(embed_dim=32, depth=6, num_heads=2, num_frames=4, beta=1.0)
-    model = HaltingVT(cfg).eval()
-    clip = torch.randint(40, 256, (4, 64, 64, 3), dtype=torch.uint8)  # >= 40: darkening changes every pixel
-    video = data.eval_transform(clip, 64, 64)  # (C, T, H, W)
-    layers = [2, 3, 4]
-    with torch.no_grad():
-        out = model(video.unsqueeze(0), drop_halted=True)
-    p, S = cfg.patch_size, 16
-    expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
-    assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
-    image = data.halting_map(data.display_frames(video), data.token_masks(model, video, layers), p, scale=2)
-    tile_h, tile_w = 2 * 64 + data.GAP, 2 * 64 + data.GAP
-    assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
-
-    def patch(row, t, s):
-        top, left = row * tile_h + 2 * p * (s // 4), t * tile_w + 2 * p * (s % 4)
-        return image[top:top + 2 * p, left:left + 2 * p].astype(np.float64)
-
-    for t in range(4):
-        for s in range(S):
-            original = patch(0, t, s)
-            assert np.array_equal(original, np.repeat(np.repeat(clip[t, 16 * (s // 4):16 * (s // 4 + 1),
-                                  16 * (s % 4):16 * (s % 4 + 1)].numpy(), 2, 0), 2, 1))  # the input row
-            for r in range(len(expected)):
-                shown = patch(1 + r, t, s)
-                if expected[r, t, s]:
-                    assert np.array_equal(shown, original), (r, t, s)
-                else:
-                    assert np.array_equal(shown, np.round(original * data.DARKEN)), (r, t, s)
-
-
-def test_map_png_round_trips_through_pyav(tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, (70, 130, 3), dtype=np.uint8)
-    data.write_png(tmp_path / "x.png", image)
-    with av.open(str(tmp_path / "x.png")) as container:
-        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
-
-
-def test_map_labels_are_drawn_in_the_picture():
-    one = [".#.", "##.", ".#.", ".#.", "###"]  # the font's "1", written out
-    expected = np.array([[c == "#" for c in row + "."] for row in one])
-    assert np.array_equal(data.text_mask("1", scale=1), expected)
-    assert np.array_equal(data.text_mask("1", scale=2), expected.repeat(2, 0).repeat(2, 1))
-    assert data.text_mask("joint layer 2", 1).shape == (5, 4 * 13) and data.text_mask("Gg", 1)[:, :4].any()
-    rows, columns, tile = ["input", "Glimpser", "joint layer 3"], ["frame 0", "frame 17"], 40
-    image = np.full((3 * tile, 2 * tile, 3), 128, np.uint8)
-    out = data.label_map(image, rows, columns)
-    top, left = out.shape[0] - image.shape[0], out.shape[1] - image.shape[1]
-    assert (top, left) == (14, 2 * 2 + 4 * 2 * len("joint layer 3")) and np.array_equal(out[top:, left:], image)
-    for i, name in enumerate(rows):  # each row's name, black on white, left of its row
-        mask = data.text_mask(name)
-        band = out[top + i * tile:top + (i + 1) * tile, :left, 0]
-        y = (tile - mask.shape[0]) // 2
-        assert np.array_equal(band[y:y + mask.shape[0], 2:2 + mask.shape[1]] == 0, mask)
-        assert (band == 0).sum() == mask.sum()
-    for j, name in enumerate(columns):  # each column's frame above it, cut at the column's width
-        mask = data.text_mask(name)[:, :tile]
-        assert np.array_equal(out[2:12, left + j * tile:left + j * tile + mask.shape[1], 0] == 0, mask)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# train.py: training, evaluation, checkpoints, prediction, the halting map
+# train.py: settings, training, evaluation with its metrics, prediction, the halting map
 # ----------------------------------------------------------------------------------------------------------
 
 # A model far smaller than tiny() and a demo set of 12 training and 6 validation videos: each run takes seconds.
@@ -2593,7 +2470,7 @@ def test_train_average_precision():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.6]])
     targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0]])
     # class 0: positives ranked 1st and 3rd -> (1/1 + 2/3) / 2; class 1: its one positive ranked 1st -> 1
-    assert losses.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert train.average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
 def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog, monkeypatch):
@@ -2639,8 +2516,12 @@ def test_train_resume_is_exact(demo, tmp_path):
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
     train.main(small_run(demo, tmp_path / "split", "--epochs", "2", "--resume", str(tmp_path / "split/last.pt")))
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
-    # a bare --resume takes the run's own flags (data, epochs, out, seed...) from the checkpoint
+    # a bare --resume takes the run's own flags (data, epochs, out, seed...) from the checkpoint, and leaves out
+    # the flags this version no longer has (an older run's distribution prior)
     train.main(small_run(demo, tmp_path / "bare", "--epochs", "2", "--stop-after", "1"))
+    ckpt = torch.load(tmp_path / "bare/last.pt", weights_only=True)
+    ckpt["args"].update(alpha_d=0.1, depth_prior=[2.0, 1.0])
+    checkpoints.write_checkpoint(tmp_path / "bare/last.pt", ckpt)
     train.main(["--resume", str(tmp_path / "bare/last.pt")])
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "bare/last.pt"))
     assert len((tmp_path / "bare/metrics.jsonl").read_text().splitlines()) == 2
@@ -2678,7 +2559,8 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["video"] for r in lines] == [str(good[0]), str(bad), str(good[1])]
     assert "broken.mp4" in lines[1]["error"] and "top5" not in lines[1]
-    model, _ = train.load_trained_model(ckpt_path, "cpu")
+    model = HaltingVT(HaltingVTConfig(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["model"])
     for path, result in zip(good, lines[::2]):
         clip = data.eval_transform(data.read_clip(path, 4, train=False), model.cfg.img_size,
                                    data.DEMO_EVAL_SHORT_SIDE)
@@ -2734,13 +2616,13 @@ def test_train_sigint_saves_and_resumes_mid_epoch(demo, tmp_path, monkeypatch):
 # same command again.
 
 # train.py with each evaluation batch announced and slowed down, so that a test can signal during one
-SLOW_EVAL = ("import sys, time, losses, train\n"
-             "add = losses.add_eval_batch\n"
+SLOW_EVAL = ("import sys, time, train\n"
+             "add = train.add_eval_batch\n"
              "def announced(*a, **kw):\n"
              "    print('eval batch', flush=True)\n"
              "    time.sleep(0.3)\n"
              "    return add(*a, **kw)\n"
-             "losses.add_eval_batch = announced\n"
+             "train.add_eval_batch = announced\n"
              "train.main(sys.argv[1:])\n")
 
 
@@ -3077,7 +2959,7 @@ def test_train_evaluate_with_more_processes_than_videos(tmp_path, videos):
     assert [m["val_videos"] for m in alone] == [2, 2, 2] and [m["val_skipped"] for m in alone] == [0, 0, 1]
     rows = _by_hand(lists[1][0], multi_label=True)
     logits, targets = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-    assert alone[1]["val_map"] == pytest.approx(losses.average_precision(logits, targets))
+    assert alone[1]["val_map"] == pytest.approx(train.average_precision(logits, targets))
     lists = [(str(lst), multi) for lst, multi in lists]
     torch.multiprocessing.spawn(_evaluate_in_process, args=(3, str(tmp_path / "init"), lists, str(tmp_path)),
                                 nprocs=3)
@@ -3096,29 +2978,94 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     assert "1 bad video skipped" in caplog.text and "broken.mp4" in caplog.text  # the plural right
 
 
-@pytest.mark.slow
-def test_train_depth_prior_flag(demo, tmp_path, monkeypatch):
-    """--alpha-d 0.1 --depth-prior 2 1 on 3 joint layers: every step's loss gets alpha_d 0.1 (no halting warm-up)
-    and the Gaussian over layers 1..3 with mean 2 and std 1 as its target, and the total includes the term."""
-    calls = []
+def loop_masks(keep_index, halt_depth, S, layers):
+    """The obviously-correct reference: token 1 + t*k + j is frame t, patch keep_index[t][j], with depth N."""
+    T = len(keep_index) if keep_index is not None else (len(halt_depth) - 1) // S
+    kept = [[keep_index[t][j] for j in range(len(keep_index[t]))] if keep_index is not None else list(range(S))
+            for t in range(T)]
+    masks = torch.zeros(1 + len(layers), T, S, dtype=torch.bool)
+    for t in range(T):
+        for j, s in enumerate(kept[t]):
+            n = int(halt_depth[1 + t * len(kept[t]) + j])
+            masks[0, t, s] = True
+            for i, layer in enumerate(layers, start=1):
+                masks[i, t, s] = n >= layer
+    return masks
 
-    def spy(out, *args, **kwargs):
-        total, parts = losses.haltingvt_loss(out, *args, **kwargs)
-        calls.append((kwargs, parts))
-        return total, parts
 
-    monkeypatch.setattr(train, "haltingvt_loss", spy)
-    metrics = train.main(small_run(demo, tmp_path, "--epochs", "1", "--depth", "5", "--alpha-d", "0.1",
-                                   "--depth-prior", "2", "1", "--halting-warmup", "0"))
-    gauss = [math.exp(-0.5 * (l - 2) ** 2) for l in (1, 2, 3)]
-    assert calls
-    for kwargs, parts in calls:
-        assert kwargs["alpha_d"] == 0.1
-        assert kwargs["depth_target"].tolist() == pytest.approx([g / sum(gauss) for g in gauss], rel=1e-6)
-        assert parts["depth"] > 0 and parts["total"] == pytest.approx(
-            parts["task"] + kwargs["alpha_p"] * parts["ponder"] + kwargs["alpha_m"] * parts["motion"]
-            + 0.1 * parts["depth"], rel=1e-5)
-    assert len(metrics["halt_depth_hist"]) == 3 and sum(metrics["halt_depth_hist"]) == pytest.approx(1.0)
+def test_map_active_token_masks_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    T, S, k, L = 3, 16, 6, 4
+    keep = torch.stack([torch.randperm(S, generator=g)[:k] for _ in range(T)])  # (T, k)
+    depth = torch.randint(1, L + 1, (1 + T * k,), generator=g)
+    got = train.active_token_masks(keep, depth, S, [1, 2, 4])
+    assert torch.equal(got, loop_masks(keep.tolist(), depth.tolist(), S, [1, 2, 4]))
+    assert got[0].sum() == T * k and torch.equal(got[1], got[0])  # every kept token runs joint layer 1
+    depth = torch.randint(1, L + 1, (1 + T * S,), generator=g)  # no Glimpser
+    assert torch.equal(train.active_token_masks(None, depth, S, [3]), loop_masks(None, depth.tolist(), S, [3]))
+
+
+def test_map_darkens_exactly_the_pruned_and_halted_tokens():
+    torch.manual_seed(0)
+    cfg = HaltingVTConfig.tiny(embed_dim=32, depth=6, num_heads=2, num_frames=4, beta=1.0)
+    model = HaltingVT(cfg).eval()
+    clip = torch.randint(40, 256, (4, 64, 64, 3), dtype=torch.uint8)  # >= 40: darkening changes every pixel
+    video = data.eval_transform(clip, 64, 64)  # (C, T, H, W)
+    layers = [2, 3, 4]
+    with torch.no_grad():
+        out = model(video.unsqueeze(0), drop_halted=True)
+    p, S = cfg.patch_size, 16
+    expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
+    assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
+    image = train.halting_map(train.display_frames(video), train.token_masks(model, video, layers), p, scale=2)
+    tile_h, tile_w = 2 * 64 + train.GAP, 2 * 64 + train.GAP
+    assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
+
+    def patch(row, t, s):
+        top, left = row * tile_h + 2 * p * (s // 4), t * tile_w + 2 * p * (s % 4)
+        return image[top:top + 2 * p, left:left + 2 * p].astype(np.float64)
+
+    for t in range(4):
+        for s in range(S):
+            original = patch(0, t, s)
+            assert np.array_equal(original, np.repeat(np.repeat(clip[t, 16 * (s // 4):16 * (s // 4 + 1),
+                                  16 * (s % 4):16 * (s % 4 + 1)].numpy(), 2, 0), 2, 1))  # the input row
+            for r in range(len(expected)):
+                shown = patch(1 + r, t, s)
+                if expected[r, t, s]:
+                    assert np.array_equal(shown, original), (r, t, s)
+                else:
+                    assert np.array_equal(shown, np.round(original * train.DARKEN)), (r, t, s)
+
+
+def test_map_png_round_trips_through_pyav(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (70, 130, 3), dtype=np.uint8)
+    train.write_png(tmp_path / "x.png", image)
+    with av.open(str(tmp_path / "x.png")) as container:
+        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert np.array_equal(decoded, image) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_map_labels_are_drawn_in_the_picture():
+    one = [".#.", "##.", ".#.", ".#.", "###"]  # the font's "1", written out
+    expected = np.array([[c == "#" for c in row + "."] for row in one])
+    assert np.array_equal(train.text_mask("1", scale=1), expected)
+    assert np.array_equal(train.text_mask("1", scale=2), expected.repeat(2, 0).repeat(2, 1))
+    assert train.text_mask("joint layer 2", 1).shape == (5, 4 * 13) and train.text_mask("Gg", 1)[:, :4].any()
+    rows, columns, tile = ["input", "Glimpser", "joint layer 3"], ["frame 0", "frame 17"], 40
+    image = np.full((3 * tile, 2 * tile, 3), 128, np.uint8)
+    out = train.label_map(image, rows, columns)
+    top, left = out.shape[0] - image.shape[0], out.shape[1] - image.shape[1]
+    assert (top, left) == (14, 2 * 2 + 4 * 2 * len("joint layer 3")) and np.array_equal(out[top:, left:], image)
+    for i, name in enumerate(rows):  # each row's name, black on white, left of its row
+        mask = train.text_mask(name)
+        band = out[top + i * tile:top + (i + 1) * tile, :left, 0]
+        y = (tile - mask.shape[0]) // 2
+        assert np.array_equal(band[y:y + mask.shape[0], 2:2 + mask.shape[1]] == 0, mask)
+        assert (band == 0).sum() == mask.sum()
+    for j, name in enumerate(columns):  # each column's frame above it, cut at the column's width
+        mask = train.text_mask(name)[:, :tile]
+        assert np.array_equal(out[2:12, left + j * tile:left + j * tile + mask.shape[1], 0] == 0, mask)
 
 
 def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
@@ -3161,9 +3108,9 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
     with av.open(result["path"]) as container:
         decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
     # input, Glimpser, layer 2 of 4 frames; above them the frame numbers, left of them the row names
-    labels, side = (7 * 2, 2 * 2 + 4 * 2 * len("joint layer 2")), 2 * model.cfg.img_size + data.GAP
+    labels, side = (7 * 2, 2 * 2 + 4 * 2 * len("joint layer 2")), 2 * model.cfg.img_size + train.GAP
     assert decoded.shape == (labels[0] + 3 * side, labels[1] + 4 * side, 3)
-    picture = data.halting_map(data.display_frames(video), masks[[0, 2]], model.cfg.patch_size)  # input, rows
+    picture = train.halting_map(train.display_frames(video), masks[[0, 2]], model.cfg.patch_size)  # input, rows
     assert np.array_equal(decoded[labels[0]:, labels[1]:], picture)
     again = train.main(["--halting-map", str(video_path), "--resume", str(tmp_path / "run/last.pt"), "--threads",
                         "1", "--out", str(tmp_path / "map"), "--map-layers", "1", "2"])

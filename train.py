@@ -7,20 +7,12 @@
         --model deit_small --init deit_small_patch16_224-cd65a155.pth
     torchrun --standalone --nproc-per-node=8 train.py ...   # the same, one process per GPU
 
-One training step (paper Sec. 3.4 and Eq. 9): a batch of B videos becomes 2B clips, each video's real clip and
-its static fake (data.collate); both go through the model; loss = task + alpha_p * ponder + alpha_m * motion.
-Evaluation runs the model in drop mode (halted tokens leave the computation) and reports top-1/top-5 (or mAP),
-motion accuracy on each validation video's real clip and its fake, GFLOPs spent per video, halting depths.
-The training loop is `fit`; the ablations of Tables 1 and 2 are `python bench.py --ablation`.
-
-Two sets of defaults: the real-data ones follow the config files of the authors' public release
-(dun-research/HaltingVT); the sanity run changes only what is listed in DEMO_PRESET. Every value in either can
-be overridden by its flag. Axis letters as in haltingvt.py: B batch, L joint layers, K tokens entering the
-joint stage.
+A step (Sec. 3.4, Eq. 9): B videos are 2B clips, each real clip and its static fake (data.collate); the loop is
+`fit`. Evaluation runs drop mode: top-1/top-5 (or mAP), motion accuracy, GFLOPs spent, halting depths. Axis
+letters as in haltingvt.py (B batch, T frames, S patches a frame, L joint layers, K tokens entering them).
 """
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,33 +24,46 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import av
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import checkpoints
 import data
-import losses
 from haltingvt import HaltingVT, HaltingVTConfig, dense_gflops
 from losses import haltingvt_loss
 
 log = logging.getLogger("train")
 
-# How the model treats halted tokens while training (evaluation always drops them). "drop" removes them from the
-# sequence and is exact with gradients; "mask" keeps fixed shapes. Which is faster is measured by bench.py
-# --train (README, "Speed"): drop on the CPU and on a GPU in float32; mask with --amp, where drop mode's
-# training step measured 5.5x slower on an H200 (DeiT-S, 16 clips; the cause is not yet known).
-TRAIN_MODE, AMP_TRAIN_MODE = "drop", "mask"
 
-# Real-data defaults: the authors' release config, per process: 16 videos (32 clips) per GPU.
-REAL_DEFAULTS = dict(model="deit_small", optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20,
-                     warmup_epochs=5, batch_size=16, clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01, alpha_d=0.0,
-                     eval_every=1, log_every=20, cache=False, halting_warmup=0.0,
-                     embed_std=None, task_on_fakes=True, randaugment=True)
+# ----------------------------------------------------------------------------------------------------------
+# Presets and defaults: a setting is its flag, else (--resume) the run's own, else the preset's, else DEFAULTS'
+
+# Every setting, by its flag's name; None: worked out where it is used.
+DEFAULTS = dict(
+    # data: TSN segments of the video files, decoded as the run goes; a bad video is skipped and logged
+    train=None, val=None, root=None, num_classes=None, multi_label=False, on_error="skip", workers=0,
+    train_scale=None, eval_short_side=None, randaugment=True, cache=False, rawframes=False,
+    frame_template=data.FRAME_TEMPLATE, start_index=1, frame_interval=None, demo_root="data/demo",
+    demo_videos=(100, 20),
+    # model: None takes --model's value (HaltingVTConfig.deit_small(), the paper's; .tiny(), the demo's); the
+    # release-compatible forward comes on for --init of the release's layout
+    model="deit_small", init=None, frames=None, img_size=None, embed_dim=None, depth=None, heads=None,
+    glimpser_depth=None, keep_ratio=None, gamma=None, eps=None, beta=None, drop_path=None, halting=True,
+    release_compat=None,
+    # optimisation: the real-data preset, the authors' release config per process (16 videos, 32 clips, a GPU)
+    preset=None, optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20, warmup_epochs=5, batch_size=16,
+    clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01, train_mode=None, task_on_fakes=True, halting_warmup=0.0,
+    embed_std=None,
+    # run
+    out=None, seed=0, device=None, amp=False, threads=None, resume=None, overwrite=False, eval_only=False,
+    eval_every=1, log_every=20, stop_after=None, predict=None, json=False, halting_map=None, map_layers=None)
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
 # cores in under 2 minutes. Each choice below was measured on this setting (README, "The sanity run"):
@@ -85,18 +90,27 @@ DEMO_PRESET = dict(model="tiny", img_size=48, keep_ratio=0.3, optimizer="adamw",
                    task_on_fakes=False, halting_warmup=20, alpha_p=0.03, train_scale=data.DEMO_TRAIN_SCALE,
                    eval_short_side=data.DEMO_EVAL_SHORT_SIDE, randaugment=False)
 
-# How much higher beta starts during --halting-warmup: sigmoid(gamma * x0 - beta - 20) is ~0 for any
-# x0 a fresh model has, so every token runs through every joint layer while the layers learn something.
+# Halted tokens in training (evaluation always drops them): "drop" removes them, exact with gradients; "mask"
+# keeps fixed shapes. bench.py --train: drop is faster on the CPU and on a GPU in float32; under --amp drop's step
+# measured 5.5x slower on an H200 (DeiT-S, 16 clips; the cause is not yet known). The release's forward: mask only.
+TRAIN_MODE, AMP_TRAIN_MODE = "drop", "mask"
+# How much higher beta starts during --halting-warmup: sigmoid(gamma * x0 - beta - 20) is ~0 for any x0 a fresh
+# model has, so every token runs through every joint layer while the layers learn something.
 BETA_OFF = 20.0
-
-# Parameters without weight decay: the embeddings and class token (the release's config means to spare them, but
-# its keys match no parameter, so it decays everything), norms and biases.
+# No weight decay on these, norms and biases (the release's config means to spare them, but its keys match no
+# parameter, so it decays everything).
 NO_DECAY = ("cls_token", "pos_embed", "time_embed")
+# The least value of each numeric flag (the model's are checked by HaltingVTConfig, through model_config).
+AT_LEAST = dict(batch_size=1, epochs=1, eval_every=1, log_every=1, stop_after=1, threads=1, workers=0, lr=0,
+                weight_decay=0, warmup_epochs=0, halting_warmup=0, alpha_p=0, alpha_m=0)
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "final.json")  # what a training run writes into OUT
+# The flags a run may go on with changed (a requeued job on other machines): how it runs, not what it learns.
+RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "threads", "device", "log_every",
+               "batch_size"}
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint was left as it was."""
-
+# ----------------------------------------------------------------------------------------------------------
+# The command line
 
 class UsageError(Exception):
     """A mistake in the command: main prints it as one line, `error: --flag value: what is wrong`, and exits with
@@ -105,8 +119,7 @@ class UsageError(Exception):
 
 @contextlib.contextmanager
 def blame(flag: str, value, errors=(OSError, ValueError, data.VideoDecodeError)):
-    """Turn `errors` raised about what a flag names (a missing file, a list file's bad line, a file that is no
-    checkpoint) into a UsageError that starts with the flag as typed."""
+    """Turn `errors` about what a flag names (a missing file, a list's bad line, no checkpoint) into a UsageError."""
     try:
         yield
     except errors as err:
@@ -121,73 +134,74 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message.removeprefix('argument ')} (python train.py --help lists the flags)")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    """Train (or evaluate, predict, draw a halting map) as the flags say: the last evaluation's metrics (or the
+    --predict results, or write_halting_map's summary). A UsageError ends it with its one line and status 2."""
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        with processes(args) as (rank, world, device):
+            if args.predict:
+                return predict(args, device)
+            if args.halting_map:
+                return write_halting_map(args, device)
+            with blame("--on-error", args.on_error, data.VideoDecodeError):  # only "raise" lets one through
+                return run(args, rank, world, device)
+    except UsageError as err:
+        if os.environ.get("HALTINGVT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The flags, every unset optimisation value filled in from the preset (apply_preset)."""
-    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
-               epilog="Unset values: REAL_DEFAULTS, or DEMO_PRESET without --train (train.py). A mistake in the "
+    """Every setting ("Presets and defaults"). --resume, but to predict or draw, goes on with the run it holds:
+    without its saved flags a bare `--resume run/last.pt` would train the demo into runs/sanity."""
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False, argument_default=argparse.SUPPRESS,
+               epilog="Unset values: DEMO_PRESET without --train, then DEFAULTS (train.py). A mistake in the "
                       "command is one line and status 2; HALTINGVT_DEBUG=1 shows its traceback.")
-    for add_flags in (data_flags, model_flags, optimisation_flags, run_flags):
-        add_flags(p)
-    args = p.parse_args(argv)
-    if args.resume and not (args.predict or args.halting_map):
-        resume_run_args(args, given_flags(p, sys.argv[1:] if argv is None else argv))
+    data_and_model_flags(p)
+    run_flags(p)
+    given = vars(p.parse_args(argv))  # the flags written, only those (argument_default=SUPPRESS)
+    if given.get("resume") and not (given.get("predict") or given.get("halting_map")):
+        saved = read_run(given["resume"]).get("args", {})
+        keep = DEFAULTS.keys() - {"resume", "eval_only", "init"}  # and not an older version's flag (--alpha-d)
+        given = {**{k: v for k, v in saved.items() if k in keep and v is not None}, **given}
+    preset = given.get("preset") or ("real" if given.get("train") or given.get("val") else "demo")
+    args = argparse.Namespace(**{**DEFAULTS, **(DEMO_PRESET if preset == "demo" else {}), **given, "preset": preset})
+    if args.preset == "real" and not (args.val and (args.train or args.eval_only)):
+        raise UsageError("--preset real needs --train and --val (--eval-only: --val)")
+    if args.release_compat and args.train_mode == "drop":
+        raise UsageError("--train-mode drop: the release-compatible forward runs in mask mode only (its halted "
+                         "tokens stay in the sequence as zeros that every token attends to)")
+    args.train_mode = args.train_mode or ("mask" if args.release_compat else AMP_TRAIN_MODE if args.amp else TRAIN_MODE)
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.halting_map and args.resume else "runs/sanity"
-    return apply_preset(args)
+    return args
 
 
-def given_flags(p: argparse.ArgumentParser, argv: list) -> set:
-    """The dests of the flags written in `argv` (abbreviations are off, so each is spelt out)."""
-    used = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    return {action.dest for action in p._actions if used & set(action.option_strings)}
-
-
-def resume_run_args(args, given: set):
-    """--resume (and --eval-only --resume) go on with the run the checkpoint holds: its saved flags (data, out,
-    epochs, seed, ...), except those given again. Without this, a bare `--resume run/last.pt` would train the
-    demo preset into runs/sanity."""
-    with blame("--resume", args.resume):
-        saved = checkpoints.read_run_checkpoint(args.resume).get("args", {})
-    for key, value in saved.items():
-        if key not in given and key not in ("resume", "eval_only", "init") and hasattr(args, key):
-            setattr(args, key, value)
-
-
-def data_flags(p: argparse.ArgumentParser):
+def data_and_model_flags(p: argparse.ArgumentParser):
     a = p.add_argument_group("data").add_argument
-    a("--train", help="training list file (`path label` or `path l1 l2 ...`) or class-folder root; "
-                      "without it: the demo sanity run")
+    a("--train", help="training list file (`path label ...`) or class-folder root; without it: the demo")
     a("--val", help="validation list file or class-folder root")
     a("--root", help="folder the list files' paths are relative to (default: the list file's folder)")
     a("--num-classes", type=int, help="default: from the class folders or the largest label + 1")
     a("--multi-label", action="store_true", help="`path l1 l2 ...` lists, BCE loss, mAP (ActivityNet)")
-    a("--on-error", choices=["skip", "raise"], default="skip", help="a bad video: skip it (logged) or stop")
-    a("--workers", type=int, default=0, help="DataLoader worker processes per training process (default 0)")
+    a("--on-error", choices=["skip", "raise"], help="a bad video: skip it (logged; the default) or stop")
+    a("--workers", type=int, help="DataLoader worker processes per training process (0)")
     a("--train-scale", type=int, nargs=2, help="random short side range (default: img_size * 8/7 .. 10/7)")
     a("--eval-short-side", type=int, help="eval short side before the centre crop (default: img_size * 8/7)")
-    a("--randaugment", action=argparse.BooleanOptionalAction,
-      help="torchvision's RandAugment in training (paper Sec. 4.1; default: on with --train, off in the demo)")
+    a("--randaugment", action=argparse.BooleanOptionalAction, help="RandAugment (Sec. 4.1; off in the demo)")
     a("--cache", action=argparse.BooleanOptionalAction, help="keep decoded videos in RAM (small sets only)")
-    a("--rawframes", action="store_true", help="the lists name frame folders, mmaction2's RawframeDataset lists: "
-                                               "`frame_dir total_frames label` (or `... l1 l2 ...`)")
-    a("--frame-template", default=data.FRAME_TEMPLATE, help="a frame's file name in its folder (img_{:05}.jpg)")
-    a("--start-index", type=int, default=1, help="number of a folder's first frame (1)")
-    a("--frame-interval", type=int, help="sample T frames this far apart (mmaction2's SampleFrames, as the release: "
-                                         "32 Mini-Kinetics, 64 ActivityNet); default: TSN segments")
-    a("--demo-root", default="data/demo", help="where the sanity run writes its demo dataset (data/demo)")
-    a("--demo-videos", type=int, nargs=2, default=(100, 20), metavar=("TRAIN", "VAL"),
-      help="demo videos per class (100 20)")
-
-
-def model_flags(p: argparse.ArgumentParser):
+    a("--rawframes", action="store_true", help="lists of frame folders: `frame_dir total_frames label ...`")
+    a("--frame-template", help="a frame's file name in its folder (img_{:05}.jpg)")
+    a("--start-index", type=int, help="number of a folder's first frame (1)")
+    a("--frame-interval", type=int, help="T frames this far apart (the release's sampler); default: TSN segments")
+    a("--demo-root", help="where the sanity run writes its demo dataset (data/demo)")
+    a("--demo-videos", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="demo videos per class (100 20)")
     m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
     m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
-    m("--init", help="weights to start from: a DeiT-S image checkpoint (inflated), a train.py checkpoint (stage 2 "
-                     "of the paper's recipe) or the release's (checkpoints.load_pretrained)")
+    m("--init", help="weights to start from: DeiT-S's, a train.py run's or the release's (checkpoints.py)")
     m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
     for name in ("--img-size", "--embed-dim", "--depth", "--heads", "--glimpser-depth"):
         m(name, type=int)
@@ -195,13 +209,11 @@ def model_flags(p: argparse.ArgumentParser):
                         ("--beta", "Eq. (2), subtracted: larger beta halts later"), ("--drop-path", None)):
         m(name, type=float, help=where)
     m("--no-halting", dest="halting", action="store_false", help="run every joint layer on every token")
-    m("--release-compat", action=argparse.BooleanOptionalAction,
-      help="the release's forward (HaltingVTConfig.release_compat), mask execution; default: on when --init is a "
-           "checkpoint of the release's layout")
+    m("--release-compat", action=argparse.BooleanOptionalAction, help="the release's forward (mask execution)")
 
 
-def optimisation_flags(p: argparse.ArgumentParser):
-    o = p.add_argument_group("optimisation (unset values: REAL_DEFAULTS, or DEMO_PRESET without --train)").add_argument
+def run_flags(p: argparse.ArgumentParser):
+    o = p.add_argument_group("optimisation (unset values: DEMO_PRESET without --train, else DEFAULTS)").add_argument
     o("--preset", choices=["demo", "real"], help="default: demo without --train, else real")
     o("--optimizer", choices=["adam", "adamw"])
     for name, kind in (("--lr", float), ("--weight-decay", float), ("--epochs", int), ("--warmup-epochs", float)):
@@ -210,62 +222,26 @@ def optimisation_flags(p: argparse.ArgumentParser):
     o("--clip-grad", type=float, help="max gradient norm")
     o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
     o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's 0.01; 1 is the release's in effect)")
-    o("--alpha-d", type=float, help="halting-depth prior weight (not in the paper: losses.depth_prior_loss); 0 off")
-    o("--depth-prior", type=float, nargs=2, metavar=("MEAN", "STD"),
-      help="the prior's Gaussian over joint layers 1..L (default: the middle layer, std L/4)")
-    o("--train-mode", choices=["mask", "drop"],
-      help="halted tokens in training (default: TRAIN_MODE, or AMP_TRAIN_MODE with --amp; mask with the "
-           "release-compatible forward)")
-    o("--task-on-fakes", action=argparse.BooleanOptionalAction,
-      help="the task loss on the static fake clips too (as the release; see losses.haltingvt_loss)")
+    o("--train-mode", choices=["mask", "drop"], help="halted tokens in training (TRAIN_MODE, AMP_TRAIN_MODE)")
+    o("--task-on-fakes", action=argparse.BooleanOptionalAction, help="the task loss on the fake clips too")
     o("--halting-warmup", type=float, help="epochs of halting warm-up: off for half, then a linear rise; 0 = off")
-    o("--embed-std", type=float, help="from scratch: pos_embed and time_embed start at this std (not with --init)")
-
-
-def run_flags(p: argparse.ArgumentParser):
+    o("--embed-std", type=float, help="from scratch: pos_embed and time_embed start at this std")
     r = p.add_argument_group("run").add_argument
-    r("--out", help="for metrics.jsonl, last.pt, best.pt, final.json (runs/sanity; with --halting-map: the "
-                    "checkpoint's folder)")
-    r("--seed", type=int, default=0)
+    r("--out", help="where the run's files go (runs/sanity; a halting map: the checkpoint's folder)")
+    r("--seed", type=int)
     r("--device", help="default: cuda if available, else cpu")
     r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    r("--threads", type=int, help="torch CPU threads per process (default: OMP_NUM_THREADS for one process, else "
-                                  "cores / local processes)")
-    r("--resume", help="checkpoint to continue from (or to evaluate, with --eval-only); without it, an unfinished "
-                       "run of the same flags in --out is continued")
-    r("--overwrite", action="store_true", help="start afresh in an --out that holds a finished run or another "
-                                                "run's files (an unfinished run of the same flags goes on)")
+    r("--threads", type=int, help="torch CPU threads per process (default: OMP_NUM_THREADS, or cores / processes)")
+    r("--resume", help="checkpoint to continue from (or evaluate: --eval-only); default: OUT's unfinished run")
+    r("--overwrite", action="store_true", help="start afresh in an --out that holds a finished or another run")
     r("--eval-only", action="store_true")
     r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     r("--log-every", type=int, help="progress line every N steps")
     r("--stop-after", type=int, help="stop after N epochs of this run (the schedule still spans --epochs)")
-    r("--predict", nargs="+", metavar="VIDEO", help="print each video's (file or frame folder) top-5 classes, "
-                                                    "GFLOPs and mean halting depth with the --resume checkpoint")
+    r("--predict", nargs="+", metavar="VIDEO", help="top-5 classes, GFLOPs, halting depth with --resume's model")
     r("--json", action="store_true", help="with --predict: one JSON object per video, one a line")
-    r("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (paper Fig. 4) for this video (file or "
-                                             "frame folder) with the --resume checkpoint, then exit")
+    r("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (Fig. 4) with --resume's model")
     r("--map-layers", type=int, nargs="+", help="joint layers (1..L) the map shows (default: up to 3 over 2..L)")
-
-
-def apply_preset(args):
-    """Fill every unset optimisation value from the demo preset or the real-data defaults."""
-    args.preset = args.preset or ("real" if args.train or args.val else "demo")
-    if args.preset == "real" and not (args.val and (args.train or args.eval_only)):
-        raise UsageError("--preset real needs --train and --val (--eval-only: --val)")
-    if args.release_compat and args.train_mode == "drop":
-        raise UsageError("--train-mode drop: the release-compatible forward runs in mask mode only (its halted "
-                         "tokens stay in the sequence as zeros that every token attends to)")
-    preset = {**REAL_DEFAULTS, **(DEMO_PRESET if args.preset == "demo" else {})}
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.train_mode = args.train_mode or ("mask" if args.release_compat else AMP_TRAIN_MODE if args.amp else TRAIN_MODE)
-    return args
-
-
-# The least value of each numeric flag (the model's are checked by HaltingVTConfig, through model_config).
-AT_LEAST = dict(batch_size=1, epochs=1, eval_every=1, log_every=1, stop_after=1, threads=1, workers=0, lr=0,
-                weight_decay=0, warmup_epochs=0, halting_warmup=0, alpha_p=0, alpha_m=0, alpha_d=0)
 
 
 def check_args(args):
@@ -286,9 +262,52 @@ def check_args(args):
             raise UsageError(str(err)) from None
 
 
+# HaltingVTConfig's fields that flags set, and the flags
+MODEL_FLAGS = dict(num_frames="--frames", img_size="--img-size", embed_dim="--embed-dim", depth="--depth",
+                   num_heads="--heads", glimpser_depth="--glimpser-depth", keep_ratio="--keep-ratio", gamma="--gamma",
+                   beta="--beta", eps="--eps", drop_path="--drop-path", num_classes="--num-classes")
+
+
+def model_config(args, num_classes) -> HaltingVTConfig:
+    """--model's config with the model flags given on top; UsageError naming the flag of a value it cannot take."""
+    dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
+    overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
+    # no motion loss, no motion head: an untrained head would only add parameters without gradients
+    overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0,
+                     release_compat=bool(args.release_compat))
+    try:
+        return getattr(HaltingVTConfig, args.model)(**overrides)
+    except ValueError as err:  # "HaltingVTConfig.<field>=<value>: why"
+        field, value, why = re.match(r"HaltingVTConfig\.(\w+)=(.*?): (.*)", str(err)).groups()
+        default = "" if getattr(args, dest(field)) is not None else f" (--model {args.model}'s)"
+        raise UsageError(f"{MODEL_FLAGS[field]} {value}{default}: {why}") from err
+
+
+def read_run(path, flag="--resume") -> dict:
+    with blame(flag, path):
+        return checkpoints.read_run_checkpoint(path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Processes and devices
-# ----------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def processes(args):
+    """(rank, world size, device) for the block, with logging on (INFO on rank 0). Leaving it, every process
+    waits for the others, then the process group (torchrun) is torn down."""
+    rank, world, device = setup_distributed(args)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if device.type == "cpu":
+        set_threads(args, world)
+    try:
+        yield rank, world, device
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the process group down while another still uses it
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def setup_distributed(args):
     """(rank, world size, device). A process group only when torchrun set WORLD_SIZE > 1."""
@@ -307,17 +326,16 @@ def setup_distributed(args):
 
 
 # CPU threads. At the sanity run's sizes a step is many small operations, each split over the threads, which then
-# wait for each other. On an idle machine 2 threads are the fastest on 2 cores, with OpenMP's default waiting (a
-# waiting thread spins a little before it sleeps: PASSIVE waits cost about a third more time). Beside other
-# CPU-bound processes, though, a thread that waits for a preempted partner spins on a core they need: 2 threads
-# took 3.8x their idle time beside two busy loops, 1 thread far less (bench.py --busy, README "The sanity run").
-# So train.py runs as many threads as the cores other processes leave idle, looked at before training and again
-# after every epoch. Linux only (/proc/stat); elsewhere, and with --threads or OMP_NUM_THREADS, the count is fixed.
+# wait for each other. On an idle machine 2 threads on 2 cores are the fastest with OpenMP's default waiting (spin
+# a little, then sleep; PASSIVE waits cost a third more). Beside other CPU-bound processes a waiting thread spins
+# on a core they need, and one thread is far faster (bench.py --busy). So, unless --threads or OMP_NUM_THREADS
+# fix it, one process runs as many threads as the cores other processes leave idle, looked at before training and
+# after every epoch (Linux's /proc/stat; elsewhere one thread per core).
 PROC_STAT = Path("/proc/stat")
 
 
 def cpu_seconds() -> Optional[tuple]:
-    """(seconds the machine's cores have been busy since boot, CPU seconds of this process, wall seconds), or None
+    """(seconds the machine's cores have been busy since boot, this process's CPU seconds, wall seconds), or None
     where PROC_STAT cannot be read."""
     try:
         ticks = [int(v) for v in PROC_STAT.read_text().split("\n", 1)[0].split()[1:9]]
@@ -351,9 +369,9 @@ def cpu_threads(args, world: int, since: Optional[tuple] = None) -> tuple:
 
 
 def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tuple]:
-    """Set torch's CPU threads (cpu_threads), logged: with OpenMP's waiting policy the first time (the log's first
-    line), and later when the count changes. Returns the cpu_seconds() to look again from after an epoch, or None
-    when the count is fixed (--threads, OMP_NUM_THREADS, several processes, no PROC_STAT)."""
+    """Set torch's CPU threads (cpu_threads) and log them: with OpenMP's waiting policy the first time (the log's
+    first line), then when they change. Returns the cpu_seconds() to look again from after an epoch, or None when
+    the count is fixed (--threads, OMP_NUM_THREADS, several processes, no PROC_STAT)."""
     threads, why = cpu_threads(args, world, since)
     if since is None:
         policy = os.environ.get("OMP_WAIT_POLICY")
@@ -372,41 +390,92 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def plural(n: int, one: str, many: Optional[str] = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"  # `1 video`, `2 videos`
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data, model, optimiser
-# ----------------------------------------------------------------------------------------------------------
+# The loop: data, model, optimiser; a run from the start or from a checkpoint; epochs, steps, stops, checkpoints
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint was left as it was."""
+
+
+def run(args, rank, world, device) -> dict:
+    """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if not args.eval_only:
+        log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
+    if args.amp and device.type != "cuda":
+        log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
+    train_set, val_set, num_classes = build_data(args, rank)
+    with blame("--train", args.train):  # checks a classes.txt's names against the labels
+        classes = data.class_names(train_set, args.train) if train_set else None
+    if not args.eval_only:
+        claim_out(args)
+    cfg = model_config(args, num_classes)
+    if args.resume:
+        ckpt = read_run(args.resume)
+        if not args.eval_only and finished(ckpt, args):
+            log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
+            return json.loads((Path(args.out) / "final.json").read_text())
+        saved = HaltingVTConfig(**ckpt["config"])
+        if saved != cfg:
+            log.warning("--resume: using the checkpoint's model config %s", saved)
+        cfg = saved
+    model = build_model(cfg, args, device)
+    if model.cfg.release_compat and args.train_mode == "drop":  # turned on by --init of the release's layout
+        log.info("training in mask mode: the release-compatible forward has no drop mode")
+        args.train_mode = "mask"
+    val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
+    if args.eval_only:  # check_args: --resume or --init
+        if args.resume:
+            model.load_state_dict(ckpt["model"])
+        metrics = evaluate(model, val_loader, args, device, model.cfg)
+        log.info("eval: %s", summary(metrics))
+        return metrics
+    steps_per_epoch = len(train_set) // world // args.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {args.batch_size}: the training set has {plural(len(train_set), 'video')}, "
+                         f"fewer than one batch per process x {plural(world, 'process', 'processes')}")
+    s = RunState(args, model, build_optimizer(model, args), device, rank, world, num_classes, classes,
+                 steps_per_epoch, cpu_since=cpu_seconds() if device.type == "cpu" else None)
+    start(s)
+    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %s, %s", model.cfg,
+             sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
+             plural(world, "process", "processes"), device)
+    if args.halting_warmup:
+        log.info("halting warm-up: no halting nor ponder loss until epoch %g, then both rise to full by epoch %g",
+                 args.halting_warmup / 2, args.halting_warmup)
+    return fit(s, train_set, val_loader)
+
 
 def build_data(args, rank):
-    """(train set, val set, num_classes). The sanity run first writes the demo dataset (rank 0 only)."""
+    """(train set or None (--eval-only), val set, num_classes). The sanity run first writes the demo set (rank 0)."""
     if args.preset == "demo" and not args.train:
         if rank == 0:
-            args_demo = dict(num_train=args.demo_videos[0], num_val=args.demo_videos[1])
-            if not data.demo_dataset_ready(args.demo_root, **args_demo):
+            counts = dict(num_train=args.demo_videos[0], num_val=args.demo_videos[1])
+            if not data.demo_dataset_ready(args.demo_root, **counts):
                 log.info("writing the demo dataset to %s", args.demo_root)
-            data.make_demo_dataset(args.demo_root, **args_demo)
+            data.make_demo_dataset(args.demo_root, **counts)
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait for the files
         args.train, args.val = f"{args.demo_root}/train.txt", f"{args.demo_root}/val.txt"
     base = getattr(HaltingVTConfig, args.model)()  # frames and size unless the flags say otherwise
-    frames, size = args.frames or base.num_frames, args.img_size or base.img_size
-    common = dict(root=args.root, num_frames=frames, img_size=size, multi_label=args.multi_label,
-                  num_classes=args.num_classes, on_error=args.on_error, seed=args.seed, cache=args.cache,
-                  short_side=args.eval_short_side, scale=args.train_scale, frame_interval=args.frame_interval,
-                  rawframes=args.rawframes, frame_template=args.frame_template, start_index=args.start_index)
-    train = None  # --eval-only may come without a training set
+    common = dict(root=args.root, num_frames=args.frames or base.num_frames, img_size=args.img_size or base.img_size,
+                  multi_label=args.multi_label, num_classes=args.num_classes, on_error=args.on_error, seed=args.seed,
+                  cache=args.cache, short_side=args.eval_short_side, scale=args.train_scale,
+                  frame_interval=args.frame_interval, rawframes=args.rawframes, frame_template=args.frame_template,
+                  start_index=args.start_index)
+    train = None
     if args.train:
         with blame("--train", args.train):
             train = data.VideoDataset(args.train, train=True, randaugment=args.randaugment and not args.eval_only,
                                       **common)
         common["num_classes"] = train.num_classes
-    # validation: each video's real clip and its static fake, for the motion accuracy; labelled with the
-    # training set's classes (class folders by name)
+    # validation: each video's real clip and its static fake (motion accuracy), labelled with the training classes
     with blame("--val", args.val):
         val = data.VideoDataset(args.val, train=False, motion_pairs=True, classes=train and train.classes, **common)
     if train:
@@ -414,38 +483,16 @@ def build_data(args, rank):
     return train, val, (train or val).num_classes
 
 
-# HaltingVTConfig's fields that flags set, and the flags
-MODEL_FLAGS = dict(num_frames="--frames", img_size="--img-size", embed_dim="--embed-dim", depth="--depth",
-                   num_heads="--heads", glimpser_depth="--glimpser-depth", keep_ratio="--keep-ratio", gamma="--gamma",
-                   beta="--beta", eps="--eps", drop_path="--drop-path", num_classes="--num-classes")
-
-
-def model_config(args, num_classes) -> HaltingVTConfig:
-    """The named setting with every model flag that was given on top; UsageError naming the flag for a value
-    the model cannot take."""
-    dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
-    overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
-    # no motion loss, no motion head: an untrained head would only add parameters without gradients
-    overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0,
-                     release_compat=bool(args.release_compat))
-    try:
-        return getattr(HaltingVTConfig, args.model)(**overrides)
-    except ValueError as err:  # "HaltingVTConfig.<field>=<value>: why"
-        field, value, why = re.match(r"HaltingVTConfig\.(\w+)=(.*?): (.*)", str(err)).groups()
-        default = "" if getattr(args, dest(field)) is not None else f" (--model {args.model}'s)"
-        raise UsageError(f"{MODEL_FLAGS[field]} {value}{default}: {why}") from err
-
-
 def build_model(cfg: HaltingVTConfig, args, device):
-    """The model of `cfg` on `device`, with --init's weights. A checkpoint of the release's layout turns on the
-    release-compatible forward (its cfg says so) unless --no-release-compat was given."""
+    """The model of `cfg` on `device`, with --init's weights; a checkpoint of the release's layout turns on the
+    release-compatible forward (in its cfg) unless --no-release-compat was given."""
     with blame("--init", args.init):
         ckpt = checkpoints.read_checkpoint(args.init) if args.init else None
     if ckpt is not None and args.release_compat is None and checkpoints.checkpoint_file_layout(ckpt) == "release":
         log.info("--init %s has the release's layout: release-compatible forward on (halted tokens zeroed and "
                  "still attended, halting on > 1 - eps, no class-token residual in the pruning layer; mask "
                  "execution); --no-release-compat turns it off", args.init)
-        cfg = dataclasses.replace(cfg, release_compat=True)
+        cfg = replace(cfg, release_compat=True)
     model = HaltingVT(cfg)
     if args.embed_std and not args.init:
         with torch.no_grad():
@@ -459,52 +506,43 @@ def build_model(cfg: HaltingVTConfig, args, device):
 
 
 def build_optimizer(model, args):
-    """Adam(W) with no weight decay on the embeddings, class token, norms and biases; train_step sets its
-    learning rate each step (lr_at)."""
+    """Adam(W), no weight decay on NO_DECAY, norms and biases; train_step sets the learning rate (lr_at)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name in NO_DECAY else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return opt_class(groups, lr=args.lr)
+    return (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(groups, lr=args.lr)
 
 
 def lr_at(args, epochs_done: float) -> float:
-    """The learning rate after `epochs_done` epochs (fractional: counted in samples, so a resumed run on another
-    number of processes or batch size continues the same curve in its own steps). Release config: a linear
-    warm-up from 0.1 x --lr over --warmup-epochs, then a cosine to 0 at --epochs. (The release steps its cosine
-    per epoch, over all 20 epochs from epoch 5 on, so its last epoch runs near 0.2 x lr; this one is smooth.)"""
+    """The release's schedule, smooth (it steps its cosine per epoch, over all --epochs from the warm-up's end, so
+    its last epoch runs near 0.2 x lr): a linear warm-up from 0.1 x --lr, then a cosine to 0 at --epochs."""
     warm = args.warmup_epochs
     if epochs_done < warm:
         return args.lr * (0.1 + 0.9 * epochs_done / warm)
     return args.lr * (1 + math.cos(math.pi * (epochs_done - warm) / (args.epochs - warm))) / 2
 
 
-def weights_sha(model) -> str:
-    """A hash of every parameter's bytes: equal replicas have equal hashes."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+def halting_ramp(args, epochs_done: float) -> float:
+    """How far halting is on, 0..1: 0 for the first half of --halting-warmup epochs, then a linear rise (1 without
+    it). The ponder weight rises with it: Adam rescales even the ponder loss's tiny gradient on a near-zero score
+    to full-size steps, which took the class token out at the first joint layer for good."""
+    if not args.halting_warmup:
+        return 1.0
+    half = args.halting_warmup / 2
+    return min(max((epochs_done - half) / half, 0.0), 1.0)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
 
 PROGRESS = ("epoch", "samples_in_epoch", "step", "best")  # the RunState fields every checkpoint keeps
 
 
 @dataclass
 class RunState:
-    """A training run: what it trains, and how far it has come. The PROGRESS fields go into every checkpoint and
-    --resume puts them back, so a resumed run takes the same samples and learning rates as one that never stopped
-    (on another number of processes or batch size, in other steps: progress is counted in samples)."""
+    """A training run: what it trains and how far it has come (progress is counted in samples, so a run resumed on
+    other processes or batch size goes on with the same samples and learning rates, in its own steps)."""
     args: argparse.Namespace
-    model: torch.nn.Module
+    model: HaltingVT
     optimizer: torch.optim.Optimizer
-    cfg: HaltingVTConfig
     device: torch.device
     rank: int
     world: int
@@ -519,28 +557,88 @@ class RunState:
     cpu_since: Optional[tuple] = None  # where the next look at the idle cores starts from (set_threads)
     t0: float = field(default_factory=time.time)
 
-    def epochs_done(self) -> float:
-        """Epochs done, fractional: what the learning rate (lr_at) and the halting ramp follow."""
+    def epochs_done(self) -> float:  # fractional: what lr_at and halting_ramp follow
         return self.epoch + self.samples_in_epoch / (self.steps_per_epoch * self.args.batch_size * self.world)
 
 
-def fit(s: RunState, train_set, val_loader) -> dict:
-    """The training loop, from where `s` stands to --epochs (or --stop-after more epochs).
+def finished(ckpt: dict, args) -> bool:
+    """Whether the checkpoint's run trained all its epochs and wrote OUT/final.json (after its last evaluation)."""
+    return ckpt["epoch"] >= args.epochs and (Path(args.out) / "final.json").exists()
 
-    Each epoch: its batches (train_epoch), last.pt, then every --eval-every epochs and after the last an
-    evaluation (record: metrics.jsonl, best.pt). last.pt comes first, so a kill during a long evaluation loses that
-    evaluation only. SIGINT or SIGTERM (StopFlag) stop the step or evaluation batch under way; after last.pt,
-    Stopped. A NaN or infinite loss raises NonFiniteLoss and leaves last.pt as it was. A finished run writes
-    final.json (finish). Returns the last evaluation's metrics.
-    """
-    args, out, metrics = s.args, Path(s.args.out), {}
+
+def claim_out(args):
+    """A training run without --resume whose OUT holds a run already. A requeued job runs the same command again,
+    so an unfinished run there of these flags (but RESUME_FREE) goes on (args.resume becomes its last.pt), even
+    with --overwrite, which a job script may hold. A finished run, another run's flags or files: UsageError saying
+    what to do, or with --overwrite a fresh run (start clears the files)."""
+    out, last = Path(args.out), Path(args.out) / "last.pt"
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume or not found:
+        return
+    problem, hint = f"another run's {', '.join(found)}", ""
+    if "last.pt" in found:
+        ckpt = read_run(last)
+        saved, now = ckpt.get("args", {}), checkpoints.plain(vars(args))
+        differ = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now"
+                  for k in sorted(saved.keys() & now.keys() - RESUME_FREE) if saved[k] != now[k]]
+        if not differ and not finished(ckpt, args):
+            args.resume = str(last)
+            return
+        problem = f"a run with other flags ({'; '.join(differ)})" if differ else \
+            f"a finished run (epoch {ckpt['epoch']} of {args.epochs})"
+        hint = f"; --resume {last} continues that run" if differ else f"; --resume {last} --eval-only evaluates it"
+    if not args.overwrite:
+        raise UsageError(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
+
+
+def start(s: RunState):
+    """Continue from --resume (resume), give every process rank 0's weights, make OUT (a fresh run clears the
+    RUN_FILES of one it replaces: --overwrite)."""
+    if s.args.resume:
+        resume(s)
+    if s.world > 1:  # train_step averages the gradients, so the replicas then stay equal
+        flat = torch.nn.utils.parameters_to_vector(s.model.parameters())
+        dist.broadcast(flat, 0)
+        torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
+    Path(s.args.out).mkdir(parents=True, exist_ok=True)
+    if s.rank == 0 and not s.args.resume:
+        for name in RUN_FILES:
+            (Path(s.args.out) / name).unlink(missing_ok=True)
+
+
+def resume(s: RunState):
+    """Weights, optimiser, RNG states and progress from the --resume checkpoint; logs where the run goes on, and
+    how, when the number of processes or the batch size changed."""
+    with blame("--resume", s.args.resume):
+        ckpt = checkpoints.load_checkpoint(s.args.resume, s.model, s.optimizer)
+    for key in PROGRESS:
+        setattr(s, key, ckpt[key])
+    s.start_step, best = s.step, Path(s.args.out) / "best.pt"
+    if best.exists():  # written after its epoch's last.pt, so its score can be newer
+        kept = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        if kept["epoch"] <= s.epoch and (s.best is None or kept["best"] > s.best):
+            s.best = kept["best"]
+    log.info("resuming from %s, epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
+    was = (ckpt.get("world", s.world), ckpt["args"].get("batch_size", s.args.batch_size))
+    if was != (s.world, s.args.batch_size):
+        log.info("%d process(es) x %d videos a step, was %d x %d: epoch %d goes on after its first %d samples, the "
+                 "learning rate over the %d steps left", s.world, s.args.batch_size, *was, s.epoch + 1,
+                 s.samples_in_epoch, round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch))
+
+
+def fit(s: RunState, train_set, val_loader) -> dict:
+    """Train from where `s` stands to --epochs (or --stop-after more): the last evaluation's metrics. Each epoch:
+    its steps, last.pt, then (every --eval-every epochs and the last) an evaluation; last.pt first, so a kill during
+    a long evaluation loses that evaluation only. SIGINT or SIGTERM: the step or evaluation batch under way ends,
+    last.pt, then stopped's SystemExit. A finished run writes final.json."""
+    args, metrics = s.args, {}
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, s.epoch + args.stop_after)
     with StopFlag() as stop:
         while s.epoch < last_epoch:
             train_loss = train_epoch(s, train_set, stop)
             if s.cpu_since:  # the CPU threads follow the cores other processes leave idle
                 s.cpu_since = set_threads(args, s.world, s.cpu_since)
-            save(s, out / "last.pt")
+            save(s, Path(args.out) / "last.pt")
             if train_loss is None:
                 raise stopped(s, stop.signum, "training")
             if s.epoch % args.eval_every == 0 or s.epoch == last_epoch:
@@ -553,46 +651,34 @@ def fit(s: RunState, train_set, val_loader) -> dict:
 
 
 def train_epoch(s: RunState, train_set, stop: "StopFlag") -> Optional[float]:
-    """The rest of the current epoch, one train_step a batch: the epoch's mean loss, with `s` at the next epoch;
-    or None, with `s` before the batch under way, when a process got a stop signal."""
-    args = s.args
+    """The rest of the current epoch: the mean loss over every process's steps, with `s` at the next epoch; or None,
+    with `s` before the batch under way, when a process got a stop signal."""
     s.model.train()
-    loader = data.epoch_loader(train_set, args.batch_size, s.epoch, s.rank, s.world, seed=args.seed,
-                               workers=args.workers, skip_samples=s.samples_in_epoch)
+    loader = data.epoch_loader(train_set, s.args.batch_size, s.epoch, s.rank, s.world, seed=s.args.seed,
+                               workers=s.args.workers, skip_samples=s.samples_in_epoch)
     sums, skipped, tick = [0.0, 0], set(), (time.time(), s.step)  # loss sum and steps; bad videos
     for batch in data.single_threaded(loader):
         parts = train_step(s, batch, stop)
         if parts is None:  # returning here also shuts the DataLoader workers down before last.pt is written
             return None
         sums, skipped = [sums[0] + parts["total"], sums[1] + 1], skipped | set(batch["skipped"])
-        if s.step % args.log_every == 0:
+        if s.step % s.args.log_every == 0:
             tick = log_progress(s, parts, len(batch["video"]), tick)
-    train_loss = epoch_loss(s, sums, skipped)
+    if skipped:  # --on-error skip
+        log.warning("epoch %d: %s skipped: %s", s.epoch + 1, plural(len(skipped), "bad video"), sorted(skipped)[:3])
+    total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
     s.epoch, s.samples_in_epoch = s.epoch + 1, 0
-    return train_loss
-
-
-def evaluation(s: RunState, val_loader, stop: "StopFlag", train_loss: Optional[float]) -> dict:
-    """Evaluate the epoch just finished and record it: its metrics. Stopped when a stop signal cut it short."""
-    log.info("epoch %d: last.pt saved; evaluating on %d videos", s.epoch, len(val_loader.dataset))
-    metrics = evaluate(s.model, val_loader, s.args, s.device, s.cfg, stop)
-    if metrics is None:
-        raise stopped(s, stop.signum, f"the evaluation of epoch {s.epoch}")
-    metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, **metrics, "elapsed_s": time.time() - s.t0}
-    record(metrics, s, Path(s.args.out))
-    return metrics
+    return total / max(count, 1)
 
 
 def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
-    """One optimiser step on a batch: the loss parts (floats), or None, with nothing updated, when any process
-    got a stop signal (then stop.signum is that signal's on every process). Raises NonFiniteLoss, on every
-    process and before any update, on a NaN or infinite loss or gradient norm."""
-    model, args, device, num_classes = s.model, s.args, s.device, s.num_classes
-    ramp = halting_ramp(args, s.epochs_done())
-    loss, parts = forward_loss(model, batch, args, device, num_classes, ramp)
-    # one collective per step: did any process see a bad loss, or a stop signal?
-    bad = float(not math.isfinite(parts["total"]))
-    flags = all_reduce(torch.tensor([bad, float(stop.signum)], device=device), dist.ReduceOp.MAX).tolist()
+    """One optimiser step: the loss parts (floats); or None, nothing updated, when any process got a stop signal
+    (stop.signum is then that signal's everywhere). NonFiniteLoss, on every process before any update, for a NaN or
+    infinite loss or gradient norm."""
+    args = s.args
+    loss, parts = forward_loss(s.model, batch, args, s.device, s.num_classes, halting_ramp(args, s.epochs_done()))
+    bad = float(not math.isfinite(parts["total"]))  # one collective a step: a bad loss or a stop signal anywhere?
+    flags = all_reduce(torch.tensor([bad, float(stop.signum)], device=s.device), dist.ReduceOp.MAX).tolist()
     if flags[0]:
         raise NonFiniteLoss(f"loss is {parts['total']} at epoch {s.epoch + 1}, step {s.step} (parts {parts}); "
                             f"stopping without writing a checkpoint, so {args.out}/last.pt is the last good state. "
@@ -605,8 +691,8 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if s.world > 1:
-        average_gradients(model, s.world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        average_gradients(s.model, s.world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), args.clip_grad)
     if not torch.isfinite(grad_norm):  # the same on every process: gradients were already averaged
         raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at epoch {s.epoch + 1}, step {s.step}; "
                             f"stopping before the update, {args.out}/last.pt is untouched.")
@@ -616,10 +702,9 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
 
 
 def average_gradients(model, world: int):
-    """What DistributedDataParallel does, as one all_reduce after backward: each gradient averaged over the
-    processes, a missing one counting as zero; a parameter no process gave a gradient keeps none, as in one
-    process. (In drop mode a joint layer that no token of a batch reached gets no gradient: DDP would need
-    find_unused_parameters=True, and then warns in every process of every run that it found none unused.)"""
+    """DistributedDataParallel's averaging as one all_reduce, a missing gradient counting as zero; one no process
+    has stays None. (In drop mode a joint layer no token reached has none: DDP would need find_unused_parameters,
+    and then warns in every process of every run that it found none unused.)"""
     params = list(model.parameters())
     flat = torch.cat([t for p in params for t in (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(
         p.numel()), p.new_tensor([float(p.grad is not None)]))])  # each gradient, then 1 if it exists
@@ -629,45 +714,25 @@ def average_gradients(model, world: int):
 
 
 def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
-    """Eq. (9) on B videos = 2B clips (real, then fake): (loss tensor, parts as floats). `ramp` scales the
-    ponder and depth-prior weights (halting_ramp)."""
+    """Eq. (9) on B videos = 2B clips (real, then fake): (loss, parts as floats). The halting warm-up's `ramp`
+    (halting_ramp) raises beta by BETA_OFF * (1 - ramp) and scales the ponder weight."""
     video, label, motion = (batch[k].to(device, non_blocking=True) for k in ("video", "label", "motion"))
     with autocast(args, device):  # the losses too: autocast runs cross-entropy in float32
-        beta = model.cfg.beta + BETA_OFF * (1 - ramp)  # the halting warm-up (halting_ramp)
-        out = model(video, drop_halted=args.train_mode == "drop", beta=beta)
-        prior = {}
-        if args.alpha_d:  # the depth prior, off by default
-            L = out.halt_scores.shape[0]
-            mean, std = args.depth_prior or ((L + 1) / 2, L / 4)
-            prior = dict(alpha_d=args.alpha_d * ramp, depth_target=losses.depth_prior(L, mean, std))
+        out = model(video, drop_halted=args.train_mode == "drop", beta=model.cfg.beta + BETA_OFF * (1 - ramp))
         return haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p * ramp,
-                              alpha_m=args.alpha_m, multi_label=args.multi_label,
-                              task_on_fakes=args.task_on_fakes, **prior)
+                              alpha_m=args.alpha_m, multi_label=args.multi_label, task_on_fakes=args.task_on_fakes)
 
 
-def halting_ramp(args, epochs_done: float) -> float:
-    """How far halting is switched on, 0..1 (the halting warm-up, not in the paper; 1 without it).
-
-    0 for the first half of --halting-warmup epochs, then a linear rise to 1. forward_loss passes the model
-    beta = --beta + BETA_OFF * (1 - ramp) and scales the ponder and depth-prior weights by the ramp. Why: from scratch
-    at lr 1e-3, a class token that halts at the first joint layer while the later layers are still noise never
-    comes back (its score saturates and the later layers stop receiving gradient); and Adam rescales even the
-    ponder loss's tiny gradient on a near-zero score to full-size steps, so the ponder weight must be off too.
-    """
-    if not args.halting_warmup:
-        return 1.0
-    half = args.halting_warmup / 2
-    return min(max((epochs_done - half) / half, 0.0), 1.0)
+def autocast(args, device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")  # --amp
 
 
 def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tuple:
-    """One line: step/total, each loss part, lr, clips/s since `tick` (time, step), time left at this run's mean
-    step time. Returns the next tick."""
+    """One line: step/total, each loss part, lr, clips/s since `tick` (time, step), time left. The next tick."""
     total, now = s.step + round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch), time.time()
     clips_per_s = batch_clips * (s.step - tick[1]) / (now - tick[0])
-    step_s = (now - s.t0) / max(s.step - s.start_step, 1)
-    left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * step_s))
-    terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion, ...
+    left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * (now - s.t0) / max(s.step - s.start_step, 1)))
+    terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion
     ramp = halting_ramp(s.args, s.step / s.steps_per_epoch)
     warmup = "" if ramp == 1 else "  halting warm-up: off" if ramp == 0 else f"  halting warm-up: {ramp:.2f} on"
     log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.4e  %.1f clips/s  left %s%s", s.epoch + 1, s.step, total,
@@ -675,19 +740,9 @@ def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tup
     return now, s.step
 
 
-def epoch_loss(s: RunState, sums: list, skipped: set) -> float:
-    """The epoch's mean total loss over every process's steps, from this process's [loss sum, steps]; logs the
-    bad videos the dataset passed over (--on-error skip)."""
-    if skipped:
-        log.warning("epoch %d: %s skipped: %s", s.epoch + 1, plural(len(skipped), "bad video"), sorted(skipped)[:3])
-    total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
-    return total / max(count, 1)
-
-
 class StopFlag:
-    """The number of the SIGINT or SIGTERM received while the training loop runs (`signum`; 0 before one), in a
-    `with` block that then puts the previous handlers back. The loop stops at the next step or evaluation batch."""
-
+    """`signum`: the SIGINT or SIGTERM received in the `with` block (0 before one); the loop then stops at the next
+    step or evaluation batch. Leaving the block puts the previous handlers back."""
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
@@ -704,47 +759,74 @@ class StopFlag:
         self.signum = signum
 
 
-class Stopped(SystemExit):
-    """A signal stopped the run, last.pt saved: exit status 128 + its number (130 SIGINT, 143 SIGTERM), as a shell
-    reports a process the signal killed, so that a script can tell it from a finished run."""
-
-
-def stopped(s: RunState, signum: int, during: str) -> Stopped:
-    """Log what was saved and, last, how to continue; the Stopped to raise."""
+def stopped(s: RunState, signum: int, during: str) -> SystemExit:
+    """Log, last, how to continue; the SystemExit to raise, status 128 + the signal's number (130 SIGINT, 143
+    SIGTERM) as a shell reports a process the signal killed, so a script can tell it from a finished run."""
     script = sys.argv[0] if sys.argv[0].endswith("train.py") else __file__
     launcher = ["python"] if s.world == 1 else ["torchrun", f"--nproc-per-node={s.world}"]
     command = shlex.join([*launcher, script, "--resume", str(Path(s.args.out) / "last.pt")])
     log.info("%s: stopped during %s; %s/last.pt holds the run at step %d, %d samples into epoch %d. To continue, "
              "run the same command again, or: %s", signal.Signals(signum).name, during, s.args.out, s.step,
              s.samples_in_epoch, s.epoch + 1, command)
-    return Stopped(128 + signum)
+    return SystemExit(128 + signum)
 
 
-def autocast(args, device):
-    """bf16 autocast on CUDA with --amp; otherwise a no-op context."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+def save(s: RunState, path: Path):
+    if s.rank == 0:  # PROGRESS and the number of processes beside the weights (checkpoints.save_checkpoint)
+        progress = {**{k: getattr(s, k) for k in PROGRESS}, "world": s.world}
+        checkpoints.save_checkpoint(path, s.model, s.optimizer, progress, s.model.cfg, s.args, s.classes)
+
+
+def record(metrics: dict, s: RunState, out: Path):
+    """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0; after the halting warm-up)."""
+    log.info("epoch %d eval: %s", metrics["epoch"], summary(metrics))
+    if s.rank != 0:
+        return
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if halting_ramp(s.args, metrics["epoch"]) < 1 and metrics["epoch"] < s.args.epochs:
+        return  # best.pt holds a model that halts as configured, not one from the halting warm-up
+    key = "val_map" if "val_map" in metrics else "val_top1"
+    if s.best is None or metrics[key] > s.best:
+        s.best = metrics[key]
+        save(s, out / "best.pt")
+
+
+def finish(s: RunState, metrics: dict):
+    """The end of a run: every replica's weight hash (several processes), OUT/final.json, the closing line."""
+    if s.world > 1:  # replicas must agree; the test of the distributed run reads this
+        state = sorted(s.model.state_dict().items())
+        sha = hashlib.sha256(b"".join(k.encode() + t.detach().cpu().contiguous().numpy().tobytes() for k, t in state))
+        metrics["rank_weight_sha"] = [None] * s.world
+        dist.all_gather_object(metrics["rank_weight_sha"], sha.hexdigest())
+    if s.rank == 0:
+        (Path(s.args.out) / "final.json").write_text(json.dumps(metrics, indent=1))
+        if metrics:
+            log.info("done in %.0f s (outputs in %s): %s", time.time() - s.t0, s.args.out, summary(metrics))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------------
+# Evaluation: top-1/top-5 or mAP, motion accuracy, GFLOPs and halting depths, summed batch by batch
 
-def reduce_counters(counters: dict, device) -> dict:
-    """Sum each named counter over the processes, all in one all_reduce; each keeps its shape."""
-    flat = all_reduce(torch.cat([c.reshape(-1) for c in counters.values()]).to(device)).cpu()
-    parts = flat.split([c.numel() for c in counters.values()])
-    return {name: part.view_as(c) for (name, c), part in zip(counters.items(), parts)}
+def evaluation(s: RunState, val_loader, stop: StopFlag, train_loss: Optional[float]) -> dict:
+    """Evaluate the epoch just finished and record it: its metrics (stopped's SystemExit when a signal cut it)."""
+    log.info("epoch %d: last.pt saved; evaluating on %d videos", s.epoch, len(val_loader.dataset))
+    metrics = evaluate(s.model, val_loader, s.args, s.device, s.model.cfg, stop)
+    if metrics is None:
+        raise stopped(s, stop.signum, f"the evaluation of epoch {s.epoch}")
+    metrics = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, **metrics, "elapsed_s": time.time() - s.t0}
+    record(metrics, s, Path(s.args.out))
+    return metrics
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional["StopFlag"] = None):
-    """Drop mode (halted tokens leave the computation) on each video's real clip; motion accuracy on the
-    real clips and their static fakes. Each readable video counts once; an unreadable one is left out, named in
-    a warning and counted in val_skipped. The counters are summed across processes (a process may have no
-    video at all); every process gets the result. None, on every process, when a process got a stop signal
+def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional[StopFlag] = None):
+    """Drop mode on each video's real clip; motion accuracy on the real clips and their fakes. Each readable video
+    counts once; an unreadable one is left out, named in a warning, counted in val_skipped. Sums over processes (a
+    process may have no video); every process gets the result, or None everywhere when a process got a stop signal
     (it stops after the batch under way; stop.signum is then that signal's everywhere)."""
     model.eval()
-    count, scores, targets, skipped = losses.eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
+    count, scores, targets, skipped = eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
     for batch in data.single_threaded(loader):
         if stop and stop.signum:
             break
@@ -754,22 +836,74 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional["
         video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
         with autocast(args, device):
             out = model(video, drop_halted=not cfg.release_compat)  # B real clips, then their B fakes
-        losses.add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
-    if stop is not None:  # did any process get a stop signal? (every process takes part in this collective)
+        add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
+    if stop is not None:  # a stop signal in any process? (every process takes part in this collective)
         stop.signum = int(all_reduce(torch.tensor([stop.signum], device=device), dist.ReduceOp.MAX).item())
         if stop.signum:
             return None
     if skipped:
         log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
     count["skipped"] += len(skipped)
-    count = reduce_counters(count, device)
+    sizes = [c.numel() for c in count.values()]
+    flat = all_reduce(torch.cat([c.reshape(-1) for c in count.values()]).to(device)).cpu()  # all in one all_reduce
+    count = {name: part.view_as(c) for (name, c), part in zip(count.items(), flat.split(sizes))}
     if count["videos"] == 0:
         log.warning("evaluation: no readable validation video; the metrics are nan")
-    metrics = losses.eval_metrics(count, dense_gflops(cfg), args.multi_label)
+    metrics = eval_metrics(count, dense_gflops(cfg), args.multi_label)
     if cfg.num_classes <= 5:
         metrics.pop("val_top5", None)  # every class is in the top 5
     if args.multi_label:
-        metrics["val_map"] = losses.average_precision(*gather_scores(scores, targets, cfg.num_classes))
+        metrics["val_map"] = average_precision(*gather_scores(scores, targets, cfg.num_classes))
+    return metrics
+
+
+def eval_counters(depth, glimpser_depth):
+    """The evaluation's sums by name, float64: scalars, but the per-layer ones."""
+    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "gflops_release",
+             "depth_sum", "tokens")
+    return {**{name: torch.zeros((), dtype=torch.float64) for name in names},
+            "depth_hist": torch.zeros(depth - glimpser_depth, dtype=torch.float64),  # halted at joint layer 1..L
+            "tokens_per_layer": torch.zeros(depth, dtype=torch.float64)}
+
+
+def add_eval_batch(count, out, label, motion, multi_label, scores, targets):
+    """Add a batch's output (B real clips, then their B fakes) to the counters; multi-label: its (B, Y) scores and
+    targets to the lists."""
+    B = len(out.logits) // 2
+    logits, label, depth = out.logits[:B].float(), label[:B], out.halt_depth[:B]  # depth (B, K): N_k, 1..L
+    if multi_label:  # AP ranks by the logits: sigmoid would tie confident scores by rounding them to exactly 1
+        scores.append(logits.cpu()), targets.append(label.float().cpu())
+    else:
+        top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
+        count["top1"] += (top5[:, 0] == label).sum().item()
+        count["top5"] += (top5 == label[:, None]).any(1).sum().item()
+    count["videos"] += B
+    if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
+        count["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
+        count["motion_clips"] += len(out.logits)
+    count["gflops"] += out.gflops[:B].sum().item()
+    if out.gflops_release is not None:  # a release-compatible forward: the release's count too
+        count["gflops_release"] += out.gflops_release[:B].sum().item()
+    count["depth_sum"] += depth.sum().item()
+    count["tokens"] += depth.numel()
+    count["depth_hist"] += torch.bincount(depth.flatten().cpu() - 1, minlength=len(count["depth_hist"])).double()
+    count["tokens_per_layer"] += out.tokens_per_layer[:B].sum(0).cpu().double()
+
+
+def eval_metrics(c, dense_gflops, multi_label):
+    """The metrics from the summed counters: means per readable video (nan when there was none), `dense_gflops`
+    beside those spent, val_gflops_release (every token until its own halt) where the forward counted it."""
+    n, tokens = c["videos"].item() or math.nan, c["tokens"].item() or math.nan
+    clips = c["motion_clips"].item() or math.nan  # nan: no motion head
+    metrics = {"val_motion_acc": c["motion_correct"].item() / clips, "val_gflops": c["gflops"].item() / n,
+               "dense_gflops": dense_gflops, "halt_depth_mean": c["depth_sum"].item() / tokens,
+               "halt_depth_hist": (c["depth_hist"] / tokens).tolist(),
+               "tokens_per_layer": (c["tokens_per_layer"] / n).tolist(),
+               "val_videos": int(c["videos"].item()), "val_skipped": int(c["skipped"].item())}
+    if c["gflops_release"].item():  # counted (no video costs nothing)
+        metrics["val_gflops_release"] = c["gflops_release"].item() / n
+    if not multi_label:
+        metrics.update(val_top1=c["top1"].item() / n, val_top5=c["top5"].item() / n)
     return metrics
 
 
@@ -782,6 +916,16 @@ def gather_scores(scores: list, targets: list, num_classes: int):
         dist.all_gather_object(parts, (scores, targets))
         scores, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return scores, targets
+
+
+def average_precision(scores, targets):
+    """Mean over classes (with at least one positive) of the average precision: scores, targets (N, Y)."""
+    aps = []
+    for s, t in zip(scores.T, targets.T):
+        if t.sum() > 0:
+            t = t[s.argsort(descending=True)]
+            aps.append((t.cumsum(0) / torch.arange(1, len(t) + 1) * t).sum() / t.sum())  # precision at each hit
+    return torch.stack(aps).mean().item() if aps else float("nan")
 
 
 def summary(m: dict) -> str:
@@ -797,269 +941,44 @@ def summary(m: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------------------
+# Prediction and the halting map (paper Fig. 4) from a trained checkpoint
 
-def main(argv=None):
-    """Train (or evaluate, predict, draw a halting map) as the flags say: the last evaluation's metrics (or the
-    --predict results, or write_halting_map's summary). A UsageError ends it with its one line and status 2."""
-    try:
-        args = parse_args(argv)
-        check_args(args)
-        with processes(args) as (rank, world, device):
-            if args.predict:
-                return predict(args, device)
-            if args.halting_map:
-                return write_halting_map(args, device)
-            with blame("--on-error", args.on_error, data.VideoDecodeError):  # only "raise" lets one through
-                return run(args, rank, world, device)
-    except UsageError as err:
-        if os.environ.get("HALTINGVT_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-@contextlib.contextmanager
-def processes(args):
-    """(rank, world size, device) for the block, with logging on (INFO on rank 0). Leaving it, every process
-    waits for the others, then the process group (torchrun) is torn down."""
-    rank, world, device = setup_distributed(args)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if device.type == "cpu":
-        set_threads(args, world)
-    try:
-        yield rank, world, device
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears the process group down while another still uses it
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run(args, rank, world, device) -> dict:
-    """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
-    seed_everything(args.seed)
-    if not args.eval_only:
-        log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
-    if args.amp and device.type != "cuda":
-        log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
-    train_set, val_set, num_classes = build_data(args, rank)
-    with blame("--train", args.train):  # checks a classes.txt's names against the labels
-        classes = data.class_names(train_set, args.train) if train_set else None
-    if not args.eval_only:
-        claim_out(args)
-    cfg = model_config(args, num_classes)
-    if args.resume:
-        with blame("--resume", args.resume):
-            ckpt = checkpoints.read_run_checkpoint(args.resume)
-        if not args.eval_only and finished(ckpt, args):
-            log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
-            return json.loads((Path(args.out) / "final.json").read_text())
-        saved = HaltingVTConfig(**ckpt["config"])
-        if saved != cfg:
-            log.warning("--resume: using the checkpoint's model config %s", saved)
-        cfg = saved
-    model = build_model(cfg, args, device)
-    cfg = model.cfg  # the release-compatible forward may have been turned on
-    if cfg.release_compat and args.train_mode == "drop":
-        log.info("training in mask mode: the release-compatible forward has no drop mode")
-        args.train_mode = "mask"
-    val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
-    if args.eval_only:  # check_args: --resume or --init
-        if args.resume:
-            with blame("--resume", args.resume):
-                checkpoints.load_checkpoint(args.resume, model)
-        metrics = evaluate(model, val_loader, args, device, cfg)
-        log.info("eval: %s", summary(metrics))
-        return metrics
-    steps_per_epoch = len(train_set) // world // args.batch_size
-    if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size}: the training set has {plural(len(train_set), 'video')}, "
-                         f"fewer than one batch per process x {plural(world, 'process', 'processes')}")
-    s = RunState(args, model, build_optimizer(model, args), cfg, device, rank, world, num_classes, classes,
-                 steps_per_epoch, cpu_since=cpu_seconds() if device.type == "cpu" else None)
-    start(s)
-    log.info("model %s; %d parameters; %d train / %d val videos; %d steps/epoch on %s, %s",
-             cfg, sum(p.numel() for p in model.parameters()), len(train_set), len(val_set), steps_per_epoch,
-             plural(world, "process", "processes"), device)
-    if args.halting_warmup:
-        log.info("halting warm-up: no halting nor ponder loss until epoch %g, then both rise to full by epoch %g",
-                 args.halting_warmup / 2, args.halting_warmup)
-    return fit(s, train_set, val_loader)
-
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "final.json")  # what a training run writes into OUT
-# The flags a run may go on with changed (a requeued job on other machines): how it runs, not what it learns.
-RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "threads", "device", "log_every",
-               "batch_size"}
-
-
-def claim_out(args):
-    """A training run without --resume whose OUT holds a run already. A requeued or restarted job runs the same
-    command again, so an unfinished run there with these flags (but RESUME_FREE) is continued: args.resume becomes
-    its last.pt, even with --overwrite (a job script may hold it). A finished run, another run's flags or files:
-    UsageError saying what to do, or with --overwrite a fresh run (start clears the files)."""
-    out, last = Path(args.out), Path(args.out) / "last.pt"
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if args.resume or not found:
-        return
-    if "last.pt" not in found:
-        problem, hint = f"another run's {', '.join(found)}", ""
-    else:
-        with blame("--resume", last):
-            ckpt = checkpoints.read_run_checkpoint(last)
-        saved, now = ckpt.get("args", {}), checkpoints.plain(vars(args))
-        differ = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now"
-                  for k in sorted(saved.keys() & now.keys() - RESUME_FREE) if saved[k] != now[k]]
-        if not differ and not finished(ckpt, args):
-            args.resume = str(last)
-            return
-        problem = f"a run with other flags ({'; '.join(differ)})" if differ else \
-            f"a finished run (epoch {ckpt['epoch']} of {args.epochs})"
-        hint = f"; --resume {last} continues that run" if differ else f"; --resume {last} --eval-only evaluates it"
-    if not args.overwrite:
-        raise UsageError(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
-
-
-def finished(ckpt: dict, args) -> bool:
-    """Whether the checkpoint's run trained all its epochs and wrote OUT/final.json (after its last evaluation)."""
-    return ckpt["epoch"] >= args.epochs and (Path(args.out) / "final.json").exists()
-
-
-def plural(n: int, one: str, many: Optional[str] = None) -> str:
-    """`1 video`, `2 videos`."""
-    return f"{n} {one if n == 1 else many or one + 's'}"
-
-
-def start(s: RunState):
-    """Continue from --resume (resume), wrap the model for several processes, make OUT (a fresh run clears the
-    RUN_FILES of one it replaces: --overwrite)."""
-    out = Path(s.args.out)
-    if s.args.resume:
-        resume(s)
-    if s.world > 1:  # every process starts from rank 0's weights; train_step averages the gradients
-        flat = torch.nn.utils.parameters_to_vector(s.model.parameters())
-        dist.broadcast(flat, 0)
-        torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
-    out.mkdir(parents=True, exist_ok=True)
-    if s.rank == 0 and not s.args.resume:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-
-
-def resume(s: RunState):
-    """Weights, optimiser, RNG states and progress from the --resume checkpoint; logs where the run goes on, and
-    how, when the number of processes or the batch size changed."""
-    with blame("--resume", s.args.resume):
-        ckpt = checkpoints.load_checkpoint(s.args.resume, s.model, s.optimizer)
-    for key in PROGRESS:
-        setattr(s, key, ckpt[key])
-    s.start_step = s.step
-    best = Path(s.args.out) / "best.pt"  # written after its epoch's last.pt, so its score can be newer
-    if best.exists():
-        kept = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
-        if kept["epoch"] <= s.epoch and (s.best is None or kept["best"] > s.best):
-            s.best = kept["best"]
-    log.info("resuming from %s, epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
-    was = (ckpt.get("world", s.world), ckpt["args"].get("batch_size", s.args.batch_size))
-    if was != (s.world, s.args.batch_size):
-        log.info("%d process(es) x %d videos a step, was %d x %d: epoch %d goes on after its first %d samples, the "
-                 "learning rate over the %d steps left", s.world, s.args.batch_size, *was, s.epoch + 1,
-                 s.samples_in_epoch, round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch))
-
-
-def record(metrics: dict, s: RunState, out: Path):
-    """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0; after the halting warm-up)."""
-    key = "val_map" if "val_map" in metrics else "val_top1"
-    log.info("epoch %d eval: %s", metrics["epoch"], summary(metrics))
-    if s.rank != 0:
-        return
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    if halting_ramp(s.args, metrics["epoch"]) < 1 and metrics["epoch"] < s.args.epochs:
-        return  # best.pt holds a model that halts as configured, not one from the halting warm-up
-    if s.best is None or metrics[key] > s.best:
-        s.best = metrics[key]
-        save(s, out / "best.pt")
-
-
-def save(s: RunState, path: Path):
-    """The run as it stands to `path` (rank 0; checkpoints.save_checkpoint)."""
-    if s.rank == 0:
-        progress = {**{k: getattr(s, k) for k in PROGRESS}, "world": s.world}
-        checkpoints.save_checkpoint(path, s.model, s.optimizer, progress, s.cfg, s.args, s.classes)
-
-
-def finish(s: RunState, metrics: dict):
-    """The end of a run: every replica's weight hash (several processes), OUT/final.json, the closing line."""
-    if s.world > 1:  # replicas must agree; the test of the distributed run reads this
-        hashes = [None] * s.world
-        dist.all_gather_object(hashes, weights_sha(s.model))
-        metrics["rank_weight_sha"] = hashes
-    if s.rank == 0:
-        (Path(s.args.out) / "final.json").write_text(json.dumps(metrics, indent=1))
-        if metrics:
-            log.info("done in %.0f s (outputs in %s): %s", time.time() - s.t0, s.args.out, summary(metrics))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Prediction and halting maps (paper Fig. 4) from a trained checkpoint
-# ----------------------------------------------------------------------------------------------------------
-
-def load_trained_model(path, device):
-    """(model in eval mode, the checkpoint: "config", "args" (the run's, a dict), "classes", ...), rebuilt from a
-    train.py checkpoint alone."""
-    with blame("--resume", path):
-        ckpt = checkpoints.read_run_checkpoint(path)
+def trained_model(args, device, flag: str):
+    """(model in eval mode, its run's flags, its class names) from --resume, a train.py checkpoint."""
+    if not args.resume:
+        raise UsageError(f"{flag} needs --resume CHECKPOINT")
+    ckpt = read_run(args.resume)
     model = HaltingVT(HaltingVTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval(), ckpt.get("args", {}), ckpt.get("classes")
+
+
+def eval_clip(args, run_args: dict, cfg: HaltingVTConfig, path):
+    """A video file or frame folder through the run's eval pipeline (the frame files as this command names them)."""
+    return data.eval_clip(path, cfg.num_frames, cfg.img_size, run_args.get("eval_short_side"),
+                          frame_interval=run_args.get("frame_interval"), template=args.frame_template,
+                          start_index=args.start_index)
 
 
 @torch.no_grad()
 def predict_clip(model, video, classes, multi_label: bool, k: int = 5) -> dict:
     """One clip (C, T, H, W) in drop mode: {"top5": [{"label", "class" (name or None), "prob"}, ...] best first,
-    "gflops" spent, "halt_depth_mean" (mean joint layer 1..L where its tokens halted), "joint_layers" L}.
-    Probabilities: softmax over the classes, or each class's sigmoid for a multi-label run."""
+    "gflops" spent, "halt_depth_mean" (joint layer 1..L), "joint_layers" L}. Probabilities: softmax, or each
+    class's sigmoid for a multi-label run."""
     out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
     logits = out.logits[0].float()
-    probs = logits.sigmoid() if multi_label else logits.softmax(0)
-    top = probs.topk(min(k, len(probs)))
+    top = (logits.sigmoid() if multi_label else logits.softmax(0)).topk(min(k, len(logits)))
     best = [{"label": i, "class": classes[i] if classes else None, "prob": p}
             for i, p in zip(top.indices.tolist(), top.values.tolist())]
     return {"top5": best, "gflops": out.gflops[0].item(), "halt_depth_mean": out.halt_depth[0].float().mean().item(),
             "joint_layers": model.cfg.depth - model.cfg.glimpser_depth}
 
 
-def eval_clip(args, run_args: dict, cfg: HaltingVTConfig, path):
-    """A video file or frame folder through the run's eval pipeline (its short side and sampler; the frame files
-    named as this command's flags say)."""
-    return data.eval_clip(path, cfg.num_frames, cfg.img_size, run_args.get("eval_short_side"),
-                          frame_interval=run_args.get("frame_interval"), template=args.frame_template,
-                          start_index=args.start_index)
-
-
-def prediction_text(result: dict) -> str:
-    """A --predict result as lines: the video, GFLOPs and depth, then one line per class (name or label)."""
-    if "error" in result:
-        return f"{result['video']}: error: {result['error']}"
-    head = (f"{result['video']}: {result['gflops']:.4f} GFLOPs, mean halting depth {result['halt_depth_mean']:.2f} "
-            f"of {result['joint_layers']} joint layers")
-    return "\n".join([head] + [f"  {c['prob']:.3f}  {c['class'] if c['class'] is not None else c['label']}"
-                               for c in result["top5"]])
-
-
 def predict(args, device) -> list:
-    """--predict: each video through the --resume checkpoint's model and its run's eval pipeline; prints each
-    result as it comes (prediction_text, or one JSON object a line with --json). A video that cannot be read is
-    printed with its error and the others still run; then SystemExit (status 1) names the failed ones. Returns
-    the results (predict_clip's dicts with "video", or {"video", "error"})."""
-    if not args.resume:
-        raise UsageError("--predict needs --resume CHECKPOINT")
-    model, ckpt = load_trained_model(args.resume, device)
-    run_args, classes = ckpt.get("args", {}), ckpt.get("classes")
+    """--predict: each video through --resume's model and its run's eval pipeline, printed as it comes (lines, or
+    a JSON object with --json). A video that cannot be read prints its error and the others still run; then
+    SystemExit (status 1) names those. The results: predict_clip's dicts with "video", or {"video", "error"}."""
+    model, run_args, classes = trained_model(args, device, "--predict")
     results = []
     for path in args.predict:
         try:
@@ -1076,43 +995,138 @@ def predict(args, device) -> list:
     return results
 
 
-def map_layers(layers, L) -> list:
-    """The joint layers a map shows: the given ones, or up to 3 spread over 2..L (at layer 1 every kept token is
-    still active, which the Glimpser row already shows)."""
-    if layers:
-        if not all(1 <= layer <= L for layer in layers):
-            raise UsageError(f"--map-layers {' '.join(map(str, layers))}: joint layers are 1..{L}")
-        return list(layers)
-    return sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]
+def prediction_text(result: dict) -> str:
+    """A --predict result as lines: the video, GFLOPs and depth, then one line per class (name or label)."""
+    if "error" in result:
+        return f"{result['video']}: error: {result['error']}"
+    head = (f"{result['video']}: {result['gflops']:.4f} GFLOPs, mean halting depth {result['halt_depth_mean']:.2f} "
+            f"of {result['joint_layers']} joint layers")
+    return "\n".join([head] + [f"  {c['prob']:.3f}  {c['class'] if c['class'] is not None else c['label']}"
+                               for c in result["top5"]])
 
 
 def write_halting_map(args, device) -> dict:
-    """--halting-map: the video through the run's eval pipeline and the checkpoint's model -> OUT/halting_map.png.
-
-    Rows: the input, the patches the Glimpser kept, the tokens still active at each of `map_layers`; columns:
-    the sampled frames. Returns {"path": ..., "active": {row name: fraction of the T x S patches active}}."""
-    if not args.resume:
-        raise UsageError("--halting-map needs --resume CHECKPOINT")
-    model, ckpt = load_trained_model(args.resume, device)
-    cfg = model.cfg
-    layers = map_layers(args.map_layers, cfg.depth - cfg.glimpser_depth)
+    """--halting-map: the video through the run's eval pipeline and --resume's model -> OUT/halting_map.png.
+    Columns: the sampled frames; rows: the input, the patches the Glimpser kept, the tokens still active at each
+    joint layer of --map-layers. Returns {"path", "active": {row name: share of the T x S patches active}}."""
+    model, run_args, _ = trained_model(args, device, "--halting-map")
+    cfg, L = model.cfg, model.cfg.depth - model.cfg.glimpser_depth
+    if not all(1 <= layer <= L for layer in args.map_layers or []):
+        raise UsageError(f"--map-layers {' '.join(map(str, args.map_layers))}: joint layers are 1..{L}")
+    # by default up to 3 layers over 2..L: at layer 1 every kept token is active, as the Glimpser row shows
+    layers = list(args.map_layers or (sorted({round(x) for x in np.linspace(2, L, 3)}) if L > 1 else [1]))
     with blame("--halting-map", args.halting_map):
-        video = eval_clip(args, ckpt.get("args", {}), cfg, args.halting_map)  # (C, T, H, W)
+        video = eval_clip(args, run_args, cfg, args.halting_map)  # (C, T, H, W)
         source = Path(args.halting_map)  # the column labels: the frames sampled, numbered from 0
         n = data.count_frame_files(source, args.frame_template, args.start_index) if source.is_dir() else \
             data.count_frames(source)
-    frames = data.sample_indices(n, cfg.num_frames, False, frame_interval=ckpt.get("args", {}).get("frame_interval"))
-    masks = data.token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
-    image = data.halting_map(data.display_frames(video.cpu()), masks, cfg.patch_size)
+    frames = data.sample_indices(n, cfg.num_frames, False, frame_interval=run_args.get("frame_interval"))
+    masks = token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
     names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
-    image = data.label_map(image, ["input"] + names, [f"frame {i}" for i in frames])  # in the picture itself
+    image = label_map(halting_map(display_frames(video.cpu()), masks, cfg.patch_size), ["input"] + names,
+                      [f"frame {i}" for i in frames])
     path = Path(args.out) / "halting_map.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data.write_png(path, image)
+    write_png(path, image)
     active = {name: m.float().mean().item() for name, m in zip(names, masks)}
     log.info("wrote %s (rows: input, %s); patches active: %s", path, ", ".join(names),
              ", ".join(f"{name} {a:.2f}" for name, a in active.items()))
     return {"path": str(path), "active": active}
+
+
+@torch.no_grad()
+def token_masks(model, video, layers):
+    """One clip (C, T, H, W) through the model in drop mode (mask mode when release-compatible): bool
+    (1 + len(layers), T, S), the patches the Glimpser kept, then those active at each joint layer in `layers`."""
+    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
+    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
+    return active_token_masks(out.keep_index[0] if out.keep_index is not None else None, out.halt_depth[0], S, layers)
+
+
+def active_token_masks(keep_index, halt_depth, num_patches, layers):
+    """Which patches of one clip take part where: keep_index (T, k) the patches the Glimpser kept per frame, or None
+    (no Glimpser: every patch); halt_depth (1 + T*k,) N_k of the tokens entering the joint stage, the class token
+    first. bool (1 + len(layers), T, S): row 0 the patches kept, then for each joint layer l in `layers` those with
+    N_k >= l (Eq. 3; in drop mode the tokens left when the class token halts carry its N_k, so stop with it)."""
+    halt_depth = halt_depth.cpu()
+    if keep_index is None:
+        keep_index = torch.arange(num_patches).expand((halt_depth.shape[0] - 1) // num_patches, num_patches)
+    keep_index = keep_index.cpu()
+    T, k = keep_index.shape
+    depth = halt_depth[1:].view(T, k)  # (T*k,) -> (T, k), the patch tokens' N_k
+    frame = torch.arange(T).unsqueeze(1).expand(T, k)  # (T, k) frame of each token
+    masks = torch.zeros(1 + len(layers), T, num_patches, dtype=torch.bool)
+    masks[0, frame, keep_index] = True
+    for i, layer in enumerate(layers, start=1):
+        masks[i, frame, keep_index] = depth >= layer  # pruned patches stay False
+    return masks
+
+
+DARKEN = 0.25  # brightness left to a pruned or halted patch
+GAP = 2  # white pixels between the tiles of a halting map
+
+
+def display_frames(video):
+    """Undo data's normalisation for display: float (C, T, H, W) -> uint8 (T, H, W, 3)."""
+    return (video * data.STD + data.MEAN).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def halting_map(frames, masks, patch_size, scale=2):
+    """A grid, a column per frame: row 0 the frames, then a row per mask with the patches it leaves out darkened to
+    DARKEN. frames uint8 (T, H, W, 3), masks bool (R, T, S), S = (H/p) * (W/p) row-major -> uint8
+    ((1 + R) * (scale*H + GAP), T * (scale*W + GAP), 3), nearest-neighbour upscaled by `scale`."""
+    T, H, W, _ = frames.shape
+    tiles = [frames]
+    for mask in masks:  # (T, S) -> (T, H, W): one patch covers patch_size x patch_size pixels
+        pixel = mask.view(T, H // patch_size, W // patch_size).repeat_interleave(patch_size, 1)
+        shade = torch.where(pixel.repeat_interleave(patch_size, 2), 1.0, DARKEN).unsqueeze(-1)  # (T, H, W, 1)
+        tiles.append((frames.float() * shade).round().to(torch.uint8))
+    image = torch.stack(tiles).repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (rows, T, sH, sW, 3)
+    image = F.pad(image.permute(0, 1, 4, 2, 3), (0, GAP, 0, GAP), value=255)  # white right and below a tile
+    rows, T, C, h, w = image.shape
+    return image.permute(0, 3, 1, 4, 2).reshape(rows * h, T * w, C).numpy()  # (rows, h, T, w, 3) -> (rows*h, T*w, 3)
+
+
+# A 3x5 pixel font for the map's labels (no imaging library needed): a glyph is 5 rows, top first, each an octal
+# digit whose 3 bits are its pixels (7 = ###, 5 = #.#, 2 = .#.).
+FONT = dict(zip("0123456789AEFGIJLMNOPRSTUY ", "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 "
+                "74647 74644 74557 72227 11157 44447 57755 65555 25552 65644 65655 34216 72222 55557 55222 00000"
+                .split()))
+
+
+def text_mask(text, scale=2):
+    """`text` in FONT's letters (lower case drawn as upper) -> bool (5 * scale, 4 * len(text) * scale), a blank
+    column after each glyph."""
+    glyphs = [[[int(row) >> (2 - c) & 1 for c in range(3)] + [0] for row in FONT[ch]] for ch in text.upper()]
+    mask = torch.tensor(glyphs, dtype=torch.bool).permute(1, 0, 2).reshape(5, -1)  # (n, 5, 4) -> (5, 4n)
+    return mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
+
+
+def label_map(image, rows, columns, scale=2):
+    """Row names left of the rows and column names above the columns, black on white: uint8 (R*h, C*w, 3) of
+    R x C equal tiles -> uint8 (7*scale + R*h, left + C*w, 3)."""
+    h, w = image.shape[0] // len(rows), image.shape[1] // len(columns)
+    top, left = 7 * scale, max(4 * len(name) for name in rows) * scale + 2 * scale
+    canvas = np.full((top + image.shape[0], left + image.shape[1], 3), 255, np.uint8)
+    canvas[top:, left:] = image
+    for i, name in enumerate(rows):  # vertically centred on the row, left-aligned
+        mask = text_mask(name, scale)
+        y = top + i * h + (h - mask.shape[0]) // 2
+        canvas[y:y + mask.shape[0], scale:scale + mask.shape[1]][mask] = 0
+    for j, name in enumerate(columns):  # above the column, cut at its width
+        mask = text_mask(name, scale)[:, :w]
+        canvas[scale:6 * scale, left + j * w:left + j * w + mask.shape[1]][mask] = 0
+    return canvas
+
+
+def write_png(path, image):
+    """Write a uint8 (H, W, 3) image with PyAV's PNG encoder, through a temporary file and a rename."""
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+    tmp = Path(f"{path}.tmp")
+    tmp.write_bytes(b"".join(bytes(p) for p in packets + codec.encode(None)))  # None flushes the encoder
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
