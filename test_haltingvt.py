@@ -1338,7 +1338,7 @@ def test_save_checkpoint_is_plain_values_and_restores_every_rng(tmp_path):
     expected = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     assert ckpt["classes"] == ["a", "b"] and ckpt["args"]["list_root"] == str(tmp_path)
-    assert ckpt["args"]["demo_videos"] == [100, 20] and ckpt["config"] == model.cfg.to_dict()
+    assert ckpt["args"]["demo_videos"] == list(train.DEFAULTS["demo_videos"]) and ckpt["config"] == model.cfg.to_dict()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     checkpoints.set_rng_states(ckpt["rng"])
     again = [random.gauss(0, 1), random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3)]
@@ -2294,9 +2294,8 @@ def test_data_demo_mover_stays_in_view_and_paired_classes_share_positions():
         rng = np.random.default_rng([7, label])
         paths = np.stack([data._trajectory(label, rng) for _ in range(300)])  # (videos, frames, 2) as (x, y)
         assert paths.min() >= lo + half and paths.max() <= hi - half, name
-        if name.startswith("move"):  # a visible, roughly 2-patch displacement
-            span = np.linalg.norm(paths[:, -1] - paths[:, 0], axis=-1)
-            assert span.min() >= 28 and span.max() <= 38
+        span = np.linalg.norm(paths[:, -1] - paths[:, 0], axis=-1)  # 34-42 px at 72: into the next 16-px patch
+        assert span.min() >= 34 and span.max() <= 42 and span.max() - span.min() > 6, name  # at 48 x 48
     # Opposite classes are the same random draw played backwards in time, so over a clip the mover visits the
     # same positions with the same probability: one frame cannot tell "move left" from "move right".
     def path(name, seed):
@@ -2304,28 +2303,34 @@ def test_data_demo_mover_stays_in_view_and_paired_classes_share_positions():
     for seed in range(5):
         assert np.allclose(path("move left", seed), path("move right", seed)[::-1])
         assert np.allclose(path("move up", seed), path("move down", seed)[::-1])
-        assert np.allclose(path("move up-left", seed), path("move down-right", seed)[::-1])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # train.py: settings, training, evaluation with its metrics, prediction, the halting map
 # ----------------------------------------------------------------------------------------------------------
 
-# A model far smaller than tiny() and a demo set of 12 training and 6 validation videos: each run takes seconds.
-SMALL = ["--embed-dim", "32", "--depth", "4", "--heads", "2", "--frames", "4", "--batch-size", "4",
+# A model far smaller than tiny() and a demo set of 3 training and 1 validation video per class: each run takes
+# seconds. At 4 classes and 4 videos a step, an epoch is 3 steps, so a test can stop a run in the middle of one.
+DEMO_TRAIN, DEMO_VAL = 3, 1  # videos per class
+TRAIN_VIDEOS, VAL_VIDEOS = DEMO_TRAIN * len(data.DEMO_CLASSES), DEMO_VAL * len(data.DEMO_CLASSES)
+BATCH = 4
+STEPS = TRAIN_VIDEOS // BATCH  # an epoch's steps on 1 process
+SMALL = ["--embed-dim", "32", "--depth", "4", "--heads", "2", "--frames", "4", "--batch-size", str(BATCH),
          "--log-every", "1", "--eval-every", "1"]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo dataset with 2 training and 1 validation video per class, shared by this module's tests."""
+    """The demo dataset with DEMO_TRAIN training and DEMO_VAL validation videos per class, shared by this module's
+    tests."""
     root = tmp_path_factory.mktemp("demo")
-    data.make_demo_dataset(root, num_train=2, num_val=1)
+    data.make_demo_dataset(root, num_train=DEMO_TRAIN, num_val=DEMO_VAL)
     return root
 
 
 def small_run(demo, out, *extra):
-    return ["--demo-root", str(demo), "--demo-videos", "2", "1", "--out", str(out), *SMALL, *extra]
+    return ["--demo-root", str(demo), "--demo-videos", str(DEMO_TRAIN), str(DEMO_VAL), "--out", str(out), *SMALL,
+            *extra]
 
 
 def weights(path):
@@ -2494,15 +2499,16 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog,
     assert all(line.endswith("halting warm-up: off") for line in said if " step " in line)  # 2 of its epochs
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1] == json.loads((tmp_path / "final.json").read_text())
-    for key in ("epoch", "step", "train_loss", "val_top1", "val_top5", "val_motion_acc", "val_gflops",
+    assert "val_top5" not in metrics  # 4 demo classes: every class is in the top 5
+    for key in ("epoch", "step", "train_loss", "val_top1", "val_motion_acc", "val_gflops",
                 "dense_gflops", "halt_depth_mean", "halt_depth_hist", "tokens_per_layer", "elapsed_s"):
         assert key in metrics, key
     assert len(metrics["halt_depth_hist"]) == 2 and sum(metrics["halt_depth_hist"]) == pytest.approx(1)
     assert len(metrics["tokens_per_layer"]) == 4 and 1 <= metrics["halt_depth_mean"] <= 2
-    assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == 6
+    assert 0 < metrics["val_gflops"] <= metrics["dense_gflops"] and metrics["val_videos"] == VAL_VIDEOS
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "epoch", "samples_in_epoch", "step", "world", "config", "rng"} <= ckpt.keys()
-    assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["embed_dim"] == 32
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * STEPS and ckpt["config"]["embed_dim"] == 32
     assert (tmp_path / "best.pt").is_file() and not list(tmp_path.glob("*.tmp"))
     # --eval-only on the saved weights gives the same figures
     again = train.main(small_run(demo, tmp_path / "eval", "--eval-only", "--resume", str(tmp_path / "last.pt")))
@@ -2568,7 +2574,7 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
             out = model(clip.unsqueeze(0), drop_halted=True)
         probs = out.logits[0].softmax(0)
         order = probs.argsort(descending=True)[:5].tolist()
-        assert [c["label"] for c in result["top5"]] == order
+        assert len(order) == min(5, len(data.DEMO_CLASSES)) and [c["label"] for c in result["top5"]] == order
         assert [c["class"] for c in result["top5"]] == [data.DEMO_CLASSES[i] for i in order]
         assert [c["prob"] for c in result["top5"]] == pytest.approx(probs[order].tolist())
         assert result["gflops"] == pytest.approx(out.gflops[0].item())
@@ -2585,7 +2591,8 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
     text = capsys.readouterr().out.splitlines()
     best = lines[0]["top5"][0]
     assert text[0].startswith(f"{good[0]}: {lines[0]['gflops']:.4f} GFLOPs, mean halting depth")
-    assert text[1] == f"  {best['prob']:.3f}  {best['label']}" and len(text) == 6  # indices without names
+    assert text[1] == f"  {best['prob']:.3f}  {best['label']}"  # indices without names
+    assert len(text) == 1 + min(5, len(data.DEMO_CLASSES))  # the top 5, or every class when there are fewer
 
 
 @pytest.mark.slow
@@ -2674,11 +2681,13 @@ def test_train_sigterm_to_the_job_with_workers_then_the_same_command_goes_on(dem
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
-    # 3 steps an epoch: the workers in the first step of epoch 2, the whole job in its second
-    status, log = run_job(job, {"step 4/": term_workers, "step 5/": lambda p: os.killpg(p.pid, signal.SIGTERM)})
+    # the workers in the first step of epoch 2, the whole job in its second, before the epoch's last
+    assert STEPS >= 3
+    status, log = run_job(job, {f"step {STEPS + 1}/": term_workers,
+                                f"step {STEPS + 2}/": lambda p: os.killpg(p.pid, signal.SIGTERM)})
     assert len(workers) == 2 and status == 143, "".join(log[-20:])
     ckpt, last = torch.load(tmp_path / "job/last.pt", weights_only=True), tmp_path / "job/last.pt"
-    assert ckpt["step"] >= 5 and epochs_recorded(tmp_path / "job") == [1]
+    assert ckpt["step"] >= STEPS + 2 and epochs_recorded(tmp_path / "job") == [1]
     assert log[-1].rstrip().endswith(f"run the same command again, or: python {train.__file__} --resume {last}")
     status, log = run_job(job)
     assert status == 0 and f"resuming from {last}, epoch {ckpt['epoch'] + 1}, step {ckpt['step']}\n" in \
@@ -2692,10 +2701,11 @@ def test_train_two_processes_stopped_mid_epoch_then_resumed_on_one(demo, tmp_pat
     """SIGTERM to a torchrun job of 2 processes x 1 video, then the same flags on 1 process x 2 videos: the epoch
     goes on after the samples the 2 processes took, and the learning rate at every step is the schedule in
     epochs, recomputed here by hand."""
-    flags = ["--epochs", "2", "--device", "cpu"]  # 12 training videos; demo preset: lr 1e-3, 1 warm-up epoch
+    flags = ["--epochs", "2", "--device", "cpu"]  # TRAIN_VIDEOS; demo preset: lr 1e-3, 1 warm-up epoch
+    n = TRAIN_VIDEOS
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     status, log = run_job([*torchrun, *train_command(demo, tmp_path, *flags, "--batch-size", "1")[1:]],
-                          {"step 2/": lambda p: os.killpg(p.pid, signal.SIGTERM)})  # 6 steps an epoch
+                          {"step 2/": lambda p: os.killpg(p.pid, signal.SIGTERM)})  # n / 2 steps an epoch
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["world"] == 2 and ckpt["epoch"] == 0 and ckpt["samples_in_epoch"] == 2 * ckpt["step"], \
         "".join(log[-30:])
@@ -2707,7 +2717,7 @@ def test_train_two_processes_stopped_mid_epoch_then_resumed_on_one(demo, tmp_pat
 
     logged = [re.search(r"epoch 1 step (\d+)/\d+ .* lr (\S+)", line) for line in log]
     logged = {int(m.group(1)): float(m.group(2)) for m in logged if m}
-    assert len(logged) >= 2 and logged == pytest.approx({i: by_hand(2 * (i - 1) / 12) for i in logged}, rel=1e-4)
+    assert len(logged) >= 2 and logged == pytest.approx({i: by_hand(2 * (i - 1) / n) for i in logged}, rel=1e-4)
     lrs, train_step = [], train.train_step
 
     def recorded(s, batch, stop):
@@ -2720,7 +2730,7 @@ def test_train_two_processes_stopped_mid_epoch_then_resumed_on_one(demo, tmp_pat
         train.main(small_run(demo, tmp_path, *flags, "--batch-size", "2"))
     assert "1 process(es) x 2 videos a step, was 2 x 1" in caplog.text
     taken = ckpt["samples_in_epoch"]
-    done = [(taken + 2 * j) / 12 for j in range((12 - taken) // 2)] + [1 + 2 * j / 12 for j in range(6)]
+    done = [(taken + 2 * j) / n for j in range((n - taken) // 2)] + [1 + 2 * j / n for j in range(n // 2)]
     assert [lr for lr, _ in lrs] == pytest.approx([by_hand(e) for e in done], rel=1e-12, abs=1e-15)
     assert all(a == b for a, b in lrs)  # both parameter groups
 
@@ -2730,18 +2740,18 @@ def test_train_sigkill_during_evaluation_keeps_the_epochs_training(demo, tmp_pat
     status, log = run_job(train_command(demo, tmp_path, "--epochs", "2", slow_eval=True),
                           {"eval batch": lambda p: os.killpg(p.pid, signal.SIGKILL)})
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert status == -signal.SIGKILL and (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (1, 0, 3)
+    assert status == -signal.SIGKILL and (ckpt["epoch"], ckpt["samples_in_epoch"], ckpt["step"]) == (1, 0, STEPS)
     assert not (tmp_path / "metrics.jsonl").exists()  # only the evaluation is lost
 
 
 @pytest.mark.slow
 def test_train_sigterm_during_the_last_evaluation_stops_it_within_a_batch(demo, tmp_path):
-    job = train_command(demo, tmp_path, "--epochs", "1", "--batch-size", "1", slow_eval=True)  # 6 eval batches
+    job = train_command(demo, tmp_path, "--epochs", "1", "--batch-size", "1", slow_eval=True)  # VAL_VIDEOS eval batches
     status, log = run_job(job, {"eval batch": lambda p: os.kill(p.pid, signal.SIGTERM)})
     assert status == 143 and log.count("eval batch\n") <= 2, "".join(log[-20:])
     assert "stopped during the evaluation of epoch 1" in log[-1] and not (tmp_path / "final.json").exists()
     status, log = run_job(job)  # the same command: the evaluation again, and the run is finished
-    assert status == 0 and log.count("eval batch\n") == 6 and (tmp_path / "final.json").exists()
+    assert status == 0 and log.count("eval batch\n") == VAL_VIDEOS and (tmp_path / "final.json").exists()
     assert epochs_recorded(tmp_path) == [1]
 
 
@@ -2783,7 +2793,7 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(demo, tmp_path, mon
     def nan_in_second_epoch(*a, **kw):
         calls.append(1)
         total, parts = loss_fn(*a, **kw)
-        if len(calls) > 3:  # 3 steps per epoch: the second epoch goes bad
+        if len(calls) > STEPS:  # the second epoch goes bad
             total, parts = total * float("nan"), {**parts, "total": float("nan")}
         return total, parts
 
@@ -2791,7 +2801,7 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(demo, tmp_path, mon
     with pytest.raises(train.NonFiniteLoss, match="loss is nan"):
         train.main(small_run(demo, tmp_path, "--epochs", "2"))
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 3
+    assert ckpt["epoch"] == 1 and ckpt["step"] == STEPS
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
@@ -2806,8 +2816,8 @@ def test_train_two_processes_end_with_identical_weights(demo, tmp_path):
     assert "find_unused_parameters" not in done.stderr  # no warning the user cannot act on
     final = json.loads((tmp_path / "final.json").read_text())
     assert len(final["rank_weight_sha"]) == 2 and len(set(final["rank_weight_sha"])) == 1
-    assert final["val_videos"] == 6  # each validation video counted once across the two ranks
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3  # 12 videos / (2 ranks x 2)
+    assert final["val_videos"] == VAL_VIDEOS  # each validation video counted once across the two ranks
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == TRAIN_VIDEOS // (2 * 2)  # 2 ranks x 2
 
 
 def test_train_halting_ramp_is_off_then_linear_then_on():
@@ -2831,17 +2841,17 @@ def test_train_best_checkpoint_waits_for_the_halting_warmup(tmp_path, monkeypatc
 def test_train_class_folders_and_multi_label(demo, tmp_path):
     folders = ["--train", str(demo / "videos/train"), "--val", str(demo / "videos/val"), "--preset", "demo"]
     metrics = train.main(folders + small_run(demo, tmp_path / "folders", "--epochs", "1"))
-    assert metrics["val_videos"] == 6 and 0 <= metrics["val_top1"] <= 1
-    # multi-label list file: each video also carries the label (label + 1) % 6
+    assert metrics["val_videos"] == VAL_VIDEOS and 0 <= metrics["val_top1"] <= 1
+    # multi-label list file: each video also carries the next class's label
     lines = []
     for line in (demo / "train.txt").read_text().splitlines():
         path, label = line.rsplit(" ", 1)
-        lines.append(f"{path} {label} {(int(label) + 1) % 6}\n")
+        lines.append(f"{path} {label} {(int(label) + 1) % len(data.DEMO_CLASSES)}\n")
     (demo / "multi.txt").write_text("".join(lines))
     multi = ["--train", str(demo / "multi.txt"), "--val", str(demo / "multi.txt"), "--multi-label",
              "--preset", "demo"]
     metrics = train.main(multi + small_run(demo, tmp_path / "multi", "--epochs", "1"))
-    assert 0 < metrics["val_map"] <= 1 and "val_top1" not in metrics and metrics["val_videos"] == 12
+    assert 0 < metrics["val_map"] <= 1 and "val_top1" not in metrics and metrics["val_videos"] == TRAIN_VIDEOS
 
 
 def test_train_build_data_labels_validation_by_the_training_classes(tmp_path, videos, caplog):
@@ -2974,7 +2984,7 @@ def test_train_skips_a_corrupt_video(demo, tmp_path, caplog):
     listing = "".join(f"{demo / line}\n" for line in lines) + f"{tmp_path}/broken.mp4 0\n"
     (tmp_path / "with_bad.txt").write_text(listing)
     args = ["--train", str(tmp_path / "with_bad.txt"), "--val", str(demo / "val.txt"), "--preset", "demo"]
-    train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", "13"))
+    train.main(args + small_run(demo, tmp_path / "out", "--epochs", "1", "--batch-size", str(len(lines) + 1)))
     assert "1 bad video skipped" in caplog.text and "broken.mp4" in caplog.text  # the plural right
 
 
@@ -3127,7 +3137,8 @@ def usage_mistakes(demo, tmp):
                                                           (demo / "train.txt").read_text().splitlines())]
     (tmp / "lists").mkdir(exist_ok=True)
     shutil.copy(demo / "classes.txt", tmp / "lists/classes.txt")
-    (tmp / "lists/train.txt").write_text("\n".join(lines + [lines[0].rsplit(" ", 1)[0] + " 6"]) + "\n")
+    n = len(data.DEMO_CLASSES)  # the first label beyond them
+    (tmp / "lists/train.txt").write_text("\n".join(lines + [lines[0].rsplit(" ", 1)[0] + f" {n}"]) + "\n")
     _class_folders(tmp / "walk", ["walk"], demo / "videos/val/move up/0000.mp4")
     zipfile.ZipFile(tmp / "clips.zip", "w").writestr("a.txt", "hi")
     torch.save({"weights": torch.ones(2)}, tmp / "other.pth")
@@ -3147,10 +3158,10 @@ def usage_mistakes(demo, tmp):
         "label out of range": (real + ["--num-classes", "3"], r"--train .*train\.txt, line \d+: label [345] is outside"
                                                               r" \[0, 3\)"),
         "label beyond classes.txt": (["--train", str(tmp / "lists/train.txt")] + real[2:],
-                                     rf"--train .*train\.txt, line {len(lines) + 1}: label 6 is outside \[0, 6\), "
-                                     r"beyond the 6 classes .*classes\.txt names"),
+                                     rf"--train .*train\.txt, line {len(lines) + 1}: label {n} is outside \[0, {n}\), "
+                                     rf"beyond the {n} classes .*classes\.txt names"),
         "unknown class folder": (["--train", str(demo / "videos/train"), "--val", str(tmp / "walk")] + real[4:],
-                                 r"--val .*walk: class folders \['walk'\] are not among the 6 training classes"),
+                                 rf"--val .*walk: class folders \['walk'\] are not among the {n} training classes"),
         "text file for --init": (real + ["--init", str(tmp / "notes.txt")], r"--init .*notes\.txt: not a checkpoint"),
         "zip for --init": (real + ["--init", str(tmp / "clips.zip")], r"--init .*clips\.zip: a zip archive but not a"
                                                                       r" checkpoint torch\.save wrote"),
@@ -3377,10 +3388,10 @@ def test_ablation_with_seeds_writes_their_summary(demo, tmp_path, monkeypatch):
 
 
 def test_ablation_stale_demo_folder_is_rebuilt(demo, monkeypatch):
-    assert data.demo_dataset_ready(demo, num_train=2, num_val=1)
+    assert data.demo_dataset_ready(demo, num_train=DEMO_TRAIN, num_val=DEMO_VAL)
     assert f"version={data.DEMO_VERSION} " in (demo / "DONE").read_text()
     monkeypatch.setattr(data, "DEMO_VERSION", data.DEMO_VERSION + 1)  # the generator changed
-    assert not data.demo_dataset_ready(demo, num_train=2, num_val=1)
+    assert not data.demo_dataset_ready(demo, num_train=DEMO_TRAIN, num_val=DEMO_VAL)
 
 
 def test_bench_profile_sorts_ops_by_kind(capsys):
