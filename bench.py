@@ -573,11 +573,11 @@ def sanity_main(args, result: dict) -> dict:
     with busy(2):
         loaded = sanity_run(args.seeds[0], args.data_dir)
     result["sanity"] = dict(quiet=quiet, busy=loaded, busy_ratio=loaded["wall_s"] / quiet[0]["wall_s"])
-    print(table_line(("seed", "wall time", "val top-1 / top-5", "motion acc.", "GFLOPs/video (x dense)",
+    print(table_line(("seed", "wall time", "val top-1", "motion acc.", "GFLOPs/video (x dense)",
                       "mean halting depth", "tokens halting at joint layer 1..L")))
     for r in quiet + [loaded]:
         busy_note = f" ({r['wall_s'] / quiet[0]['wall_s']:.2f}x, busy)" if r is loaded else ""
-        print(table_line((str(r["seed"]), f"{r['wall_s']:.0f} s{busy_note}", f"{r['val_top1']:.3f} / {r['val_top5']:.3f}",
+        print(table_line((str(r["seed"]), f"{r['wall_s']:.0f} s{busy_note}", f"{r['val_top1']:.3f}",
                           f"{r['val_motion_acc']:.3f}",
                           f"{r['val_gflops']:.4f} ({r['val_gflops'] / r['dense_gflops']:.2f}x)",
                           f"{r['halt_depth_mean']:.2f}", ", ".join(f"{h:.2f}" for h in r["halt_depth_hist"]))))
