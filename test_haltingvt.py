@@ -2755,7 +2755,6 @@ def test_train_sigterm_during_the_last_evaluation_stops_it_within_a_batch(demo, 
     assert epochs_recorded(tmp_path) == [1]
 
 
-@pytest.mark.slow
 def usage_error(capsys, argv) -> str:
     """The one line train.main prints for a mistake in `argv` (it exits with status 2)."""
     capsys.readouterr()
