@@ -573,8 +573,8 @@ def sanity_main(args, result: dict) -> dict:
     with busy(2):
         loaded = sanity_run(args.seeds[0], args.data_dir)
     result["sanity"] = dict(quiet=quiet, busy=loaded, busy_ratio=loaded["wall_s"] / quiet[0]["wall_s"])
-    print(table_line(("seed", "wall time", "val top-1", "motion acc.", "GFLOPs/video (x dense)",
-                      "mean halting depth", "tokens halting at joint layer 1..L")))
+    print("\n".join(table_head(("seed", "wall time", "val top-1", "motion acc.", "GFLOPs/video (x dense)",
+                                 "mean halting depth", "tokens halting at joint layer 1..L"))))
     for r in quiet + [loaded]:
         busy_note = f" ({r['wall_s'] / quiet[0]['wall_s']:.2f}x, busy)" if r is loaded else ""
         print(table_line((str(r["seed"]), f"{r['wall_s']:.0f} s{busy_note}", f"{r['val_top1']:.3f}",

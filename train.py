@@ -90,7 +90,7 @@ DEFAULTS = dict(
 # - randaugment off: the demo runs without torchvision, and its few synthetic clips need no more variety.
 # Decoded demo videos are tiny, so they are cached in RAM after the first epoch.
 DEMO_PRESET = dict(model="tiny", img_size=48, keep_ratio=0.3, optimizer="adamw", lr=1e-3, weight_decay=0.05,
-                   epochs=30, warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
+                   epochs=24, warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
                    task_on_fakes=False, halting_warmup=16, alpha_p=0.01, alpha_m=1.0, clip_grad=1.0,
                    train_scale=data.DEMO_TRAIN_SCALE, eval_short_side=data.DEMO_EVAL_SHORT_SIDE, randaugment=False)
 
