@@ -447,7 +447,8 @@ def demo_step(folder: Path, flags=()):
     demo set (written to `folder`, cached as the sanity run caches it) and trains on it (train.forward_loss,
     clipping, AdamW) with halting held off, as in the warm-up, the dearest step; it returns {part: seconds}
     (STEP_PARTS)."""
-    args = train.parse_args(["--demo-root", str(folder / "demo"), "--demo-videos", "6", "1", *flags])
+    per_class = -(-train.DEMO_PRESET["batch_size"] // len(data.DEMO_CLASSES))  # one whole batch
+    args = train.parse_args(["--demo-root", str(folder / "demo"), "--demo-videos", str(per_class), "1", *flags])
     train_set, _, num_classes = train.build_data(args, 0)
     model = train.build_model(train.model_config(args, num_classes), args, torch.device("cpu")).train()
     optimizer = train.build_optimizer(model, args)
