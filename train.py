@@ -331,7 +331,7 @@ def setup_distributed(args):
 
 # CPU threads. At the sanity run's sizes a step is many small operations, each split over the threads, which then
 # wait for each other. On an idle machine 2 threads on 2 cores are the fastest with OpenMP's default waiting (spin
-# a little, then sleep; PASSIVE waits cost a third more). Beside other CPU-bound processes a waiting thread spins
+# a little, then sleep; PASSIVE waits cost 70% more). Beside other CPU-bound processes a waiting thread spins
 # on a core they need, and one thread is far faster (bench.py --busy). So, unless --threads or OMP_NUM_THREADS
 # fix it, one process runs as many threads as the cores other processes leave idle, looked at before training and
 # after every epoch (Linux's /proc/stat; elsewhere one thread per core).
