@@ -85,13 +85,15 @@ DEFAULTS = dict(
 #   at 0.8-0.9 and the class was found later, on some seeds not within the run; at 1 motion accuracy is ~0.99.
 # - alpha_p 0.01 (the paper: 5e-4): from scratch, at 5e-4 the scores never rose and nothing halted; at 0.03
 #   three quarters of the tokens halted at the second joint layer and the others spread too thinly.
-# - halting_warmup 16: no halting for the first 8 epochs, then a ramp (halting_ramp): started at once, halting
-#   took the class token out at the first joint layer before the later layers had learnt anything.
+# - 30 epochs, halting_warmup 20: no halting for the first 10 epochs, then a ramp (halting_ramp) to full at 20.
+#   Started at once, halting took the class token out at the first joint layer before the later layers had
+#   learnt anything. At 24 epochs with the ramp to 16, a seed that found the motion late ended at 0.933; at 30
+#   with the ramp to 16, the longer full ponder pressure sent nearly every token out at joint layer 2.
 # - randaugment off: the demo runs without torchvision, and its few synthetic clips need no more variety.
 # Decoded demo videos are tiny, so they are cached in RAM after the first epoch.
 DEMO_PRESET = dict(model="tiny", img_size=48, keep_ratio=0.3, optimizer="adamw", lr=1e-3, weight_decay=0.05,
-                   epochs=24, warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
-                   task_on_fakes=False, halting_warmup=16, alpha_p=0.01, alpha_m=1.0, clip_grad=1.0,
+                   epochs=30, warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
+                   task_on_fakes=False, halting_warmup=20, alpha_p=0.01, alpha_m=1.0, clip_grad=1.0,
                    train_scale=data.DEMO_TRAIN_SCALE, eval_short_side=data.DEMO_EVAL_SHORT_SIDE, randaugment=False)
 
 # Halted tokens in training (evaluation always drops them): "drop" removes them, exact with gradients; "mask"
