@@ -978,6 +978,26 @@ def test_copyable_units_run_on_their_own(roots, budget, monkeypatch):
 # haltingvt.py: drop mode's execution (packed attention, read-backs)
 # ----------------------------------------------------------------------------------------------------------
 
+def test_pack_running_keeps_the_running_rows_and_each_samples_first_row_is_a_valid_row():
+    """pack_running against a loop over tokens: the running rows in order, their counts, and each sample's first
+    row; a sample with none still gets a valid row (its class token is weighted by 0 then), down to the batch in
+    which one token is left in all and a later sample has none."""
+    B, K, D = 3, 4, 2
+    x = torch.arange(B * K * D, dtype=torch.float32).reshape(B * K, D)
+    patterns = [[[1, 1, 0, 1], [1, 0, 0, 0], [0, 1, 1, 0]], [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+                [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1]]]
+    for pattern in patterns:
+        active = torch.tensor(pattern, dtype=torch.bool)
+        rows = [b * K + k for b in range(B) for k in range(K) if pattern[b][k]]
+        packed, row, first, counts, lengths = haltingvt.pack_running(x, torch.arange(B * K), active)
+        assert row.tolist() == rows and torch.equal(packed, x[rows])
+        assert counts.tolist() == [sum(p) for p in pattern] and lengths == [sum(p) for p in pattern if sum(p)]
+        for b in range(B):
+            assert 0 <= first[b] < len(rows), (pattern, b)  # x[first] never reads past the packed rows
+            if counts[b]:
+                assert rows[first[b]] == b * K + pattern[b].index(1)  # the sample's first running token
+
+
 def test_packed_attention_matches_per_sample_attention():
     """packed_attention (drop mode's attention over several samples' tokens back to back) gives plain attention
     over each sample alone, values and gradients, for samples of different lengths."""
