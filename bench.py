@@ -15,6 +15,7 @@ for a dense Joint VT, the Glimpser alone, and the Glimpser with halting in drop 
     python bench.py --step     # the sanity run's training step by part (data, forward, backward, optimiser)
     python bench.py --busy     # that step at 1 and 2 threads, quiet and beside two CPU-bound processes
     python bench.py --sanity   # `python train.py` itself: seeds 0, 1, 2 one after the other, then seed 0 when busy
+    python bench.py --clips clips   # the README's stand-in real-data set: 3 classes of 640x360 clips in clips/
     python bench.py --ablation [train.py flags]   # Tables 1 and 2 on the demo set: runs/ablation/ablation.md
 
 Rows are timed round-robin (`measure`): every round runs each row once, and the matmul too, so a change of the
@@ -587,6 +588,43 @@ def sanity_main(args, result: dict) -> dict:
     return result
 
 
+
+# The stand-in for a first run on one's own footage (--clips): README, "A first run on your own clips"
+CLIP_CLASSES = ("pan left", "pan right", "falling")
+
+
+def stand_in_clip(kind: str, seed, frames: int = 100, height: int = 360, width: int = 640) -> np.ndarray:
+    """uint8 (frames, height, width, 3), 4 s at 25 fps: a blocky textured scene that the camera pans across, left
+    or right, by 200 px; or the same scene still, with a red disc falling through it."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.uniform(40, 200, size=(height // 20 + 1, (width + 200) // 20 + 1, 3))
+    scene = np.kron(blocks, np.ones((20, 20, 1)))[:height, :width + 200]
+    scene = scene + rng.normal(0, 8, size=scene.shape)  # (H, W + 200, 3)
+    ys, xs = np.mgrid[:height, :width]
+    x0, r = rng.uniform(width / 6, width * 5 / 6), rng.uniform(height / 14, height / 9)
+    out = []
+    for t in range(frames):
+        left = {"pan left": 200 * t // frames, "pan right": 200 - 200 * t // frames}.get(kind, 100)
+        frame = scene[:, left:left + width].copy()
+        if kind == "falling":
+            y = height / 18 + height * 13 / 18 * t / frames  # from the top to near the bottom
+            frame[(ys - y) ** 2 + (xs - x0) ** 2 < r * r] = (230, 60, 40)
+        out.append(frame.clip(0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def clips_main(args, result: dict) -> dict:
+    """--clips DIR: DIR/{train,val}/<class>/NN.mp4, 16 training and 4 validation H.264 clips a class."""
+    for split, count in (("train", 16), ("val", 4)):
+        for c, kind in enumerate(CLIP_CLASSES):
+            folder = args.clips / split / kind.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                data.write_video(folder / f"{i:02d}.mp4", stand_in_clip(kind, [c, i, split == "val"]), fps=25)
+    result["clips"] = str(args.clips)
+    print(f"wrote {args.clips}/train and {args.clips}/val: {', '.join(CLIP_CLASSES)}")
+    return result
+
 # ----------------------------------------------------------------------------------------------------------
 # Ablations (paper Tables 1 and 2) at laptop scale
 # ----------------------------------------------------------------------------------------------------------
@@ -755,6 +793,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sanity", action="store_true", help="instead: `python train.py` whole, one --seeds after the other (each "
                                             "writing its demo set), then the first beside two CPU-bound processes")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--sanity: the seeds (default 0 1 2)")
+    a("--clips", type=Path, metavar="DIR", help="instead: write the README's stand-in clips (first real-data run)")
     a("--ablation", action="store_true", help="instead: paper Tables 1 and 2, one train.py run per row "
                                               "(bench.py --ablation --help)")
     a("--repeats", type=int, default=None, help="timed rounds (default: 5 on a CPU, 20 on a GPU, where a run "
@@ -786,6 +825,8 @@ def main(argv=None):
     base = HaltingVTConfig.tiny() if args.tiny else HaltingVTConfig.deit_small()
     if args.data:
         return data_main(args, result)
+    if args.clips:
+        return clips_main(args, result)
     if args.step or args.busy or args.sanity:
         return (step_main if args.step else busy_main if args.busy else sanity_main)(args, result)
     if args.profile:

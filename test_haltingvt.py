@@ -3277,6 +3277,17 @@ def test_train_gradients_averaged_as_ddp_does(monkeypatch):
 # bench.py: speed, video reading and the ablation
 # ----------------------------------------------------------------------------------------------------------
 
+def test_bench_stand_in_clips_pan_the_named_way_and_the_disc_falls():
+    left, right, fall = (bench.stand_in_clip(kind, 0, frames=10, height=60, width=80) for kind in bench.CLIP_CLASSES)
+    # 200 px over 10 frames: 20 px a frame; panning left, the scene moves left (what was at x + 20 is now at x)
+    assert np.array_equal(left[1][:, :-20], left[0][:, 20:]) and not np.array_equal(left[1], left[0])
+    assert np.array_equal(right[1][:, 20:], right[0][:, :-20])
+    disc = (fall == (230, 60, 40)).all(-1)  # (frames, H, W)
+    assert np.all(np.diff([np.argwhere(d)[:, 0].mean() for d in disc]) > 0)  # its mean row goes down
+    off = ~(disc[0] | disc[-1])
+    assert np.array_equal(fall[0][off], fall[-1][off])  # and the scene stays still
+
+
 def test_bench_json_last_line_has_the_required_keys(capsys):
     bench.main(["--json", "--quick", "--tiny", "--batch", "1", "--repeats", "1", "--matmul-size", "128"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
