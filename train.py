@@ -357,27 +357,36 @@ def idle_cores(since: tuple) -> float:
     return (os.cpu_count() or 1) - max(0.0, busy - own) / max(wall, 1e-3)
 
 
-def cpu_threads(args, world: int, since: Optional[tuple] = None) -> tuple:
-    """(torch threads per process, why): --threads; else OMP_NUM_THREADS for one process (torchrun sets it to 1 in
-    each process it starts); else, for one process, the cores other processes left idle since `since`
-    (cpu_seconds(); None: over the next 0.2 s), at least 1; else the cores shared by the local processes."""
+def fixed_threads(args, world: int) -> Optional[tuple]:
+    """(torch threads per process, why) when the count is fixed: --threads; OMP_NUM_THREADS for one process
+    (torchrun sets it to 1 in each process it starts); the cores shared by several local processes, or by one
+    where PROC_STAT cannot be read. None: the count follows the idle cores (cpu_threads)."""
     if args.threads:
         return args.threads, "--threads"
     if world == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if world == 1 and since is None and (since := cpu_seconds()):
+    if world > 1 or cpu_seconds() is None:
+        return max(1, cores // local_world), f"{cores} cores / {local_world} process(es)"
+    return None
+
+
+def cpu_threads(args, world: int, since: Optional[tuple] = None) -> tuple:
+    """(torch threads per process, why): fixed_threads, else the cores other processes left idle since `since`
+    (cpu_seconds(); None: over the next 0.2 s), at least 1."""
+    if fixed := fixed_threads(args, world):
+        return fixed
+    if since is None:
+        since = cpu_seconds()
         time.sleep(0.2)
-    if world == 1 and since:
-        idle = idle_cores(since)
-        return max(1, min(cores, round(idle))), f"{cores} cores, {cores - idle:.1f} busy with other processes"
-    return max(1, cores // local_world), f"{cores} cores / {local_world} process(es)"
+    cores, idle = os.cpu_count() or 1, idle_cores(since)
+    return max(1, min(cores, round(idle))), f"{cores} cores, {cores - idle:.1f} busy with other processes"
 
 
 def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tuple]:
     """Set torch's CPU threads (cpu_threads) and log them: with OpenMP's waiting policy the first time (the log's
     first line), then when they change. Returns the cpu_seconds() to look again from after an epoch, or None when
-    the count is fixed (--threads, OMP_NUM_THREADS, several processes, no PROC_STAT)."""
+    the count is fixed (fixed_threads)."""
     threads, why = cpu_threads(args, world, since)
     if since is None:
         policy = os.environ.get("OMP_WAIT_POLICY")
@@ -386,7 +395,7 @@ def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tup
     elif threads != torch.get_num_threads():
         log.info("CPU: %d torch threads from now on (%s)", threads, why)
     torch.set_num_threads(threads)
-    return cpu_seconds() if "busy with other processes" in why else None
+    return None if fixed_threads(args, world) else cpu_seconds()
 
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
