@@ -41,56 +41,91 @@ from losses import haltingvt_loss
 
 log = logging.getLogger("train")
 
-
 # ----------------------------------------------------------------------------------------------------------
-# Presets and defaults: a setting is its flag, else (--resume) the run's own, else the preset's, else DEFAULTS'
+# Presets and defaults: a setting is its flag, else (--resume) the run's own, else the preset's, else its default
 
-# Every setting, by its flag's name; None: worked out where it is used.
-DEFAULTS = dict(
-    # data: TSN segments of the video files, decoded as the run goes; a bad video is skipped and logged
-    train=None, val=None, root=None, num_classes=None, multi_label=False, on_error="skip", workers=0,
-    train_scale=None, eval_short_side=None, randaugment=True, cache=False, rawframes=False,
-    frame_template=data.FRAME_TEMPLATE, start_index=1, frame_interval=None, demo_root="data/demo",
-    demo_videos=(150, 30),
-    # model: None takes --model's value (HaltingVTConfig.deit_small(), the paper's; .tiny(), the demo's); the
-    # release-compatible forward comes on for --init of the release's layout
-    model="deit_small", init=None, frames=None, img_size=None, embed_dim=None, depth=None, heads=None,
-    glimpser_depth=None, keep_ratio=None, gamma=None, eps=None, beta=None, drop_path=None, halting=True,
-    release_compat=None,
-    # optimisation: the real-data preset, the authors' release config per process (16 videos, 32 clips, a GPU)
-    preset=None, optimizer="adam", lr=1e-5, weight_decay=1e-5, epochs=20, warmup_epochs=5, batch_size=16,
-    clip_grad=40.0, alpha_p=5e-4, alpha_m=0.01, train_mode=None, task_on_fakes=True, halting_warmup=0.0,
-    embed_std=None,
-    # run
-    out=None, seed=0, device=None, amp=False, threads=None, resume=None, overwrite=False, eval_only=False,
-    eval_every=1, log_every=20, stop_after=None, predict=None, json=False, halting_map=None, map_layers=None)
+BOOL = argparse.BooleanOptionalAction  # --name and --no-name
+# Every setting, by group: name=(default, how its flag reads, what it is: the flag's help). How: int, float or str;
+# a list of choices; an action ("store_false": the flag is --no-name); or add_argument's keywords. Default None:
+# worked out where it is used.
+SETTINGS = {
+    # TSN segments of the video files, decoded as the run goes; a bad video is skipped and logged
+    "data": dict(
+        train=(None, str, "training list file (`path label ...`) or class-folder root; without it: the demo"),
+        val=(None, str, "validation list file or class-folder root"),
+        root=(None, str, "folder the list files' paths are relative to (default: the list file's folder)"),
+        num_classes=(None, int, "default: from the class folders or the largest label + 1"),
+        multi_label=(False, "store_true", "`path l1 l2 ...` lists, BCE loss, mAP (ActivityNet)"),
+        on_error=("skip", ["skip", "raise"], "a bad video: skip it (logged; the default) or stop"),
+        workers=(0, int, "DataLoader worker processes per training process (0)"),
+        train_scale=(None, dict(type=int, nargs=2), "random short side range (default: img_size * 8/7 .. 10/7)"),
+        eval_short_side=(None, int, "eval short side before the centre crop (default: img_size * 8/7)"),
+        randaugment=(True, BOOL, "RandAugment (Sec. 4.1; off in the demo)"),
+        cache=(False, BOOL, "keep decoded videos in RAM (small sets only)"),
+        rawframes=(False, "store_true", "lists of frame folders: `frame_dir total_frames label ...`"),
+        frame_template=(data.FRAME_TEMPLATE, str, "a frame's file name in its folder (img_{:05}.jpg)"),
+        start_index=(1, int, "number of a folder's first frame (1)"),
+        frame_interval=(None, int, "T frames this far apart (the release's sampler); default: TSN segments"),
+        demo_root=("data/demo", str, "where the sanity run writes its demo dataset (data/demo)"),
+        demo_videos=((150, 30), dict(type=int, nargs=2, metavar=("TRAIN", "VAL")), "demo videos per class (150 30)")),
+    # None: --model's value (HaltingVTConfig.deit_small(), the paper's; .tiny(), the demo's)
+    "model (unset values come from --model, or DEMO_PRESET)": dict(
+        model=("deit_small", ["tiny", "deit_small"], "HaltingVTConfig.tiny() or .deit_small()"),
+        init=(None, str, "weights to start from: DeiT-S's, a train.py run's or the release's (checkpoints.py)"),
+        frames=(None, int, "frames per clip (8 Mini-Kinetics, 10 ActivityNet)"),
+        img_size=(None, int, "frame side in pixels, a multiple of the patch side (16)"),
+        embed_dim=(None, int, "token width"),
+        depth=(None, int, "layers: the Glimpser's, then the joint ones"),
+        heads=(None, int, "attention heads"),
+        glimpser_depth=(None, int, "the Glimpser's divided space-time layers (0: none)"),
+        keep_ratio=(None, float, "R of the Glimpser, Eq. (7)"),
+        gamma=(None, float, "Eq. (2)"),
+        eps=(None, float, "Eq. (3)"),
+        beta=(None, float, "Eq. (2), subtracted: larger beta halts later"),
+        drop_path=(None, float, "stochastic depth rate"),
+        halting=(True, "store_false", "run every joint layer on every token"),
+        release_compat=(None, BOOL, "the release's forward (mask execution); default: on for --init of its layout")),
+    # the real-data preset: the authors' release config per process (16 videos, 32 clips, a GPU)
+    "optimisation (unset values: DEMO_PRESET without --train, else the defaults)": dict(
+        preset=(None, ["demo", "real"], "default: demo without --train, else real"),
+        optimizer=("adam", ["adam", "adamw"], "Adam, or AdamW (decoupled weight decay)"),
+        lr=(1e-5, float, "peak learning rate (lr_at)"),
+        weight_decay=(1e-5, float, "not on norms, biases and NO_DECAY"),
+        epochs=(20, int, "the schedule's length"),
+        warmup_epochs=(5, float, "epochs of linear learning-rate warm-up"),
+        batch_size=(16, int, "videos per process; each gives a real and a fake clip"),
+        clip_grad=(40.0, float, "max gradient norm"),
+        alpha_p=(5e-4, float, "ponder weight, Eq. (9)"),
+        alpha_m=(0.01, float, "motion weight, Eq. (9) (the paper's 0.01; 1 is the release's in effect)"),
+        train_mode=(None, ["mask", "drop"], "halted tokens in training (TRAIN_MODE, AMP_TRAIN_MODE)"),
+        task_on_fakes=(True, BOOL, "the task loss on the fake clips too"),
+        halting_warmup=(0.0, float, "epochs of halting warm-up: off for half, then a linear rise; 0 = off"),
+        embed_std=(None, float, "from scratch: pos_embed and time_embed start at this std")),
+    "run": dict(
+        out=(None, str, "where the run's files go (runs/sanity; a halting map: the checkpoint's folder)"),
+        seed=(0, int, "seeds Python, NumPy, torch and the data order"),
+        device=(None, str, "default: cuda if available, else cpu"),
+        amp=(False, "store_true", "bf16 autocast (CUDA only)"),
+        threads=(None, int, "torch CPU threads per process (default: OMP_NUM_THREADS, or cores / processes)"),
+        resume=(None, str, "checkpoint to continue from (or evaluate: --eval-only); default: OUT's unfinished run"),
+        overwrite=(False, "store_true", "start afresh in an --out that holds a finished or another run"),
+        eval_only=(False, "store_true", "evaluate --resume's or --init's weights on --val, no training"),
+        eval_every=(1, int, "evaluate every N epochs (and after the last)"),
+        log_every=(20, int, "progress line every N steps"),
+        stop_after=(None, int, "stop after N epochs of this run (the schedule still spans --epochs)"),
+        predict=(None, dict(nargs="+", metavar="VIDEO"), "top-5 classes, GFLOPs, halting depth with --resume's model"),
+        json=(False, "store_true", "with --predict: one JSON object per video, one a line"),
+        halting_map=(None, dict(metavar="VIDEO"), "write OUT/halting_map.png (Fig. 4) with --resume's model"),
+        map_layers=(None, dict(type=int, nargs="+"), "joint layers (1..L) the map shows (default: up to 3 over 2..L)")),
+}
+DEFAULTS = {name: row[0] for group in SETTINGS.values() for name, row in group.items()}
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
-# cores in under 2 minutes. Each choice below was measured on this setting (README, "The sanity run"):
-# - 48 x 48 frames (img_size; data.DEMO_TRAIN_SCALE and DEMO_EVAL_SHORT_SIDE scale the 72 x 72 videos to match):
-#   9 patches a frame instead of 64 x 64's 16, so a step costs about half as much (bench.py --step); at 4 frames
-#   instead of 8 the model learnt more slowly per step than the cost fell.
-# - keep_ratio 0.3: 3 of the 9 patches of each frame go on to the joint layers, enough for the one mover; at 0.5
-#   and 1.0 the model found the motion no sooner, and the joint layers cost more.
-# - AdamW at lr 1e-3, weight decay 0.05, 32 videos (64 clips) a step: the usual from-scratch ViT recipe; at
-#   lr 1e-5 nothing moves, at 2e-3 no seed learnt sooner, and 16 videos a step needed about twice the steps.
-# - clip_grad 1 (the release: 40): once the motion was found, unclipped steps sent the loss back up for a few
-#   epochs on some seeds (seed 2: top-1 0.85 at the end instead of 0.97).
-# - embed_std 1.0: position and time embeddings that start distinct and strong beside the patch content; the
-#   class needs where *and* when the mover is, and at 0.3 the model sat at chance for a third of the run or more
-#   (at DeiT's 0.02, and the paper's zero time embedding, for most of it; at 2.0 too).
-# - task_on_fakes False: a static fake clip of the demo cannot tell its class by construction, so the task loss
-#   on it is noise (at 16 videos a step it kept the run at chance); the Motion Loss still sees both clips.
-# - alpha_m 1, the release's weight in effect (its config's 0.01 is never applied): at 0.01 the motion head stayed
-#   at 0.8-0.9 and the class was found later, on some seeds not within the run; at 1 motion accuracy is ~0.99.
-# - alpha_p 0.01 (the paper: 5e-4): from scratch, at 5e-4 the scores never rose and nothing halted; at 0.03
-#   three quarters of the tokens halted at the second joint layer and the others spread too thinly.
-# - 30 epochs, halting_warmup 20: no halting for the first 10 epochs, then a ramp (halting_ramp) to full at 20.
-#   Started at once, halting took the class token out at the first joint layer before the later layers had
-#   learnt anything. At 24 epochs with the ramp to 16, a seed that found the motion late ended at 0.933; at 30
-#   with the ramp to 16, the longer full ponder pressure sent nearly every token out at joint layer 2.
-# - randaugment off: the demo runs without torchvision, and its few synthetic clips need no more variety.
-# Decoded demo videos are tiny, so they are cached in RAM after the first epoch.
+# cores in under 2 minutes. Each choice was measured on it (README, "The sanity run": its settings, why these):
+# 48 x 48 frames, 3 patches of 9 kept a frame; AdamW at lr 1e-3, 32 videos a step, clipped at norm 1; embeddings
+# at std 1.0 (the class needs where *and* when the mover is); no task loss on the fakes (a static fake cannot show
+# its class); alpha_m 1, alpha_p 0.01; halting off for 10 epochs, then a ramp to full at 20 of 30 (at once, it took
+# the class token out at the first joint layer); no RandAugment (no torchvision). The tiny videos stay in RAM.
 DEMO_PRESET = dict(model="tiny", img_size=48, keep_ratio=0.3, optimizer="adamw", lr=1e-3, weight_decay=0.05,
                    epochs=30, warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
                    task_on_fakes=False, halting_warmup=20, alpha_p=0.01, alpha_m=1.0, clip_grad=1.0,
@@ -113,7 +148,10 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "final.json")  # what a trai
 # The flags a run may go on with changed (a requeued job on other machines): how it runs, not what it learns.
 RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "threads", "device", "log_every",
                "batch_size"}
-
+# HaltingVTConfig's fields that settings set, by setting
+CONFIG_FIELDS = dict(frames="num_frames", img_size="img_size", embed_dim="embed_dim", depth="depth", heads="num_heads",
+                     glimpser_depth="glimpser_depth", keep_ratio="keep_ratio", gamma="gamma", beta="beta", eps="eps",
+                     drop_path="drop_path", num_classes="num_classes")
 
 # ----------------------------------------------------------------------------------------------------------
 # The command line
@@ -121,7 +159,6 @@ RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "thr
 class UsageError(Exception):
     """A mistake in the command: main prints it as one line, `error: --flag value: what is wrong`, and exits with
     status 2 (HALTINGVT_DEBUG=1 shows the traceback). Any other exception is a bug and keeps its traceback."""
-
 
 @contextlib.contextmanager
 def blame(flag: str, value, errors=(OSError, ValueError, data.VideoDecodeError)):
@@ -134,11 +171,9 @@ def blame(flag: str, value, errors=(OSError, ValueError, data.VideoDecodeError))
         why = re.sub(r"^[\w.]+: ", "", why.splitlines()[-1]) if "\n" in why else why
         raise UsageError(f"{flag} {why}" if why.startswith(str(value)) else f"{flag} {value}: {why}") from err
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage text: `--frames: invalid int value: 'x'`
         raise UsageError(f"{message.removeprefix('argument ')} (python train.py --help lists the flags)")
-
 
 def main(argv=None):
     """Train (or evaluate, predict, draw a halting map) as the flags say: the last evaluation's metrics (or the
@@ -159,15 +194,18 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
-
 def parse_args(argv=None) -> argparse.Namespace:
-    """Every setting ("Presets and defaults"). --resume, but to predict or draw, goes on with the run it holds:
-    without its saved flags a bare `--resume run/last.pt` would train the demo into runs/sanity."""
+    """Every setting (SETTINGS). --resume, but to predict or draw, goes on with the run it holds: without its saved
+    flags a bare `--resume run/last.pt` would train the demo into runs/sanity."""
     p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False, argument_default=argparse.SUPPRESS,
-               epilog="Unset values: DEMO_PRESET without --train, then DEFAULTS (train.py). A mistake in the "
-                      "command is one line and status 2; HALTINGVT_DEBUG=1 shows its traceback.")
-    data_and_model_flags(p)
-    run_flags(p)
+               epilog="Unset values: DEMO_PRESET without --train, then SETTINGS' defaults (train.py). A mistake in "
+                      "the command is one line and status 2; HALTINGVT_DEBUG=1 shows its traceback.")
+    for title, group in SETTINGS.items():
+        add = p.add_argument_group(title).add_argument
+        for name, (_, how, text) in group.items():
+            kind = how if isinstance(how, dict) else {"choices": how} if isinstance(how, list) else \
+                {"type": how} if how in (int, float, str) else {"action": how}
+            add(f"--{'no-' if how == 'store_false' else ''}{name.replace('_', '-')}", dest=name, help=text, **kind)
     given = vars(p.parse_args(argv))  # the flags written, only those (argument_default=SUPPRESS)
     if given.get("resume") and not (given.get("predict") or given.get("halting_map")):
         saved = read_run(given["resume"]).get("args", {})
@@ -184,71 +222,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.halting_map and args.resume else "runs/sanity"
     return args
-
-
-def data_and_model_flags(p: argparse.ArgumentParser):
-    a = p.add_argument_group("data").add_argument
-    a("--train", help="training list file (`path label ...`) or class-folder root; without it: the demo")
-    a("--val", help="validation list file or class-folder root")
-    a("--root", help="folder the list files' paths are relative to (default: the list file's folder)")
-    a("--num-classes", type=int, help="default: from the class folders or the largest label + 1")
-    a("--multi-label", action="store_true", help="`path l1 l2 ...` lists, BCE loss, mAP (ActivityNet)")
-    a("--on-error", choices=["skip", "raise"], help="a bad video: skip it (logged; the default) or stop")
-    a("--workers", type=int, help="DataLoader worker processes per training process (0)")
-    a("--train-scale", type=int, nargs=2, help="random short side range (default: img_size * 8/7 .. 10/7)")
-    a("--eval-short-side", type=int, help="eval short side before the centre crop (default: img_size * 8/7)")
-    a("--randaugment", action=argparse.BooleanOptionalAction, help="RandAugment (Sec. 4.1; off in the demo)")
-    a("--cache", action=argparse.BooleanOptionalAction, help="keep decoded videos in RAM (small sets only)")
-    a("--rawframes", action="store_true", help="lists of frame folders: `frame_dir total_frames label ...`")
-    a("--frame-template", help="a frame's file name in its folder (img_{:05}.jpg)")
-    a("--start-index", type=int, help="number of a folder's first frame (1)")
-    a("--frame-interval", type=int, help="T frames this far apart (the release's sampler); default: TSN segments")
-    a("--demo-root", help="where the sanity run writes its demo dataset (data/demo)")
-    a("--demo-videos", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="demo videos per class (150 30)")
-    m = p.add_argument_group("model (unset values come from --model, or DEMO_PRESET)").add_argument
-    m("--model", choices=["tiny", "deit_small"], help="HaltingVTConfig.tiny() or .deit_small()")
-    m("--init", help="weights to start from: DeiT-S's, a train.py run's or the release's (checkpoints.py)")
-    m("--frames", type=int, help="frames per clip (8 Mini-Kinetics, 10 ActivityNet)")
-    for name in ("--img-size", "--embed-dim", "--depth", "--heads", "--glimpser-depth"):
-        m(name, type=int)
-    for name, where in (("--keep-ratio", "R of the Glimpser, Eq. (7)"), ("--gamma", "Eq. (2)"), ("--eps", "Eq. (3)"),
-                        ("--beta", "Eq. (2), subtracted: larger beta halts later"), ("--drop-path", None)):
-        m(name, type=float, help=where)
-    m("--no-halting", dest="halting", action="store_false", help="run every joint layer on every token")
-    m("--release-compat", action=argparse.BooleanOptionalAction, help="the release's forward (mask execution)")
-
-
-def run_flags(p: argparse.ArgumentParser):
-    o = p.add_argument_group("optimisation (unset values: DEMO_PRESET without --train, else DEFAULTS)").add_argument
-    o("--preset", choices=["demo", "real"], help="default: demo without --train, else real")
-    o("--optimizer", choices=["adam", "adamw"])
-    for name, kind in (("--lr", float), ("--weight-decay", float), ("--epochs", int), ("--warmup-epochs", float)):
-        o(name, type=kind)
-    o("--batch-size", type=int, help="videos per process; each gives a real and a fake clip")
-    o("--clip-grad", type=float, help="max gradient norm")
-    o("--alpha-p", type=float, help="ponder weight, Eq. (9)")
-    o("--alpha-m", type=float, help="motion weight, Eq. (9) (the paper's 0.01; 1 is the release's in effect)")
-    o("--train-mode", choices=["mask", "drop"], help="halted tokens in training (TRAIN_MODE, AMP_TRAIN_MODE)")
-    o("--task-on-fakes", action=argparse.BooleanOptionalAction, help="the task loss on the fake clips too")
-    o("--halting-warmup", type=float, help="epochs of halting warm-up: off for half, then a linear rise; 0 = off")
-    o("--embed-std", type=float, help="from scratch: pos_embed and time_embed start at this std")
-    r = p.add_argument_group("run").add_argument
-    r("--out", help="where the run's files go (runs/sanity; a halting map: the checkpoint's folder)")
-    r("--seed", type=int)
-    r("--device", help="default: cuda if available, else cpu")
-    r("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    r("--threads", type=int, help="torch CPU threads per process (default: OMP_NUM_THREADS, or cores / processes)")
-    r("--resume", help="checkpoint to continue from (or evaluate: --eval-only); default: OUT's unfinished run")
-    r("--overwrite", action="store_true", help="start afresh in an --out that holds a finished or another run")
-    r("--eval-only", action="store_true")
-    r("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
-    r("--log-every", type=int, help="progress line every N steps")
-    r("--stop-after", type=int, help="stop after N epochs of this run (the schedule still spans --epochs)")
-    r("--predict", nargs="+", metavar="VIDEO", help="top-5 classes, GFLOPs, halting depth with --resume's model")
-    r("--json", action="store_true", help="with --predict: one JSON object per video, one a line")
-    r("--halting-map", metavar="VIDEO", help="write OUT/halting_map.png (Fig. 4) with --resume's model")
-    r("--map-layers", type=int, nargs="+", help="joint layers (1..L) the map shows (default: up to 3 over 2..L)")
-
 
 def check_args(args):
     """UsageError, before any work, for flags no run can use: a number out of range, a model the flags cannot
@@ -267,17 +240,9 @@ def check_args(args):
         except ImportError as err:
             raise UsageError(str(err)) from None
 
-
-# HaltingVTConfig's fields that flags set, and the flags
-MODEL_FLAGS = dict(num_frames="--frames", img_size="--img-size", embed_dim="--embed-dim", depth="--depth",
-                   num_heads="--heads", glimpser_depth="--glimpser-depth", keep_ratio="--keep-ratio", gamma="--gamma",
-                   beta="--beta", eps="--eps", drop_path="--drop-path", num_classes="--num-classes")
-
-
 def model_config(args, num_classes) -> HaltingVTConfig:
     """--model's config with the model flags given on top; UsageError naming the flag of a value it cannot take."""
-    dest = lambda field: MODEL_FLAGS[field][2:].replace("-", "_")  # noqa: E731
-    overrides = {k: getattr(args, dest(k)) for k in MODEL_FLAGS if getattr(args, dest(k)) is not None}
+    overrides = {field: getattr(args, name) for name, field in CONFIG_FIELDS.items() if getattr(args, name) is not None}
     # no motion loss, no motion head: an untrained head would only add parameters without gradients
     overrides.update(num_classes=num_classes, halting=args.halting, motion_head=args.alpha_m != 0,
                      release_compat=bool(args.release_compat))
@@ -285,23 +250,33 @@ def model_config(args, num_classes) -> HaltingVTConfig:
         return getattr(HaltingVTConfig, args.model)(**overrides)
     except ValueError as err:  # "HaltingVTConfig.<field>=<value>: why"
         field, value, why = re.match(r"HaltingVTConfig\.(\w+)=(.*?): (.*)", str(err)).groups()
-        default = "" if getattr(args, dest(field)) is not None else f" (--model {args.model}'s)"
-        raise UsageError(f"{MODEL_FLAGS[field]} {value}{default}: {why}") from err
-
+        name = next(name for name, f in CONFIG_FIELDS.items() if f == field)
+        default = "" if getattr(args, name) is not None else f" (--model {args.model}'s)"
+        raise UsageError(f"--{name.replace('_', '-')} {value}{default}: {why}") from err
 
 def read_run(path, flag="--resume") -> dict:
     with blame(flag, path):
         return checkpoints.read_run_checkpoint(path)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes and devices
 
 @contextlib.contextmanager
 def processes(args):
-    """(rank, world size, device) for the block, with logging on (INFO on rank 0). Leaving it, every process
-    waits for the others, then the process group (torchrun) is torn down."""
-    rank, world, device = setup_distributed(args)
+    """(rank, world size, device) for the block, with logging on (INFO on rank 0) and the CPU threads set. A process
+    group only when torchrun set WORLD_SIZE > 1: leaving the block, every process waits for the others, then the
+    group is torn down."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
+                             "torchrun with --nproc-per-node at most that, or pass --device cpu")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if device.type == "cpu":
@@ -314,31 +289,12 @@ def processes(args):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def setup_distributed(args):
-    """(rank, world size, device). A process group only when torchrun set WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1:
-        if local >= torch.cuda.device_count():
-            raise UsageError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
-                             "torchrun with --nproc-per-node at most that, or pass --device cpu")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 # CPU threads. At the sanity run's sizes a step is many small operations, each split over the threads, which then
 # wait for each other. On an idle machine 2 threads on 2 cores are the fastest with OpenMP's default waiting (spin
-# a little, then sleep; PASSIVE waits cost 70% more). Beside other CPU-bound processes a waiting thread spins
-# on a core they need, and one thread is far faster (bench.py --busy). So, unless --threads or OMP_NUM_THREADS
-# fix it, one process runs as many threads as the cores other processes leave idle, looked at before training and
-# after every epoch (Linux's /proc/stat; elsewhere one thread per core).
+# a little, then sleep; PASSIVE waits cost 70% more). Beside other CPU-bound processes a waiting thread spins on a
+# core they need, and one thread is far faster (bench.py --busy). So one process runs as many threads as the cores
+# other processes leave idle, looked at before training and after every epoch (Linux's /proc/stat).
 PROC_STAT = Path("/proc/stat")
-
 
 def cpu_seconds() -> Optional[tuple]:
     """(seconds the machine's cores have been busy since boot, this process's CPU seconds, wall seconds), or None
@@ -350,44 +306,29 @@ def cpu_seconds() -> Optional[tuple]:
     busy = sum(ticks) - ticks[3] - ticks[4]  # user nice system idle iowait irq softirq steal: all but idle, iowait
     return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
 
-
-def idle_cores(since: tuple) -> float:
-    """Cores that other processes left idle since `since` (cpu_seconds()); this process's own use counts as idle."""
-    busy, own, wall = (now - then for now, then in zip(cpu_seconds(), since))
-    return (os.cpu_count() or 1) - max(0.0, busy - own) / max(wall, 1e-3)
-
-
-def fixed_threads(args, world: int) -> Optional[tuple]:
-    """(torch threads per process, why) when the count is fixed: --threads; OMP_NUM_THREADS for one process
-    (torchrun sets it to 1 in each process it starts); the cores shared by several local processes, or by one
-    where PROC_STAT cannot be read. None: the count follows the idle cores (cpu_threads)."""
-    if args.threads:
-        return args.threads, "--threads"
-    if world == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
-    cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if world > 1 or cpu_seconds() is None:
-        return max(1, cores // local_world), f"{cores} cores / {local_world} process(es)"
-    return None
-
-
 def cpu_threads(args, world: int, since: Optional[tuple] = None) -> tuple:
-    """(torch threads per process, why): fixed_threads, else the cores other processes left idle since `since`
-    (cpu_seconds(); None: over the next 0.2 s), at least 1."""
-    if fixed := fixed_threads(args, world):
-        return fixed
+    """(torch threads per process, why, whether the count is fixed). Fixed: --threads; OMP_NUM_THREADS for one
+    process (torchrun sets it to 1 in each process it starts); the cores shared by several local processes, or by
+    one where PROC_STAT cannot be read. Else the cores other processes left idle since `since` (cpu_seconds(); None:
+    over the next 0.2 s), this process's own use counting as idle, at least 1."""
+    cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if args.threads:
+        return args.threads, "--threads", True
+    if world == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS", True
+    if world > 1 or cpu_seconds() is None:
+        return max(1, cores // local_world), f"{cores} cores / {local_world} process(es)", True
     if since is None:
         since = cpu_seconds()
         time.sleep(0.2)
-    cores, idle = os.cpu_count() or 1, idle_cores(since)
-    return max(1, min(cores, round(idle))), f"{cores} cores, {cores - idle:.1f} busy with other processes"
-
+    busy, own, wall = (now - then for now, then in zip(cpu_seconds(), since))
+    others = max(0.0, busy - own) / max(wall, 1e-3)  # cores busy with other processes
+    return max(1, min(cores, round(cores - others))), f"{cores} cores, {others:.1f} busy with other processes", False
 
 def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tuple]:
     """Set torch's CPU threads (cpu_threads) and log them: with OpenMP's waiting policy the first time (the log's
-    first line), then when they change. Returns the cpu_seconds() to look again from after an epoch, or None when
-    the count is fixed (fixed_threads)."""
-    threads, why = cpu_threads(args, world, since)
+    first line), then when they change. The cpu_seconds() to look again from after an epoch; None if fixed."""
+    threads, why, fixed = cpu_threads(args, world, since)
     if since is None:
         policy = os.environ.get("OMP_WAIT_POLICY")
         log.info("CPU: %d torch threads (%s); OpenMP waiting: %s", threads, why,
@@ -395,8 +336,7 @@ def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tup
     elif threads != torch.get_num_threads():
         log.info("CPU: %d torch threads from now on (%s)", threads, why)
     torch.set_num_threads(threads)
-    return None if fixed_threads(args, world) else cpu_seconds()
-
+    return None if fixed else cpu_seconds()
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Sum (or `op`) over processes, in place; a no-op in a single process."""
@@ -404,17 +344,14 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         dist.all_reduce(t, op=op)
     return t
 
-
 def plural(n: int, one: str, many: Optional[str] = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"  # `1 video`, `2 videos`
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop: data, model, optimiser; a run from the start or from a checkpoint; epochs, steps, stops, checkpoints
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was left as it was."""
-
 
 def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
@@ -430,23 +367,20 @@ def run(args, rank, world, device) -> dict:
         classes = data.class_names(train_set, args.train) if train_set else None
     if not args.eval_only:
         claim_out(args)
-    cfg = model_config(args, num_classes)
-    if args.resume:
-        ckpt = read_run(args.resume)
-        if not args.eval_only and finished(ckpt, args):
-            log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
-            return json.loads((Path(args.out) / "final.json").read_text())
-        saved = HaltingVTConfig(**ckpt["config"])
-        if saved != cfg:
-            log.warning("--resume: using the checkpoint's model config %s", saved)
-        cfg = saved
+    cfg, ckpt = model_config(args, num_classes), read_run(args.resume) if args.resume else None
+    if ckpt and not args.eval_only and finished(ckpt, args):
+        log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
+        return json.loads((Path(args.out) / "final.json").read_text())
+    if ckpt and HaltingVTConfig(**ckpt["config"]) != cfg:
+        cfg = HaltingVTConfig(**ckpt["config"])
+        log.warning("--resume: using the checkpoint's model config %s", cfg)
     model = build_model(cfg, args, device)
     if model.cfg.release_compat and args.train_mode == "drop":  # turned on by --init of the release's layout
         log.info("training in mask mode: the release-compatible forward has no drop mode")
         args.train_mode = "mask"
     val_loader = data.epoch_loader(val_set, args.batch_size, 0, rank, world, workers=args.workers, train=False)
     if args.eval_only:  # check_args: --resume or --init
-        if args.resume:
+        if ckpt:
             model.load_state_dict(ckpt["model"])
         metrics = evaluate(model, val_loader, args, device, model.cfg)
         log.info("eval: %s", summary(metrics))
@@ -465,7 +399,6 @@ def run(args, rank, world, device) -> dict:
         log.info("halting warm-up: no halting nor ponder loss until epoch %g, then both rise to full by epoch %g",
                  args.halting_warmup / 2, args.halting_warmup)
     return fit(s, train_set, val_loader)
-
 
 def build_data(args, rank):
     """(train set or None (--eval-only), val set, num_classes). The sanity run first writes the demo set (rank 0)."""
@@ -497,7 +430,6 @@ def build_data(args, rank):
         data.log_labels_by_index(args.train, args.val, train, val)
     return train, val, (train or val).num_classes
 
-
 def build_model(cfg: HaltingVTConfig, args, device):
     """The model of `cfg` on `device`, with --init's weights; a checkpoint of the release's layout turns on the
     release-compatible forward (in its cfg) unless --no-release-compat was given."""
@@ -519,7 +451,6 @@ def build_model(cfg: HaltingVTConfig, args, device):
             checkpoints.load_pretrained(model, ckpt)  # logs what it loaded, left fresh and did not use
     return model.to(device)
 
-
 def build_optimizer(model, args):
     """Adam(W), no weight decay on NO_DECAY, norms and biases; train_step sets the learning rate (lr_at)."""
     decay, no_decay = [], []
@@ -527,7 +458,6 @@ def build_optimizer(model, args):
         (no_decay if p.ndim <= 1 or name in NO_DECAY else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(groups, lr=args.lr)
-
 
 def lr_at(args, epochs_done: float) -> float:
     """The release's schedule, smooth (it steps its cosine per epoch, over all --epochs from the warm-up's end, so
@@ -537,19 +467,14 @@ def lr_at(args, epochs_done: float) -> float:
         return args.lr * (0.1 + 0.9 * epochs_done / warm)
     return args.lr * (1 + math.cos(math.pi * (epochs_done - warm) / (args.epochs - warm))) / 2
 
-
 def halting_ramp(args, epochs_done: float) -> float:
     """How far halting is on, 0..1: 0 for the first half of --halting-warmup epochs, then a linear rise (1 without
     it). The ponder weight rises with it: Adam rescales even the ponder loss's tiny gradient on a near-zero score
     to full-size steps, which took the class token out at the first joint layer for good."""
-    if not args.halting_warmup:
-        return 1.0
     half = args.halting_warmup / 2
-    return min(max((epochs_done - half) / half, 0.0), 1.0)
-
+    return min(max((epochs_done - half) / half, 0.0), 1.0) if half else 1.0
 
 PROGRESS = ("epoch", "samples_in_epoch", "step", "best")  # the RunState fields every checkpoint keeps
-
 
 @dataclass
 class RunState:
@@ -575,11 +500,9 @@ class RunState:
     def epochs_done(self) -> float:  # fractional: what lr_at and halting_ramp follow
         return self.epoch + self.samples_in_epoch / (self.steps_per_epoch * self.args.batch_size * self.world)
 
-
 def finished(ckpt: dict, args) -> bool:
     """Whether the checkpoint's run trained all its epochs and wrote OUT/final.json (after its last evaluation)."""
     return ckpt["epoch"] >= args.epochs and (Path(args.out) / "final.json").exists()
-
 
 def claim_out(args):
     """A training run without --resume whose OUT holds a run already. A requeued job runs the same command again,
@@ -605,41 +528,34 @@ def claim_out(args):
     if not args.overwrite:
         raise UsageError(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
 
-
 def start(s: RunState):
-    """Continue from --resume (resume), give every process rank 0's weights, make OUT (a fresh run clears the
-    RUN_FILES of one it replaces: --overwrite)."""
-    if s.args.resume:
-        resume(s)
+    """Weights, optimiser, RNG states and progress from --resume, logging where the run goes on (and how, when the
+    number of processes or the batch size changed); rank 0's weights to every process; OUT made (a fresh run clears
+    the RUN_FILES of one it replaces: --overwrite)."""
+    args, out = s.args, Path(s.args.out)
+    if args.resume:
+        with blame("--resume", args.resume):
+            ckpt = checkpoints.load_checkpoint(args.resume, s.model, s.optimizer)
+        for key in PROGRESS:
+            setattr(s, key, ckpt[key])
+        s.start_step = s.step
+        if (out / "best.pt").exists():  # written after its epoch's last.pt, so its score can be newer
+            kept = torch.load(out / "best.pt", map_location="cpu", weights_only=True, mmap=True)
+            if kept["epoch"] <= s.epoch and (s.best is None or kept["best"] > s.best):
+                s.best = kept["best"]
+        log.info("resuming from %s, epoch %d, step %d", args.resume, s.epoch + 1, s.step)
+        was = (ckpt.get("world", s.world), ckpt["args"].get("batch_size", args.batch_size))
+        if was != (s.world, args.batch_size):
+            log.info("%d process(es) x %d videos a step, was %d x %d: epoch %d goes on after its first %d samples, "
+                     "the learning rate over the %d steps left", s.world, args.batch_size, *was, s.epoch + 1,
+                     s.samples_in_epoch, round((args.epochs - s.epochs_done()) * s.steps_per_epoch))
     if s.world > 1:  # train_step averages the gradients, so the replicas then stay equal
         flat = torch.nn.utils.parameters_to_vector(s.model.parameters())
         dist.broadcast(flat, 0)
         torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
-    Path(s.args.out).mkdir(parents=True, exist_ok=True)
-    if s.rank == 0 and not s.args.resume:
-        for name in RUN_FILES:
-            (Path(s.args.out) / name).unlink(missing_ok=True)
-
-
-def resume(s: RunState):
-    """Weights, optimiser, RNG states and progress from the --resume checkpoint; logs where the run goes on, and
-    how, when the number of processes or the batch size changed."""
-    with blame("--resume", s.args.resume):
-        ckpt = checkpoints.load_checkpoint(s.args.resume, s.model, s.optimizer)
-    for key in PROGRESS:
-        setattr(s, key, ckpt[key])
-    s.start_step, best = s.step, Path(s.args.out) / "best.pt"
-    if best.exists():  # written after its epoch's last.pt, so its score can be newer
-        kept = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
-        if kept["epoch"] <= s.epoch and (s.best is None or kept["best"] > s.best):
-            s.best = kept["best"]
-    log.info("resuming from %s, epoch %d, step %d", s.args.resume, s.epoch + 1, s.step)
-    was = (ckpt.get("world", s.world), ckpt["args"].get("batch_size", s.args.batch_size))
-    if was != (s.world, s.args.batch_size):
-        log.info("%d process(es) x %d videos a step, was %d x %d: epoch %d goes on after its first %d samples, the "
-                 "learning rate over the %d steps left", s.world, s.args.batch_size, *was, s.epoch + 1,
-                 s.samples_in_epoch, round((s.args.epochs - s.epochs_done()) * s.steps_per_epoch))
-
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES if s.rank == 0 and not args.resume else ():
+        (out / name).unlink(missing_ok=True)
 
 def fit(s: RunState, train_set, val_loader) -> dict:
     """Train from where `s` stands to --epochs (or --stop-after more): the last evaluation's metrics. Each epoch:
@@ -664,7 +580,6 @@ def fit(s: RunState, train_set, val_loader) -> dict:
             finish(s, metrics)
     return metrics
 
-
 def train_epoch(s: RunState, train_set, stop: "StopFlag") -> Optional[float]:
     """The rest of the current epoch: the mean loss over every process's steps, with `s` at the next epoch; or None,
     with `s` before the batch under way, when a process got a stop signal."""
@@ -684,7 +599,6 @@ def train_epoch(s: RunState, train_set, stop: "StopFlag") -> Optional[float]:
     total, count = all_reduce(torch.tensor(sums, dtype=torch.float64, device=s.device)).tolist()
     s.epoch, s.samples_in_epoch = s.epoch + 1, 0
     return total / max(count, 1)
-
 
 def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     """One optimiser step: the loss parts (floats); or None, nothing updated, when any process got a stop signal
@@ -715,7 +629,6 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     s.step, s.samples_in_epoch = s.step + 1, s.samples_in_epoch + args.batch_size * s.world
     return parts
 
-
 def average_gradients(model, world: int):
     """DistributedDataParallel's averaging as one all_reduce, a missing gradient counting as zero; one no process
     has stays None. (In drop mode a joint layer no token reached has none: DDP would need find_unused_parameters,
@@ -727,7 +640,6 @@ def average_gradients(model, world: int):
     for p, part, got in zip(params, parts, torch.stack([part[-1] for part in parts]).tolist()):
         p.grad = part[:-1].view_as(p) / world if got else None
 
-
 def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
     """Eq. (9) on B videos = 2B clips (real, then fake): (loss, parts as floats). The halting warm-up's `ramp`
     (halting_ramp) raises beta by BETA_OFF * (1 - ramp) and scales the ponder weight."""
@@ -737,10 +649,8 @@ def forward_loss(model, batch, args, device, num_classes, ramp=1.0):
         return haltingvt_loss(out, label, motion, num_classes=num_classes, alpha_p=args.alpha_p * ramp,
                               alpha_m=args.alpha_m, multi_label=args.multi_label, task_on_fakes=args.task_on_fakes)
 
-
 def autocast(args, device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")  # --amp
-
 
 def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tuple:
     """One line: step/total, each loss part, lr, clips/s since `tick` (time, step), time left. The next tick."""
@@ -754,25 +664,22 @@ def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tup
              parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left, warmup)
     return now, s.step
 
-
 class StopFlag:
     """`signum`: the SIGINT or SIGTERM received in the `with` block (0 before one); the loop then stops at the next
     step or evaluation batch. Leaving the block puts the previous handlers back."""
-    signals = (signal.SIGINT, signal.SIGTERM)
+    signum = 0
 
     def __enter__(self):
-        self.signum = 0
-        self.previous = [signal.signal(sig, self.handle) for sig in self.signals]
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in zip(self.signals, self.previous):
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         log.warning("%s received: stopping after the step or evaluation batch under way", signal.Signals(signum).name)
         self.signum = signum
-
 
 def stopped(s: RunState, signum: int, during: str) -> SystemExit:
     """Log, last, how to continue; the SystemExit to raise, status 128 + the signal's number (130 SIGINT, 143
@@ -785,12 +692,10 @@ def stopped(s: RunState, signum: int, during: str) -> SystemExit:
              s.samples_in_epoch, s.epoch + 1, command)
     return SystemExit(128 + signum)
 
-
 def save(s: RunState, path: Path):
     if s.rank == 0:  # PROGRESS and the number of processes beside the weights (checkpoints.save_checkpoint)
         progress = {**{k: getattr(s, k) for k in PROGRESS}, "world": s.world}
         checkpoints.save_checkpoint(path, s.model, s.optimizer, progress, s.model.cfg, s.args, s.classes)
-
 
 def record(metrics: dict, s: RunState, out: Path):
     """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0; after the halting warm-up)."""
@@ -806,7 +711,6 @@ def record(metrics: dict, s: RunState, out: Path):
         s.best = metrics[key]
         save(s, out / "best.pt")
 
-
 def finish(s: RunState, metrics: dict):
     """The end of a run: every replica's weight hash (several processes), OUT/final.json, the closing line."""
     if s.world > 1:  # replicas must agree; the test of the distributed run reads this
@@ -818,7 +722,6 @@ def finish(s: RunState, metrics: dict):
         (Path(s.args.out) / "final.json").write_text(json.dumps(metrics, indent=1))
         if metrics:
             log.info("done in %.0f s (outputs in %s): %s", time.time() - s.t0, s.args.out, summary(metrics))
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: top-1/top-5 or mAP, motion accuracy, GFLOPs and halting depths, summed batch by batch
@@ -833,94 +736,78 @@ def evaluation(s: RunState, val_loader, stop: StopFlag, train_loss: Optional[flo
     record(metrics, s, Path(s.args.out))
     return metrics
 
-
 @torch.no_grad()
 def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional[StopFlag] = None):
     """Drop mode on each video's real clip; motion accuracy on the real clips and their fakes. Each readable video
     counts once; an unreadable one is left out, named in a warning, counted in val_skipped. Sums over processes (a
-    process may have no video); every process gets the result, or None everywhere when a process got a stop signal
+    process may have no video); every process gets the metrics, or None everywhere when a process got a stop signal
     (it stops after the batch under way; stop.signum is then that signal's everywhere)."""
     model.eval()
-    count, scores, targets, skipped = eval_counters(cfg.depth, cfg.glimpser_depth), [], [], []
+    sums = dict.fromkeys(("videos", "top1", "top5", "motion_correct", "motion_clips", "gflops", "gflops_release"), 0.0)
+    L, f64 = cfg.depth - cfg.glimpser_depth, torch.float64
+    layers = torch.zeros(L, dtype=f64), torch.zeros(cfg.depth, dtype=f64)  # tokens halted at joint layer 1..L; entering
+    scores, targets, skipped = [], [], []
     for batch in data.single_threaded(loader):
         if stop and stop.signum:
             break
         skipped += batch["skipped"]
-        if "video" not in batch:  # every video of the batch was unreadable
-            continue
-        video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
-        with autocast(args, device):
-            out = model(video, drop_halted=not cfg.release_compat)  # B real clips, then their B fakes
-        add_eval_batch(count, out, label, motion, args.multi_label, scores, targets)
+        if "video" in batch:  # else every video of the batch was unreadable
+            video, label, motion = (batch[k].to(device) for k in ("video", "label", "motion"))
+            with autocast(args, device):
+                out = model(video, drop_halted=not cfg.release_compat)  # B real clips, then their B fakes
+            add_eval_batch(sums, layers, out, label, motion, scores if args.multi_label else None, targets)
     if stop is not None:  # a stop signal in any process? (every process takes part in this collective)
         stop.signum = int(all_reduce(torch.tensor([stop.signum], device=device), dist.ReduceOp.MAX).item())
         if stop.signum:
             return None
     if skipped:
         log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
-    count["skipped"] += len(skipped)
-    sizes = [c.numel() for c in count.values()]
-    flat = all_reduce(torch.cat([c.reshape(-1) for c in count.values()]).to(device)).cpu()  # all in one all_reduce
-    count = {name: part.view_as(c) for (name, c), part in zip(count.items(), flat.split(sizes))}
-    if count["videos"] == 0:
-        log.warning("evaluation: no readable validation video; the metrics are nan")
-    metrics = eval_metrics(count, dense_gflops(cfg), args.multi_label)
-    if cfg.num_classes <= 5:
-        metrics.pop("val_top5", None)  # every class is in the top 5
+    flat = torch.cat([torch.tensor([*sums.values(), len(skipped)], dtype=torch.float64), *layers])
+    flat = all_reduce(flat.to(device)).cpu()  # every sum in one collective
+    sums, skipped, (halted, entering) = dict(zip(sums, flat.tolist())), int(flat[len(sums)]), \
+        flat[len(sums) + 1:].split([len(layers[0]), len(layers[1])])
     if args.multi_label:
-        metrics["val_map"] = average_precision(*gather_scores(scores, targets, cfg.num_classes))
-    return metrics
+        sums["map"] = average_precision(*gather_scores(scores, targets, cfg.num_classes))
+    return eval_metrics(sums, skipped, halted, entering, cfg)
 
-
-def eval_counters(depth, glimpser_depth):
-    """The evaluation's sums by name, float64: scalars, but the per-layer ones."""
-    names = ("videos", "skipped", "top1", "top5", "motion_correct", "motion_clips", "gflops", "gflops_release",
-             "depth_sum", "tokens")
-    return {**{name: torch.zeros((), dtype=torch.float64) for name in names},
-            "depth_hist": torch.zeros(depth - glimpser_depth, dtype=torch.float64),  # halted at joint layer 1..L
-            "tokens_per_layer": torch.zeros(depth, dtype=torch.float64)}
-
-
-def add_eval_batch(count, out, label, motion, multi_label, scores, targets):
-    """Add a batch's output (B real clips, then their B fakes) to the counters; multi-label: its (B, Y) scores and
-    targets to the lists."""
+def add_eval_batch(sums: dict, layers: tuple, out, label, motion, scores: Optional[list], targets: list):
+    """Add a batch's output (B real clips, then their B fakes) to the sums and to `layers` (tokens halted at each
+    joint layer, tokens entering each layer); multi-label (`scores` a list): its (B, Y) logits and targets."""
     B = len(out.logits) // 2
     logits, label, depth = out.logits[:B].float(), label[:B], out.halt_depth[:B]  # depth (B, K): N_k, 1..L
-    if multi_label:  # AP ranks by the logits: sigmoid would tie confident scores by rounding them to exactly 1
+    if scores is not None:  # AP ranks by the logits: sigmoid would tie confident scores by rounding them to exactly 1
         scores.append(logits.cpu()), targets.append(label.float().cpu())
     else:
         top5 = logits.topk(min(5, logits.shape[1]), 1).indices  # (B, 5)
-        count["top1"] += (top5[:, 0] == label).sum().item()
-        count["top5"] += (top5 == label[:, None]).any(1).sum().item()
-    count["videos"] += B
+        sums["top1"] += (top5[:, 0] == label).sum().item()
+        sums["top5"] += (top5 == label[:, None]).any(1).sum().item()
     if out.motion_logits is not None:  # no motion head when the run has no Motion Loss
-        count["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
-        count["motion_clips"] += len(out.logits)
-    count["gflops"] += out.gflops[:B].sum().item()
+        sums["motion_correct"] += (out.motion_logits.argmax(1) == motion).sum().item()
+        sums["motion_clips"] += len(out.logits)
     if out.gflops_release is not None:  # a release-compatible forward: the release's count too
-        count["gflops_release"] += out.gflops_release[:B].sum().item()
-    count["depth_sum"] += depth.sum().item()
-    count["tokens"] += depth.numel()
-    count["depth_hist"] += torch.bincount(depth.flatten().cpu() - 1, minlength=len(count["depth_hist"])).double()
-    count["tokens_per_layer"] += out.tokens_per_layer[:B].sum(0).cpu().double()
+        sums["gflops_release"] += out.gflops_release[:B].sum().item()
+    sums["videos"] += B
+    sums["gflops"] += out.gflops[:B].sum().item()
+    layers[0].add_(torch.bincount(depth.flatten().cpu() - 1, minlength=len(layers[0])))
+    layers[1].add_(out.tokens_per_layer[:B].sum(0).cpu())
 
-
-def eval_metrics(c, dense_gflops, multi_label):
-    """The metrics from the summed counters: means per readable video (nan when there was none), `dense_gflops`
-    beside those spent, val_gflops_release (every token until its own halt) where the forward counted it."""
-    n, tokens = c["videos"].item() or math.nan, c["tokens"].item() or math.nan
-    clips = c["motion_clips"].item() or math.nan  # nan: no motion head
-    metrics = {"val_motion_acc": c["motion_correct"].item() / clips, "val_gflops": c["gflops"].item() / n,
-               "dense_gflops": dense_gflops, "halt_depth_mean": c["depth_sum"].item() / tokens,
-               "halt_depth_hist": (c["depth_hist"] / tokens).tolist(),
-               "tokens_per_layer": (c["tokens_per_layer"] / n).tolist(),
-               "val_videos": int(c["videos"].item()), "val_skipped": int(c["skipped"].item())}
-    if c["gflops_release"].item():  # counted (no video costs nothing)
-        metrics["val_gflops_release"] = c["gflops_release"].item() / n
-    if not multi_label:
-        metrics.update(val_top1=c["top1"].item() / n, val_top5=c["top5"].item() / n)
+def eval_metrics(c: dict, skipped: int, halted, entering, cfg: HaltingVTConfig) -> dict:
+    """The metrics from the sums over every process: means per readable video (nan when there was none)."""
+    n, tokens = c["videos"] or math.nan, halted.sum().item() or math.nan
+    if not c["videos"]:
+        log.warning("evaluation: no readable validation video; the metrics are nan")
+    metrics = {"val_motion_acc": c["motion_correct"] / (c["motion_clips"] or math.nan),  # nan: no motion head
+               "val_gflops": c["gflops"] / n, "dense_gflops": dense_gflops(cfg),
+               "halt_depth_mean": (halted * torch.arange(1, len(halted) + 1)).sum().item() / tokens,
+               "halt_depth_hist": (halted / tokens).tolist(), "tokens_per_layer": (entering / n).tolist(),
+               "val_videos": int(c["videos"]), "val_skipped": skipped}
+    if c["gflops_release"]:  # counted (no video costs nothing)
+        metrics["val_gflops_release"] = c["gflops_release"] / n
+    if "map" in c:
+        metrics["val_map"] = c["map"]
+    else:  # top-5 only beyond 5 classes: every class is in the top 5
+        metrics.update(val_top1=c["top1"] / n, **({"val_top5": c["top5"] / n} if cfg.num_classes > 5 else {}))
     return metrics
-
 
 def gather_scores(scores: list, targets: list, num_classes: int):
     """All processes' (scores, targets) for mAP, concatenated: (N, num_classes) each; a process may have none."""
@@ -932,7 +819,6 @@ def gather_scores(scores: list, targets: list, num_classes: int):
         scores, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return scores, targets
 
-
 def average_precision(scores, targets):
     """Mean over classes (with at least one positive) of the average precision: scores, targets (N, Y)."""
     aps = []
@@ -941,7 +827,6 @@ def average_precision(scores, targets):
             t = t[s.argsort(descending=True)]
             aps.append((t.cumsum(0) / torch.arange(1, len(t) + 1) * t).sum() / t.sum())  # precision at each hit
     return torch.stack(aps).mean().item() if aps else float("nan")
-
 
 def summary(m: dict) -> str:
     acc = f"val mAP {m['val_map']:.3f}" if "val_map" in m else f"val top-1 {m['val_top1']:.3f}" + \
@@ -953,7 +838,6 @@ def summary(m: dict) -> str:
             f"{m['val_gflops']:.4f} spent{release} vs {m['dense_gflops']:.4f} dense ({ratio:.2f}x), mean halting depth "
             f"{m['halt_depth_mean']:.2f}, halting hist " + " ".join(f"{h:.2f}" for h in m["halt_depth_hist"]) +
             ", tokens per layer " + " ".join(f"{t:.0f}" for t in m["tokens_per_layer"]))
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Prediction and the halting map (paper Fig. 4) from a trained checkpoint
@@ -967,59 +851,47 @@ def trained_model(args, device, flag: str):
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt.get("args", {}), ckpt.get("classes")
 
-
 def eval_clip(args, run_args: dict, cfg: HaltingVTConfig, path):
     """A video file or frame folder through the run's eval pipeline (the frame files as this command names them)."""
     return data.eval_clip(path, cfg.num_frames, cfg.img_size, run_args.get("eval_short_side"),
                           frame_interval=run_args.get("frame_interval"), template=args.frame_template,
                           start_index=args.start_index)
 
-
 @torch.no_grad()
-def predict_clip(model, video, classes, multi_label: bool, k: int = 5) -> dict:
-    """One clip (C, T, H, W) in drop mode: {"top5": [{"label", "class" (name or None), "prob"}, ...] best first,
-    "gflops" spent, "halt_depth_mean" (joint layer 1..L), "joint_layers" L}. Probabilities: softmax, or each
-    class's sigmoid for a multi-label run."""
-    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
-    logits = out.logits[0].float()
-    top = (logits.sigmoid() if multi_label else logits.softmax(0)).topk(min(k, len(logits)))
-    best = [{"label": i, "class": classes[i] if classes else None, "prob": p}
-            for i, p in zip(top.indices.tolist(), top.values.tolist())]
-    return {"top5": best, "gflops": out.gflops[0].item(), "halt_depth_mean": out.halt_depth[0].float().mean().item(),
-            "joint_layers": model.cfg.depth - model.cfg.glimpser_depth}
-
-
 def predict(args, device) -> list:
-    """--predict: each video through --resume's model and its run's eval pipeline, printed as it comes (lines, or
-    a JSON object with --json). A video that cannot be read prints its error and the others still run; then
-    SystemExit (status 1) names those. The results: predict_clip's dicts with "video", or {"video", "error"}."""
+    """--predict: each video through --resume's model (drop mode) and its run's eval pipeline, printed as it comes
+    (lines, or a JSON object with --json): the top 5 classes with their softmax (multi-label: sigmoid) probability,
+    GFLOPs spent, the mean halting depth of L joint layers. A video that cannot be read prints its error and the
+    others still run; then SystemExit (status 1) names those. The results: {"video", "top5": [{"label", "class"
+    (name or None), "prob"}, ...] best first, "gflops", "halt_depth_mean", "joint_layers"} or {"video", "error"}."""
     model, run_args, classes = trained_model(args, device, "--predict")
     results = []
     for path in args.predict:
         try:
-            video = eval_clip(args, run_args, model.cfg, path)
+            video = eval_clip(args, run_args, model.cfg, path).to(device)
         except data.VideoDecodeError as err:
-            result = {"video": path, "error": str(err)}
-        else:
-            result = {"video": path, **predict_clip(model, video.to(device), classes, run_args.get("multi_label"))}
-        print(json.dumps(result) if args.json else prediction_text(result), flush=True)
-        results.append(result)
+            results.append({"video": path, "error": str(err)})
+            print(json.dumps(results[-1]) if args.json else f"{path}: error: {err}", flush=True)
+            continue
+        out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
+        logits = out.logits[0].float()
+        top = (logits.sigmoid() if run_args.get("multi_label") else logits.softmax(0)).topk(min(5, len(logits)))
+        results.append({"video": path, "top5": [{"label": i, "class": classes[i] if classes else None, "prob": p}
+                                                for i, p in zip(top.indices.tolist(), top.values.tolist())],
+                        "gflops": out.gflops[0].item(), "halt_depth_mean": out.halt_depth[0].float().mean().item(),
+                        "joint_layers": model.cfg.depth - model.cfg.glimpser_depth})
+        r = results[-1]
+        print(json.dumps(r) if args.json else "\n".join(
+            [f"{path}: {r['gflops']:.4f} GFLOPs, mean halting depth {r['halt_depth_mean']:.2f} of "
+             f"{r['joint_layers']} joint layers"] +
+            [f"  {c['prob']:.3f}  {c['class'] if c['class'] is not None else c['label']}" for c in r["top5"]]),
+            flush=True)
     failed = [r["video"] for r in results if "error" in r]
     if failed:
         raise SystemExit(f"{len(failed)} of {len(results)} videos could not be read: {', '.join(failed)}")
     return results
 
-
-def prediction_text(result: dict) -> str:
-    """A --predict result as lines: the video, GFLOPs and depth, then one line per class (name or label)."""
-    if "error" in result:
-        return f"{result['video']}: error: {result['error']}"
-    head = (f"{result['video']}: {result['gflops']:.4f} GFLOPs, mean halting depth {result['halt_depth_mean']:.2f} "
-            f"of {result['joint_layers']} joint layers")
-    return "\n".join([head] + [f"  {c['prob']:.3f}  {c['class'] if c['class'] is not None else c['label']}"
-                               for c in result["top5"]])
-
-
+@torch.no_grad()
 def write_halting_map(args, device) -> dict:
     """--halting-map: the video through the run's eval pipeline and --resume's model -> OUT/halting_map.png.
     Columns: the sampled frames; rows: the input, the patches the Glimpser kept, the tokens still active at each
@@ -1036,9 +908,11 @@ def write_halting_map(args, device) -> dict:
         n = data.count_frame_files(source, args.frame_template, args.start_index) if source.is_dir() else \
             data.count_frames(source)
     frames = data.sample_indices(n, cfg.num_frames, False, frame_interval=run_args.get("frame_interval"))
-    masks = token_masks(model, video.to(device), layers)  # (1 + len(layers), T, S)
+    out = model(video.unsqueeze(0).to(device), drop_halted=not cfg.release_compat)  # drop mode but release-compatible
+    masks = active_token_masks(out.keep_index[0] if out.keep_index is not None else None, out.halt_depth[0],
+                               (cfg.img_size // cfg.patch_size) ** 2, layers)  # (1 + len(layers), T, S)
     names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
-    image = label_map(halting_map(display_frames(video.cpu()), masks, cfg.patch_size), ["input"] + names,
+    image = label_map(halting_map(display_frames(video), masks, cfg.patch_size), ["input"] + names,
                       [f"frame {i}" for i in frames])
     path = Path(args.out) / "halting_map.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1047,16 +921,6 @@ def write_halting_map(args, device) -> dict:
     log.info("wrote %s (rows: input, %s); patches active: %s", path, ", ".join(names),
              ", ".join(f"{name} {a:.2f}" for name, a in active.items()))
     return {"path": str(path), "active": active}
-
-
-@torch.no_grad()
-def token_masks(model, video, layers):
-    """One clip (C, T, H, W) through the model in drop mode (mask mode when release-compatible): bool
-    (1 + len(layers), T, S), the patches the Glimpser kept, then those active at each joint layer in `layers`."""
-    out = model(video.unsqueeze(0), drop_halted=not model.cfg.release_compat)
-    S = (model.cfg.img_size // model.cfg.patch_size) ** 2
-    return active_token_masks(out.keep_index[0] if out.keep_index is not None else None, out.halt_depth[0], S, layers)
-
 
 def active_token_masks(keep_index, halt_depth, num_patches, layers):
     """Which patches of one clip take part where: keep_index (T, k) the patches the Glimpser kept per frame, or None
@@ -1076,15 +940,12 @@ def active_token_masks(keep_index, halt_depth, num_patches, layers):
         masks[i, frame, keep_index] = depth >= layer  # pruned patches stay False
     return masks
 
-
 DARKEN = 0.25  # brightness left to a pruned or halted patch
 GAP = 2  # white pixels between the tiles of a halting map
-
 
 def display_frames(video):
     """Undo data's normalisation for display: float (C, T, H, W) -> uint8 (T, H, W, 3)."""
     return (video * data.STD + data.MEAN).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
-
 
 def halting_map(frames, masks, patch_size, scale=2):
     """A grid, a column per frame: row 0 the frames, then a row per mask with the patches it leaves out darkened to
@@ -1101,13 +962,11 @@ def halting_map(frames, masks, patch_size, scale=2):
     rows, T, C, h, w = image.shape
     return image.permute(0, 3, 1, 4, 2).reshape(rows * h, T * w, C).numpy()  # (rows, h, T, w, 3) -> (rows*h, T*w, 3)
 
-
 # A 3x5 pixel font for the map's labels (no imaging library needed): a glyph is 5 rows, top first, each an octal
 # digit whose 3 bits are its pixels (7 = ###, 5 = #.#, 2 = .#.).
 FONT = dict(zip("0123456789AEFGIJLMNOPRSTUY ", "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 "
                 "74647 74644 74557 72227 11157 44447 57755 65555 25552 65644 65655 34216 72222 55557 55222 00000"
                 .split()))
-
 
 def text_mask(text, scale=2):
     """`text` in FONT's letters (lower case drawn as upper) -> bool (5 * scale, 4 * len(text) * scale), a blank
@@ -1115,7 +974,6 @@ def text_mask(text, scale=2):
     glyphs = [[[int(row) >> (2 - c) & 1 for c in range(3)] + [0] for row in FONT[ch]] for ch in text.upper()]
     mask = torch.tensor(glyphs, dtype=torch.bool).permute(1, 0, 2).reshape(5, -1)  # (n, 5, 4) -> (5, 4n)
     return mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
-
 
 def label_map(image, rows, columns, scale=2):
     """Row names left of the rows and column names above the columns, black on white: uint8 (R*h, C*w, 3) of
@@ -1133,7 +991,6 @@ def label_map(image, rows, columns, scale=2):
         canvas[scale:6 * scale, left + j * w:left + j * w + mask.shape[1]][mask] = 0
     return canvas
 
-
 def write_png(path, image):
     """Write a uint8 (H, W, 3) image with PyAV's PNG encoder, through a temporary file and a rename."""
     codec = av.CodecContext.create("png", "w")
@@ -1142,7 +999,6 @@ def write_png(path, image):
     tmp = Path(f"{path}.tmp")
     tmp.write_bytes(b"".join(bytes(p) for p in packets + codec.encode(None)))  # None flushes the encoder
     tmp.replace(path)
-
 
 if __name__ == "__main__":
     try:
