@@ -45,9 +45,8 @@ log = logging.getLogger("train")
 # Presets and defaults: a setting is its flag, else (--resume) the run's own, else the preset's, else its default
 
 BOOL = argparse.BooleanOptionalAction  # --name and --no-name
-# Every setting, by group: name=(default, how its flag reads, what it is: the flag's help). How: int, float or str;
-# a list of choices; an action ("store_false": the flag is --no-name); or add_argument's keywords. Default None:
-# worked out where it is used.
+# Every setting: name=(default, how its flag reads, its help). How: int, float or str; a list of choices; an action
+# ("store_false": the flag is --no-name); or add_argument's keywords. Default None: worked out where it is used.
 SETTINGS = {
     # TSN segments of the video files, decoded as the run goes; a bad video is skipped and logged
     "data": dict(
@@ -73,29 +72,21 @@ SETTINGS = {
         model=("deit_small", ["tiny", "deit_small"], "HaltingVTConfig.tiny() or .deit_small()"),
         init=(None, str, "weights to start from: DeiT-S's, a train.py run's or the release's (checkpoints.py)"),
         frames=(None, int, "frames per clip (8 Mini-Kinetics, 10 ActivityNet)"),
-        img_size=(None, int, "frame side in pixels, a multiple of the patch side (16)"),
-        embed_dim=(None, int, "token width"),
-        depth=(None, int, "layers: the Glimpser's, then the joint ones"),
-        heads=(None, int, "attention heads"),
-        glimpser_depth=(None, int, "the Glimpser's divided space-time layers (0: none)"),
-        keep_ratio=(None, float, "R of the Glimpser, Eq. (7)"),
-        gamma=(None, float, "Eq. (2)"),
-        eps=(None, float, "Eq. (3)"),
-        beta=(None, float, "Eq. (2), subtracted: larger beta halts later"),
-        drop_path=(None, float, "stochastic depth rate"),
-        halting=(True, "store_false", "run every joint layer on every token"),
+        img_size=(None, int, "frame side in pixels"), embed_dim=(None, int, "token width"),
+        depth=(None, int, "layers, the Glimpser's and the joint ones"), heads=(None, int, "attention heads"),
+        glimpser_depth=(None, int, "divided space-time layers (0: none)"),
+        keep_ratio=(None, float, "R of the Glimpser, Eq. (7)"), gamma=(None, float, "Eq. (2)"),
+        eps=(None, float, "Eq. (3)"), beta=(None, float, "Eq. (2), subtracted: larger beta halts later"),
+        drop_path=(None, float, "stochastic depth"), halting=(True, "store_false", "every joint layer on every token"),
         release_compat=(None, BOOL, "the release's forward (mask execution); default: on for --init of its layout")),
     # the real-data preset: the authors' release config per process (16 videos, 32 clips, a GPU)
     "optimisation (unset values: DEMO_PRESET without --train, else the defaults)": dict(
         preset=(None, ["demo", "real"], "default: demo without --train, else real"),
-        optimizer=("adam", ["adam", "adamw"], "Adam, or AdamW (decoupled weight decay)"),
-        lr=(1e-5, float, "peak learning rate (lr_at)"),
-        weight_decay=(1e-5, float, "not on norms, biases and NO_DECAY"),
-        epochs=(20, int, "the schedule's length"),
-        warmup_epochs=(5, float, "epochs of linear learning-rate warm-up"),
+        optimizer=("adam", ["adam", "adamw"], None), lr=(1e-5, float, "peak learning rate (lr_at)"),
+        weight_decay=(1e-5, float, "not on norms, biases, NO_DECAY"), epochs=(20, int, "the schedule's length"),
+        warmup_epochs=(5, float, "learning-rate warm-up"),
         batch_size=(16, int, "videos per process; each gives a real and a fake clip"),
-        clip_grad=(40.0, float, "max gradient norm"),
-        alpha_p=(5e-4, float, "ponder weight, Eq. (9)"),
+        clip_grad=(40.0, float, "max gradient norm"), alpha_p=(5e-4, float, "ponder weight, Eq. (9)"),
         alpha_m=(0.01, float, "motion weight, Eq. (9) (the paper's 0.01; 1 is the release's in effect)"),
         train_mode=(None, ["mask", "drop"], "halted tokens in training (TRAIN_MODE, AMP_TRAIN_MODE)"),
         task_on_fakes=(True, BOOL, "the task loss on the fake clips too"),
@@ -103,13 +94,12 @@ SETTINGS = {
         embed_std=(None, float, "from scratch: pos_embed and time_embed start at this std")),
     "run": dict(
         out=(None, str, "where the run's files go (runs/sanity; a halting map: the checkpoint's folder)"),
-        seed=(0, int, "seeds Python, NumPy, torch and the data order"),
-        device=(None, str, "default: cuda if available, else cpu"),
+        seed=(0, int, None), device=(None, str, "default: cuda if available, else cpu"),
         amp=(False, "store_true", "bf16 autocast (CUDA only)"),
         threads=(None, int, "torch CPU threads per process (default: OMP_NUM_THREADS, or cores / processes)"),
         resume=(None, str, "checkpoint to continue from (or evaluate: --eval-only); default: OUT's unfinished run"),
         overwrite=(False, "store_true", "start afresh in an --out that holds a finished or another run"),
-        eval_only=(False, "store_true", "evaluate --resume's or --init's weights on --val, no training"),
+        eval_only=(False, "store_true", "evaluate --resume's or --init's weights on --val"),
         eval_every=(1, int, "evaluate every N epochs (and after the last)"),
         log_every=(20, int, "progress line every N steps"),
         stop_after=(None, int, "stop after N epochs of this run (the schedule still spans --epochs)"),
@@ -119,27 +109,23 @@ SETTINGS = {
         map_layers=(None, dict(type=int, nargs="+"), "joint layers (1..L) the map shows (default: up to 3 over 2..L)")),
 }
 DEFAULTS = {name: row[0] for group in SETTINGS.values() for name, row in group.items()}
+# HaltingVTConfig's fields that settings set, by setting
+CONFIG_FIELDS = dict(frames="num_frames", heads="num_heads", **{name: name for name in (
+    "img_size", "embed_dim", "depth", "glimpser_depth", "keep_ratio", "gamma", "beta", "eps", "drop_path", "num_classes")})
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
-# cores in under 2 minutes. Each choice was measured on it (README, "The sanity run": its settings, why these):
-# 48 x 48 frames, 3 patches of 9 kept a frame; AdamW at lr 1e-3, 32 videos a step, clipped at norm 1; embeddings
-# at std 1.0 (the class needs where *and* when the mover is); no task loss on the fakes (a static fake cannot show
-# its class); alpha_m 1, alpha_p 0.01; halting off for 10 epochs, then a ramp to full at 20 of 30 (at once, it took
-# the class token out at the first joint layer); no RandAugment (no torchvision). The tiny videos stay in RAM.
+# cores in under 2 minutes; each value was measured there (README, "The sanity run": its settings, why these).
 DEMO_PRESET = dict(model="tiny", img_size=48, keep_ratio=0.3, optimizer="adamw", lr=1e-3, weight_decay=0.05,
                    epochs=30, warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
                    task_on_fakes=False, halting_warmup=20, alpha_p=0.01, alpha_m=1.0, clip_grad=1.0,
                    train_scale=data.DEMO_TRAIN_SCALE, eval_short_side=data.DEMO_EVAL_SHORT_SIDE, randaugment=False)
 
-# Halted tokens in training (evaluation always drops them): "drop" removes them, exact with gradients; "mask"
-# keeps fixed shapes. bench.py --train: drop is faster on the CPU and on a GPU in float32; under --amp drop's step
-# measured 5.5x slower on an H200 (DeiT-S, 16 clips; the cause is not yet known). The release's forward: mask only.
+# Halted tokens in training (evaluation always drops them): "drop" removes them, exact with gradients; "mask" keeps
+# fixed shapes. bench.py --train: drop is faster on the CPU and on a GPU in float32; under --amp drop's step was 5.5x
+# slower on an H200 (DeiT-S, 16 clips; the cause is not yet known). The release's forward: mask only.
 TRAIN_MODE, AMP_TRAIN_MODE = "drop", "mask"
-# How much higher beta starts during --halting-warmup: sigmoid(gamma * x0 - beta - 20) is ~0 for any x0 a fresh
-# model has, so every token runs through every joint layer while the layers learn something.
-BETA_OFF = 20.0
-# No weight decay on these, norms and biases (the release's config means to spare them, but its keys match no
-# parameter, so it decays everything).
+BETA_OFF = 20.0  # beta's rise at the start of --halting-warmup: sigmoid(gamma * x0 - beta - 20) ~ 0, no token halts
+# No weight decay on these, norms and biases (the release's config means to spare them; its keys match nothing).
 NO_DECAY = ("cls_token", "pos_embed", "time_embed")
 # The least value of each numeric flag (the model's are checked by HaltingVTConfig, through model_config).
 AT_LEAST = dict(batch_size=1, epochs=1, eval_every=1, log_every=1, stop_after=1, threads=1, workers=0, lr=0,
@@ -148,10 +134,6 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "final.json")  # what a trai
 # The flags a run may go on with changed (a requeued job on other machines): how it runs, not what it learns.
 RESUME_FREE = {"resume", "overwrite", "eval_only", "stop_after", "workers", "threads", "device", "log_every",
                "batch_size"}
-# HaltingVTConfig's fields that settings set, by setting
-CONFIG_FIELDS = dict(frames="num_frames", img_size="img_size", embed_dim="embed_dim", depth="depth", heads="num_heads",
-                     glimpser_depth="glimpser_depth", keep_ratio="keep_ratio", gamma="gamma", beta="beta", eps="eps",
-                     drop_path="drop_path", num_classes="num_classes")
 
 # ----------------------------------------------------------------------------------------------------------
 # The command line
@@ -263,9 +245,8 @@ def read_run(path, flag="--resume") -> dict:
 
 @contextlib.contextmanager
 def processes(args):
-    """(rank, world size, device) for the block, with logging on (INFO on rank 0) and the CPU threads set. A process
-    group only when torchrun set WORLD_SIZE > 1: leaving the block, every process waits for the others, then the
-    group is torn down."""
+    """(rank, world size, device) for the block, logging on (INFO on rank 0), CPU threads set. A process group only
+    where torchrun set WORLD_SIZE > 1; leaving, every process waits for the others, then the group is torn down."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -289,16 +270,14 @@ def processes(args):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-# CPU threads. At the sanity run's sizes a step is many small operations, each split over the threads, which then
-# wait for each other. On an idle machine 2 threads on 2 cores are the fastest with OpenMP's default waiting (spin
-# a little, then sleep; PASSIVE waits cost 70% more). Beside other CPU-bound processes a waiting thread spins on a
-# core they need, and one thread is far faster (bench.py --busy). So one process runs as many threads as the cores
-# other processes leave idle, looked at before training and after every epoch (Linux's /proc/stat).
+# CPU threads: at the sanity run's sizes the threads split many small operations and wait for each other; with
+# OpenMP's default waiting (a short spin), 2 threads on 2 idle cores are the fastest, but beside busy processes a
+# spinning thread takes a core they need and 1 thread is far faster (README, "Threads"; bench.py --busy).
 PROC_STAT = Path("/proc/stat")
 
 def cpu_seconds() -> Optional[tuple]:
-    """(seconds the machine's cores have been busy since boot, this process's CPU seconds, wall seconds), or None
-    where PROC_STAT cannot be read."""
+    """(core-seconds the machine has been busy since boot, this process's CPU seconds, wall seconds); None where
+    PROC_STAT cannot be read."""
     try:
         ticks = [int(v) for v in PROC_STAT.read_text().split("\n", 1)[0].split()[1:9]]
     except (OSError, ValueError):
@@ -307,10 +286,9 @@ def cpu_seconds() -> Optional[tuple]:
     return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
 
 def cpu_threads(args, world: int, since: Optional[tuple] = None) -> tuple:
-    """(torch threads per process, why, whether the count is fixed). Fixed: --threads; OMP_NUM_THREADS for one
-    process (torchrun sets it to 1 in each process it starts); the cores shared by several local processes, or by
-    one where PROC_STAT cannot be read. Else the cores other processes left idle since `since` (cpu_seconds(); None:
-    over the next 0.2 s), this process's own use counting as idle, at least 1."""
+    """(torch threads per process, why, whether fixed). Fixed: --threads; OMP_NUM_THREADS for one process (torchrun
+    sets 1 in each); the cores over the local processes when several, or when PROC_STAT cannot be read. Else the
+    cores others left idle since `since` (cpu_seconds(); None: over the next 0.2 s), at least 1."""
     cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if args.threads:
         return args.threads, "--threads", True
@@ -326,8 +304,8 @@ def cpu_threads(args, world: int, since: Optional[tuple] = None) -> tuple:
     return max(1, min(cores, round(cores - others))), f"{cores} cores, {others:.1f} busy with other processes", False
 
 def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tuple]:
-    """Set torch's CPU threads (cpu_threads) and log them: with OpenMP's waiting policy the first time (the log's
-    first line), then when they change. The cpu_seconds() to look again from after an epoch; None if fixed."""
+    """Set torch's CPU threads (cpu_threads) and log them: the first time with OpenMP's waiting policy (the log's
+    first line), then when they change. Returns the cpu_seconds() to look again from, or None if fixed."""
     threads, why, fixed = cpu_threads(args, world, since)
     if since is None:
         policy = os.environ.get("OMP_WAIT_POLICY")
@@ -468,9 +446,8 @@ def lr_at(args, epochs_done: float) -> float:
     return args.lr * (1 + math.cos(math.pi * (epochs_done - warm) / (args.epochs - warm))) / 2
 
 def halting_ramp(args, epochs_done: float) -> float:
-    """How far halting is on, 0..1: 0 for the first half of --halting-warmup epochs, then a linear rise (1 without
-    it). The ponder weight rises with it: Adam rescales even the ponder loss's tiny gradient on a near-zero score
-    to full-size steps, which took the class token out at the first joint layer for good."""
+    """How far halting is on, 0..1: 0 for half the --halting-warmup epochs, then a linear rise (1 without). The ponder
+    weight follows: Adam scales its tiny gradient to full steps, which took the class token out at joint layer 1."""
     half = args.halting_warmup / 2
     return min(max((epochs_done - half) / half, 0.0), 1.0) if half else 1.0
 
@@ -505,10 +482,9 @@ def finished(ckpt: dict, args) -> bool:
     return ckpt["epoch"] >= args.epochs and (Path(args.out) / "final.json").exists()
 
 def claim_out(args):
-    """A training run without --resume whose OUT holds a run already. A requeued job runs the same command again,
-    so an unfinished run there of these flags (but RESUME_FREE) goes on (args.resume becomes its last.pt), even
-    with --overwrite, which a job script may hold. A finished run, another run's flags or files: UsageError saying
-    what to do, or with --overwrite a fresh run (start clears the files)."""
+    """A training run without --resume into an OUT that holds a run. A requeued job runs the same command again, so
+    an unfinished run of these flags (but RESUME_FREE) goes on, args.resume its last.pt, even with --overwrite (a job
+    script may hold it). Else a UsageError saying what to do, or with --overwrite a fresh run (start clears OUT)."""
     out, last = Path(args.out), Path(args.out) / "last.pt"
     found = [name for name in RUN_FILES if (out / name).exists()]
     if args.resume or not found:
@@ -529,9 +505,8 @@ def claim_out(args):
         raise UsageError(f"--out {out} holds {problem}: choose another --out, or pass --overwrite to replace it{hint}")
 
 def start(s: RunState):
-    """Weights, optimiser, RNG states and progress from --resume, logging where the run goes on (and how, when the
-    number of processes or the batch size changed); rank 0's weights to every process; OUT made (a fresh run clears
-    the RUN_FILES of one it replaces: --overwrite)."""
+    """Weights, optimiser, RNG states and progress from --resume, logged (and how it goes on with other processes or
+    batch size); rank 0's weights to every process; OUT made, a fresh run's RUN_FILES cleared (--overwrite)."""
     args, out = s.args, Path(s.args.out)
     if args.resume:
         with blame("--resume", args.resume):
@@ -558,10 +533,9 @@ def start(s: RunState):
         (out / name).unlink(missing_ok=True)
 
 def fit(s: RunState, train_set, val_loader) -> dict:
-    """Train from where `s` stands to --epochs (or --stop-after more): the last evaluation's metrics. Each epoch:
-    its steps, last.pt, then (every --eval-every epochs and the last) an evaluation; last.pt first, so a kill during
-    a long evaluation loses that evaluation only. SIGINT or SIGTERM: the step or evaluation batch under way ends,
-    last.pt, then stopped's SystemExit. A finished run writes final.json."""
+    """Train from `s` to --epochs (or --stop-after more): the last evaluation's metrics. Each epoch: its steps, then
+    last.pt (so a kill during a long evaluation loses only that), then every --eval-every epochs and at the last an
+    evaluation. SIGINT or SIGTERM: the step or batch under way ends, last.pt, stopped's SystemExit."""
     args, metrics = s.args, {}
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, s.epoch + args.stop_after)
     with StopFlag() as stop:
@@ -601,9 +575,8 @@ def train_epoch(s: RunState, train_set, stop: "StopFlag") -> Optional[float]:
     return total / max(count, 1)
 
 def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
-    """One optimiser step: the loss parts (floats); or None, nothing updated, when any process got a stop signal
-    (stop.signum is then that signal's everywhere). NonFiniteLoss, on every process before any update, for a NaN or
-    infinite loss or gradient norm."""
+    """One optimiser step: the loss parts (floats); None, nothing updated, when any process got a stop signal (then
+    stop.signum everywhere). NonFiniteLoss, everywhere before any update, for a NaN or infinite loss or grad norm."""
     args = s.args
     loss, parts = forward_loss(s.model, batch, args, s.device, s.num_classes, halting_ramp(args, s.epochs_done()))
     bad = float(not math.isfinite(parts["total"]))  # one collective a step: a bad loss or a stop signal anywhere?
@@ -630,9 +603,8 @@ def train_step(s: RunState, batch: dict, stop: "StopFlag") -> Optional[dict]:
     return parts
 
 def average_gradients(model, world: int):
-    """DistributedDataParallel's averaging as one all_reduce, a missing gradient counting as zero; one no process
-    has stays None. (In drop mode a joint layer no token reached has none: DDP would need find_unused_parameters,
-    and then warns in every process of every run that it found none unused.)"""
+    """DDP's averaging in one all_reduce, a missing gradient as zero; one no process has stays None (in drop mode a
+    joint layer no token reached has none: DDP would need find_unused_parameters, and warn in every run)."""
     params = list(model.parameters())
     flat = torch.cat([t for p in params for t in (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(
         p.numel()), p.new_tensor([float(p.grad is not None)]))])  # each gradient, then 1 if it exists
@@ -740,10 +712,10 @@ def evaluation(s: RunState, val_loader, stop: StopFlag, train_loss: Optional[flo
 def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional[StopFlag] = None):
     """Drop mode on each video's real clip; motion accuracy on the real clips and their fakes. Each readable video
     counts once; an unreadable one is left out, named in a warning, counted in val_skipped. Sums over processes (a
-    process may have no video); every process gets the metrics, or None everywhere when a process got a stop signal
-    (it stops after the batch under way; stop.signum is then that signal's everywhere)."""
+    process may have none): every process gets the metrics, or None when any got a stop signal (stop.signum)."""
     model.eval()
-    sums = dict.fromkeys(("videos", "top1", "top5", "motion_correct", "motion_clips", "gflops", "gflops_release"), 0.0)
+    sums = dict.fromkeys(("videos", "top1", "top5", "motion_correct", "motion_clips", "gflops", "gflops_release",
+                          "skipped"), 0.0)
     L, f64 = cfg.depth - cfg.glimpser_depth, torch.float64
     layers = torch.zeros(L, dtype=f64), torch.zeros(cfg.depth, dtype=f64)  # tokens halted at joint layer 1..L; entering
     scores, targets, skipped = [], [], []
@@ -762,13 +734,17 @@ def evaluate(model, loader, args, device, cfg: HaltingVTConfig, stop: Optional[S
             return None
     if skipped:
         log.warning("evaluation: %s left out: %s", plural(len(skipped), "unreadable video"), skipped[:5])
-    flat = torch.cat([torch.tensor([*sums.values(), len(skipped)], dtype=torch.float64), *layers])
-    flat = all_reduce(flat.to(device)).cpu()  # every sum in one collective
-    sums, skipped, (halted, entering) = dict(zip(sums, flat.tolist())), int(flat[len(sums)]), \
-        flat[len(sums) + 1:].split([len(layers[0]), len(layers[1])])
-    if args.multi_label:
-        sums["map"] = average_precision(*gather_scores(scores, targets, cfg.num_classes))
-    return eval_metrics(sums, skipped, halted, entering, cfg)
+    sums["skipped"] = len(skipped)
+    flat = all_reduce(torch.cat([torch.tensor([*sums.values()], dtype=f64), *layers]).to(device)).cpu()  # one call
+    sums, (halted, entering) = dict(zip(sums, flat.tolist())), flat[len(sums):].split([L, cfg.depth])
+    if args.multi_label:  # mAP over every process's (N, Y) scores and targets; a process may have none
+        empty = torch.zeros(0, cfg.num_classes)
+        parts = [(torch.cat([empty, *scores]), torch.cat([empty, *targets]))]
+        if dist.is_initialized():
+            parts, mine = [None] * dist.get_world_size(), parts[0]
+            dist.all_gather_object(parts, mine)
+        sums["map"] = average_precision(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return eval_metrics(sums, halted, entering, cfg)
 
 def add_eval_batch(sums: dict, layers: tuple, out, label, motion, scores: Optional[list], targets: list):
     """Add a batch's output (B real clips, then their B fakes) to the sums and to `layers` (tokens halted at each
@@ -791,7 +767,7 @@ def add_eval_batch(sums: dict, layers: tuple, out, label, motion, scores: Option
     layers[0].add_(torch.bincount(depth.flatten().cpu() - 1, minlength=len(layers[0])))
     layers[1].add_(out.tokens_per_layer[:B].sum(0).cpu())
 
-def eval_metrics(c: dict, skipped: int, halted, entering, cfg: HaltingVTConfig) -> dict:
+def eval_metrics(c: dict, halted, entering, cfg: HaltingVTConfig) -> dict:
     """The metrics from the sums over every process: means per readable video (nan when there was none)."""
     n, tokens = c["videos"] or math.nan, halted.sum().item() or math.nan
     if not c["videos"]:
@@ -800,7 +776,7 @@ def eval_metrics(c: dict, skipped: int, halted, entering, cfg: HaltingVTConfig) 
                "val_gflops": c["gflops"] / n, "dense_gflops": dense_gflops(cfg),
                "halt_depth_mean": (halted * torch.arange(1, len(halted) + 1)).sum().item() / tokens,
                "halt_depth_hist": (halted / tokens).tolist(), "tokens_per_layer": (entering / n).tolist(),
-               "val_videos": int(c["videos"]), "val_skipped": skipped}
+               "val_videos": int(c["videos"]), "val_skipped": int(c["skipped"])}
     if c["gflops_release"]:  # counted (no video costs nothing)
         metrics["val_gflops_release"] = c["gflops_release"] / n
     if "map" in c:
@@ -808,16 +784,6 @@ def eval_metrics(c: dict, skipped: int, halted, entering, cfg: HaltingVTConfig) 
     else:  # top-5 only beyond 5 classes: every class is in the top 5
         metrics.update(val_top1=c["top1"] / n, **({"val_top5": c["top5"] / n} if cfg.num_classes > 5 else {}))
     return metrics
-
-def gather_scores(scores: list, targets: list, num_classes: int):
-    """All processes' (scores, targets) for mAP, concatenated: (N, num_classes) each; a process may have none."""
-    empty = torch.zeros(0, num_classes)
-    scores, targets = torch.cat([empty, *scores]), torch.cat([empty, *targets])
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (scores, targets))
-        scores, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return scores, targets
 
 def average_precision(scores, targets):
     """Mean over classes (with at least one positive) of the average precision: scores, targets (N, Y)."""
