@@ -529,8 +529,9 @@ def start(s: RunState):
         dist.broadcast(flat, 0)
         torch.nn.utils.vector_to_parameters(flat, s.model.parameters())
     out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES if s.rank == 0 and not args.resume else ():
-        (out / name).unlink(missing_ok=True)
+    if s.rank == 0 and not args.resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
 
 def fit(s: RunState, train_set, val_loader) -> dict:
     """Train from `s` to --epochs (or --stop-after more): the last evaluation's metrics. Each epoch: its steps, then
