@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from haltingvt import HaltingVT, HaltingVTConfig, resize_pos_embed, resize_time_embed
@@ -228,21 +227,18 @@ def load_pretrained(model: HaltingVT, ckpt) -> dict:
 # The run checkpoint: plain values that torch.load(weights_only=True) reads, written whole or not at all
 
 def rng_states() -> dict:
-    """Every RNG's state in a form weights_only=True loads: Python's and numpy's state tuples as lists (numpy's
-    uint32 key array as an int64 tensor), torch's as tensors."""
+    """Python's and torch's RNG states in a form weights_only=True loads (Python's state tuple as lists). Not
+    numpy's global RNG: nothing in training draws from it (data.py draws from a random.Random per video, and the
+    demo set from its own numpy generators), so a resumed run takes the same samples without it."""
     version, internal, gauss = random.getstate()
-    name, key, *rest = np.random.get_state()  # rest: position, has_gauss, cached Gaussian (Python numbers)
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
-    return {"python": [version, list(internal), gauss], "numpy": [name, torch.from_numpy(key.astype(np.int64)), *rest],
-            "torch": torch.get_rng_state(), **cuda}
+    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_states(states: dict):
-    """Put back the states rng_states saved."""
+    """Put back the states rng_states saved (a "numpy" entry, from an older checkpoint, is left aside)."""
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
-    name, key, *rest = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
