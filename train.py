@@ -333,8 +333,7 @@ class NonFiniteLoss(RuntimeError):
 
 def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    random.seed(args.seed)  # numpy's global RNG: nothing draws from it
     torch.manual_seed(args.seed)
     if not args.eval_only:
         log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
