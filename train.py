@@ -110,8 +110,9 @@ SETTINGS = {
 }
 DEFAULTS = {name: row[0] for group in SETTINGS.values() for name, row in group.items()}
 # HaltingVTConfig's fields that settings set, by setting
-CONFIG_FIELDS = dict(frames="num_frames", heads="num_heads", **{name: name for name in (
-    "img_size", "embed_dim", "depth", "glimpser_depth", "keep_ratio", "gamma", "beta", "eps", "drop_path", "num_classes")})
+CONFIG_FIELDS = dict(frames="num_frames", img_size="img_size", embed_dim="embed_dim", depth="depth", heads="num_heads",
+                     glimpser_depth="glimpser_depth", keep_ratio="keep_ratio", gamma="gamma", beta="beta", eps="eps",
+                     drop_path="drop_path", num_classes="num_classes")
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
 # cores in under 2 minutes; each value was measured there (README, "The sanity run": its settings, why these).
@@ -874,7 +875,7 @@ def write_halting_map(args, device) -> dict:
         n = data.count_frame_files(source, args.frame_template, args.start_index) if source.is_dir() else \
             data.count_frames(source)
     frames = data.sample_indices(n, cfg.num_frames, False, frame_interval=run_args.get("frame_interval"))
-    out = model(video.unsqueeze(0).to(device), drop_halted=not cfg.release_compat)  # drop mode but release-compatible
+    out = model(video.unsqueeze(0).to(device), drop_halted=not cfg.release_compat)  # mask if release-compatible
     masks = active_token_masks(out.keep_index[0] if out.keep_index is not None else None, out.halt_depth[0],
                                (cfg.img_size // cfg.patch_size) ** 2, layers)  # (1 + len(layers), T, S)
     names = ["Glimpser"] + [f"joint layer {layer}" for layer in layers]
