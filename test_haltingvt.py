@@ -3107,9 +3107,10 @@ def test_map_command_from_a_trained_checkpoint(demo, tmp_path):
     model = HaltingVT(HaltingVTConfig(**ckpt["config"])).eval()
     model.load_state_dict(ckpt["model"])
     video = data.eval_clip(video_path, model.cfg.num_frames, model.cfg.img_size, ckpt["args"]["eval_short_side"])
-    with torch.no_grad():  # channel 0 after joint layer 1: gamma 1, beta 0 make the score sigmoid(x0)
-        x0 = torch.logit(model.train()(video[None], drop_halted=False, beta=0.0).halt_scores[0, 0].double())
-    assert ckpt["config"]["gamma"] == 1.0 and x0[1:].max() > x0[0] + 0.1
+    with torch.no_grad():  # channel 0 after joint layer 1: beta 0 makes the score sigmoid(gamma * x0)
+        score = model.train()(video[None], drop_halted=False, beta=0.0).halt_scores[0, 0].double()
+    x0 = torch.logit(score) / ckpt["config"]["gamma"]
+    assert x0[1:].max() > x0[0] + 0.1
     threshold = (x0[0] + x0[1:].max()).item() / 2
     ckpt["config"].update(gamma=20.0, beta=20 * threshold - math.log(0.995 / 0.005))  # x0 > threshold halts
     checkpoints.write_checkpoint(tmp_path / "run/last.pt", ckpt)
@@ -3369,7 +3370,7 @@ def test_ablation_rows_are_tables_1_and_2():
     table1 = [(r["glimpser_depth"] == 0, r["keep_ratio"], r["alpha_m"] > 0) for r in rows[:8]]
     assert table1 == [(True, None, True), (True, None, False)] + [
         (False, R, m) for R in (0.3, 0.5, 0.7) for m in (True, False)]
-    beta = HaltingVTConfig.tiny().beta
+    beta = train.DEMO_PRESET["beta"]  # the sanity run's
     assert all(r["beta"] == beta for r in rows[:8])
     assert [r["beta"] for r in rows[8:]] == [beta * 0.5, beta * 1.5, beta * 2]
     assert all(r["keep_ratio"] == 0.5 and r["alpha_m"] > 0 for r in rows[8:])
@@ -3384,7 +3385,7 @@ def test_ablation_command_writes_one_line_per_row(demo, tmp_path, monkeypatch):
     assert table[0].startswith("Made by `python bench.py ") and "--ablation" in table[0]
     assert table[2] == "| " + " | ".join(bench.ABLATION_COLUMNS) + " |" and table[4:] == lines
     cells = [line.strip("| ").split(" | ") for line in lines]
-    beta = f"{HaltingVTConfig.tiny().beta:g}"
+    beta = f"{train.DEMO_PRESET['beta']:g}"
     assert [c[:5] for c in cells] == [["no Glimpser", "-", "no", beta, "0"], ["Glimpser", "0.3", "yes", beta, "0"]]
     ratios = [float(c[7]) for c in cells]
     assert all(0 < r <= 1 for r in ratios) and ratios[1] < ratios[0]  # the Glimpser saves compute
@@ -3400,7 +3401,7 @@ def test_ablation_summary_averages_each_row_over_its_seeds():
     results = [(rows[0], 0, metrics(0.5, 0.02, 1.0)), (rows[0], 1, metrics(0.8, 0.04, 2.0)),
                (rows[0], 2, metrics(0.2, 0.03, 3.0)), (rows[1], 0, metrics(0.9, 0.05, 4.0))]
     first, second = (line.strip("| ").split(" | ") for line in bench.ablation_summary(results))
-    beta = f"{HaltingVTConfig.tiny().beta:g}"
+    beta = f"{train.DEMO_PRESET['beta']:g}"
     assert first == ["no Glimpser", "-", "yes", beta, "3", "0.500 (0.200-0.800)", "0.30", "2.00"]
     assert second == ["no Glimpser", "-", "no", beta, "1", "0.900 (0.900-0.900)", "0.50", "4.00"]
 
