@@ -425,13 +425,16 @@ def eval_transform(clip, size, short_side):
 
 def eval_clip(path, num_frames, img_size, short_side=None, *, frame_interval=None, template=FRAME_TEMPLATE,
               start_index=1):
-    """The video at `path` (a file or a frame folder) as evaluation feeds it to the model: float (C, T, H, W).
-    `short_side` (before the centre crop): default img_size * 8/7. Raises VideoDecodeError."""
+    """The video at `path` (a file or a frame folder) as evaluation feeds it to the model, the same pixels as a
+    VideoDataset(train=False) item: float (C, T, H, W). `short_side` (before the centre crop): default img_size *
+    8/7, scaled in the decoder as the dataset does. Raises VideoDecodeError."""
+    short_side = short_side or round(img_size * 8 / 7)
     if Path(path).is_dir():
-        clip = read_frames(path, num_frames, template=template, start_index=start_index, frame_interval=frame_interval)
-    else:
-        clip = read_clip(path, num_frames, train=False, frame_interval=frame_interval)  # (T, H, W, 3)
-    return eval_transform(clip, img_size, short_side or round(img_size * 8 / 7))
+        clip = read_frames(path, num_frames, template=template, start_index=start_index, short_side=short_side,
+                           frame_interval=frame_interval)
+    else:  # (T, H, W, 3)
+        clip = read_clip(path, num_frames, train=False, short_side=short_side, frame_interval=frame_interval)
+    return eval_transform(clip, img_size, short_side)
 
 
 def make_motion_pair(clip, transform, rng):

@@ -2062,6 +2062,20 @@ def test_data_frame_folder_gives_the_videos_frames(tmp_path, interval):
     assert (clip - data.eval_clip(video, 8, 64, frame_interval=interval)).abs().mean() * data.STD < 3
 
 
+def test_data_eval_clip_is_the_evaluations_clip(tmp_path):
+    """--predict and --halting-map see the pixels the evaluation sees: a 72 x 72 video and its frame folder, scaled
+    to a short side of 55 and cropped to 48, give data.eval_clip exactly the VideoDataset(train=False) clip."""
+    video = tmp_path / "v.mp4"
+    data.write_video(video, data.render_demo_video(1, np.random.default_rng(3)))
+    folder = write_jpeg_frames(tmp_path / "frames", data.read_all_frames(video).numpy())
+    (tmp_path / "videos.txt").write_text("v.mp4 0\n")
+    (tmp_path / "folders.txt").write_text("frames 16 0\n")
+    for listing, source, rawframes in (("videos.txt", video, False), ("folders.txt", folder, True)):
+        val = data.VideoDataset(tmp_path / listing, num_frames=8, img_size=48, train=False, short_side=55,
+                                rawframes=rawframes, num_classes=1)
+        assert torch.equal(data.eval_clip(source, 8, 48, 55), val[0]["video"]), listing
+
+
 def test_data_rawframe_lists_missing_frames_and_counts(tmp_path, caplog):
     frames = np.stack([np.full((32, 32, 3), GREY_STEP * k, np.uint8) for k in range(12)])
     write_jpeg_frames(tmp_path / "a b", frames)
