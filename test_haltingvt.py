@@ -2602,8 +2602,8 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
     model = HaltingVT(HaltingVTConfig(**ckpt["config"])).eval()
     model.load_state_dict(ckpt["model"])
     for path, result in zip(good, lines[::2]):
-        clip = data.eval_transform(data.read_clip(path, 4, train=False), model.cfg.img_size,
-                                   data.DEMO_EVAL_SHORT_SIDE)
+        clip = data.eval_transform(data.read_clip(path, 4, train=False, short_side=data.DEMO_EVAL_SHORT_SIDE),
+                                   model.cfg.img_size, data.DEMO_EVAL_SHORT_SIDE)  # the evaluation's pixels
         with torch.no_grad():
             out = model(clip.unsqueeze(0), drop_halted=True)
         probs = out.logits[0].softmax(0)
