@@ -2615,7 +2615,8 @@ def test_train_predict_top5_names_gflops_depth_and_a_bad_video(demo, tmp_path, c
         assert result["halt_depth_mean"] == pytest.approx(out.halt_depth[0].float().mean().item())
     folder = write_jpeg_frames(tmp_path / "frames", data.read_all_frames(good[0]).numpy())  # a frame folder too
     train.main(["--predict", str(folder), "--resume", str(ckpt_path), "--json", "--threads", "1"])
-    clip = data.eval_transform(data.read_frames(folder, 4), model.cfg.img_size, data.DEMO_EVAL_SHORT_SIDE)
+    clip = data.eval_transform(data.read_frames(folder, 4, short_side=data.DEMO_EVAL_SHORT_SIDE), model.cfg.img_size,
+                               data.DEMO_EVAL_SHORT_SIDE)
     with torch.no_grad():
         probs = model(clip.unsqueeze(0), drop_halted=True).logits[0].softmax(0)
     result = json.loads(capsys.readouterr().out)
