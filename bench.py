@@ -784,7 +784,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data", action="store_true", help="instead: training samples per second and frames decoded per clip, "
                                           "on one core")
     a("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "haltingvt-bench",
-      help="where --data writes (and then reuses) its videos")
+      help="where --data, --step, --busy and --sanity write (and reuse) their videos and runs")
     a("--data-video", nargs="+", default=list(DATA_VIDEOS),
       help=f"--data on these videos: paths, or the generated {' and '.join(DATA_VIDEOS)} (default)")
     a("--step", action="store_true", help="instead: the sanity run's training step by part, data included")

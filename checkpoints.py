@@ -278,7 +278,8 @@ def read_run_checkpoint(path) -> dict:
 
 
 def load_checkpoint(path, model, optimizer=None) -> dict:
-    """Load weights (and optimiser and RNG states when given); returns the checkpoint (PROGRESS: where it stood)."""
+    """Load weights, and with an optimiser its state and the RNG states; returns the checkpoint (PROGRESS: where it
+    stood)."""
     ckpt = read_run_checkpoint(path)
     model.load_state_dict(ckpt["model"])
     if optimizer is not None:

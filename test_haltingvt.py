@@ -2399,7 +2399,7 @@ def test_train_threads_come_from_the_flag_then_the_environment_then_the_cores(mo
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with caplog.at_level(logging.INFO, logger="train"):
         assert train.set_threads(train.parse_args(["--threads", "1"]), 1) is None  # a fixed count: no second look
-    assert "CPU: 1 torch threads (--threads); OpenMP waiting: OMP_WAIT_POLICY=ACTIVE" in caplog.text
+    assert "CPU: 1 torch thread (--threads); OpenMP waiting: OMP_WAIT_POLICY=ACTIVE" in caplog.text
 
 
 def test_train_threads_follow_the_cores_other_processes_leave_idle(tmp_path, monkeypatch, caplog):
@@ -2433,7 +2433,7 @@ def test_train_threads_follow_the_cores_other_processes_leave_idle(tmp_path, mon
         said = [r.getMessage() for r in caplog.records]
         assert said == ["CPU: 4 torch threads (4 cores, 0.0 busy with other processes); OpenMP waiting: OpenMP's "
                         "default (spin a little, then sleep)",
-                        "CPU: 1 torch threads from now on (4 cores, 2.7 busy with other processes)"]
+                        "CPU: 1 torch thread from now on (4 cores, 2.7 busy with other processes)"]
     finally:
         torch.set_num_threads(before)
     stat.unlink()  # not Linux: the cores, shared by the local processes, and no second look
@@ -2530,7 +2530,7 @@ def test_train_sanity_run_writes_metrics_and_checkpoints(demo, tmp_path, caplog,
     assert f"halting warm-up: no halting nor ponder loss until epoch {warm / 2:g}, then both rise to full by " \
            f"epoch {warm:g}" in said
     assert said[-1].startswith(f"done in") and f"(outputs in {tmp_path})" in said[-1]
-    assert all(line.endswith("halting warm-up: off") for line in said if " step " in line)  # 2 of its epochs
+    assert all(line.endswith("halting off (warm-up)") for line in said if " step " in line)  # 2 of its epochs
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1] == json.loads((tmp_path / "final.json").read_text())
     assert "val_top5" not in metrics  # 4 demo classes: every class is in the top 5

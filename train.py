@@ -179,8 +179,8 @@ def main(argv=None):
         raise SystemExit(2) from None
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Every setting (SETTINGS). --resume, but to predict or draw, goes on with the run it holds: without its saved
-    flags a bare `--resume run/last.pt` would train the demo into runs/sanity."""
+    """Every setting (SETTINGS). --resume (but with --predict or --halting-map) continues the run it holds, with its
+    saved flags: without them a bare `--resume run/last.pt` would train the demo into runs/sanity."""
     p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False, argument_default=argparse.SUPPRESS,
                epilog="Unset values: DEMO_PRESET without --train, then SETTINGS' defaults (train.py). A mistake in "
                       "the command is one line and status 2; HALTINGVT_DEBUG=1 shows its traceback.")
@@ -311,10 +311,10 @@ def set_threads(args, world: int, since: Optional[tuple] = None) -> Optional[tup
     threads, why, fixed = cpu_threads(args, world, since)
     if since is None:
         policy = os.environ.get("OMP_WAIT_POLICY")
-        log.info("CPU: %d torch threads (%s); OpenMP waiting: %s", threads, why,
+        log.info("CPU: %s (%s); OpenMP waiting: %s", plural(threads, "torch thread"), why,
                  f"OMP_WAIT_POLICY={policy}" if policy else "OpenMP's default (spin a little, then sleep)")
     elif threads != torch.get_num_threads():
-        log.info("CPU: %d torch threads from now on (%s)", threads, why)
+        log.info("CPU: %s from now on (%s)", plural(threads, "torch thread"), why)
     torch.set_num_threads(threads)
     return None if fixed else cpu_seconds()
 
@@ -335,7 +335,7 @@ class NonFiniteLoss(RuntimeError):
 
 def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
-    random.seed(args.seed)  # numpy's global RNG: nothing draws from it
+    random.seed(args.seed)  # Python's; numpy's global RNG is not seeded: nothing draws from it
     torch.manual_seed(args.seed)
     if not args.eval_only:
         log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
@@ -632,10 +632,10 @@ def log_progress(s: RunState, parts: dict, batch_clips: int, tick: tuple) -> tup
     clips_per_s = batch_clips * (s.step - tick[1]) / (now - tick[0])
     left = time.strftime("%H:%M:%S", time.gmtime((total - s.step) * (now - s.t0) / max(s.step - s.start_step, 1)))
     terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "total")  # task, ponder, motion
-    ramp = halting_ramp(s.args, s.step / s.steps_per_epoch)
-    warmup = "" if ramp == 1 else "  halting warm-up: off" if ramp == 0 else f"  halting warm-up: {ramp:.2f} on"
-    log.info("epoch %d step %d/%d  loss %.4f (%s)  lr %.4e  %.1f clips/s  left %s%s", s.epoch + 1, s.step, total,
-             parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left, warmup)
+    ramp = halting_ramp(s.args, s.epochs_done())
+    warmup = "" if ramp == 1 else "  halting off (warm-up)" if ramp == 0 else f"  halting {ramp:.2f} on (warm-up)"
+    log.info("epoch %d step %d/%d  loss %.4f (unweighted: %s)  lr %.4e  %.1f clips/s  left %s%s", s.epoch + 1,
+             s.step, total, parts["total"], terms, s.optimizer.param_groups[0]["lr"], clips_per_s, left, warmup)
     return now, s.step
 
 class StopFlag:
@@ -673,7 +673,9 @@ def save(s: RunState, path: Path):
 
 def record(metrics: dict, s: RunState, out: Path):
     """Log one evaluation, append it to metrics.jsonl and keep best.pt (rank 0; after the halting warm-up)."""
-    log.info("epoch %d eval: %s", metrics["epoch"], summary(metrics))
+    warm = " (halting as configured; training is still in its halting warm-up)" \
+        if halting_ramp(s.args, metrics["epoch"]) < 1 else ""
+    log.info("epoch %d eval: %s%s", metrics["epoch"], summary(metrics), warm)
     if s.rank != 0:
         return
     with open(out / "metrics.jsonl", "a") as f:
