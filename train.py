@@ -337,15 +337,14 @@ def run(args, rank, world, device) -> dict:
     """One training (or --eval-only evaluation) with these flags: the last evaluation's metrics."""
     random.seed(args.seed)  # Python's; numpy's global RNG is not seeded: nothing draws from it
     torch.manual_seed(args.seed)
-    if not args.eval_only:
-        log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
     if args.amp and device.type != "cuda":
         log.warning("--amp (bf16 autocast) is for CUDA; running in float32 on %s", device)
     train_set, val_set, num_classes = build_data(args, rank)
     with blame("--train", args.train):  # checks a classes.txt's names against the labels
         classes = data.class_names(train_set, args.train) if train_set else None
     if not args.eval_only:
-        claim_out(args)
+        claim_out(args)  # before saying where the outputs go: an OUT that holds another run is a usage error
+        log.info("outputs: %s (metrics.jsonl, last.pt, best.pt, final.json)", args.out)
     cfg, ckpt = model_config(args, num_classes), read_run(args.resume) if args.resume else None
     if ckpt and not args.eval_only and finished(ckpt, args):
         log.info("%s is a finished run (epoch %d of %d): nothing to do", args.resume, ckpt["epoch"], args.epochs)
