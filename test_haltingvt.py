@@ -3061,7 +3061,8 @@ def test_map_darkens_exactly_the_pruned_and_halted_tokens():
     p, S = cfg.patch_size, 16
     expected = loop_masks(out.keep_index[0].tolist(), out.halt_depth[0].tolist(), S, layers)
     assert (~expected[0]).any() and (expected[0] & ~expected[-1]).any() and expected[-1].any()  # a real test
-    image = train.halting_map(train.display_frames(video), train.active_token_masks(out.keep_index[0], out.halt_depth[0], S, layers), p, scale=2)
+    masks = train.active_token_masks(out.keep_index[0], out.halt_depth[0], S, layers)
+    image = train.halting_map(train.display_frames(video), masks, p, scale=2)
     tile_h, tile_w = 2 * 64 + train.GAP, 2 * 64 + train.GAP
     assert image.shape == ((1 + len(expected)) * tile_h, 4 * tile_w, 3)
 

@@ -849,16 +849,18 @@ def predict(args, device) -> list:
                                                 for i, p in zip(top.indices.tolist(), top.values.tolist())],
                         "gflops": out.gflops[0].item(), "halt_depth_mean": out.halt_depth[0].float().mean().item(),
                         "joint_layers": model.cfg.depth - model.cfg.glimpser_depth})
-        r = results[-1]
-        print(json.dumps(r) if args.json else "\n".join(
-            [f"{path}: {r['gflops']:.4f} GFLOPs, mean halting depth {r['halt_depth_mean']:.2f} of "
-             f"{r['joint_layers']} joint layers"] +
-            [f"  {c['prob']:.3f}  {c['class'] if c['class'] is not None else c['label']}" for c in r["top5"]]),
-            flush=True)
+        print(json.dumps(results[-1]) if args.json else prediction_text(results[-1]), flush=True)
     failed = [r["video"] for r in results if "error" in r]
     if failed:
         raise SystemExit(f"{len(failed)} of {len(results)} videos could not be read: {', '.join(failed)}")
     return results
+
+def prediction_text(r: dict) -> str:
+    """A --predict result as lines: the video, GFLOPs and depth, then a line per class (its name, else its label)."""
+    head = f"{r['video']}: {r['gflops']:.4f} GFLOPs, mean halting depth {r['halt_depth_mean']:.2f} of " \
+        f"{r['joint_layers']} joint layers"
+    return "\n".join([head] + [f"  {c['prob']:.3f}  {c['class'] if c['class'] is not None else c['label']}"
+                               for c in r["top5"]])
 
 @torch.no_grad()
 def write_halting_map(args, device) -> dict:
