@@ -77,7 +77,7 @@ class HaltingVTConfig:
         """A model that trains in minutes on 2 CPU cores: 64x64 frames, S = 16, width 64, 8 layers of which 2 form
         the Glimpser. gamma 1, beta 2: from scratch x[..., 0] wanders over several units, and at gamma 10 every
         token halted in the same layer; at gamma 1 the scores add up over a few layers. train.py's sanity run
-        (DEMO_PRESET) sets 48x48 frames, R = 0.3, gamma 0.7, beta 1.4 and the demo's 4 classes on top."""
+        (DEMO_PRESET) sets 48x48 frames, R = 0.2, gamma 0.7, beta 1.4 and the demo's 4 classes on top."""
         base = dict(img_size=64, patch_size=16, num_frames=8, embed_dim=64, depth=8, num_heads=4,
                     num_classes=6, glimpser_depth=2, keep_ratio=0.5, gamma=1.0, beta=2.0, eps=0.01,
                     drop_path=0.0)

@@ -116,9 +116,9 @@ CONFIG_FIELDS = dict(frames="num_frames", img_size="img_size", embed_dim="embed_
 
 # The sanity run (no --train): a tiny model learns the synthetic demo set (data.DEMO_DOC) from scratch on 2 CPU
 # cores in under 2 minutes; each value was measured there (README, "The sanity run": its settings, why these).
-DEMO_PRESET = dict(model="tiny", img_size=48, keep_ratio=0.3, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+DEMO_PRESET = dict(model="tiny", img_size=48, keep_ratio=0.2, optimizer="adamw", lr=1e-3, weight_decay=0.05,
                    epochs=30, warmup_epochs=1, batch_size=32, eval_every=6, log_every=5, cache=True, embed_std=1.0,
-                   task_on_fakes=False, halting_warmup=20, alpha_p=0.01, alpha_m=1.0, clip_grad=1.0, gamma=0.7,
+                   task_on_fakes=False, halting_warmup=20, alpha_p=0.0015, alpha_m=1.0, clip_grad=1.0, gamma=0.7,
                    beta=1.4, train_scale=data.DEMO_TRAIN_SCALE, eval_short_side=data.DEMO_EVAL_SHORT_SIDE,
                    randaugment=False)
 
