@@ -555,17 +555,23 @@ def busy_main(args, result: dict) -> dict:
     return result
 
 
-def sanity_run(seed: int, folder: Path) -> dict:
+def sanity_run(seed: int, folder: Path, name: str = "seed{seed}") -> dict:
     """`python train.py --seed N` in a fresh process, in the environment as given, its demo set written afresh:
-    its wall seconds (start-up, the demo set and evaluation included) and its final metrics."""
-    out, demo = folder / f"seed{seed}", folder / "demo"
+    its wall seconds (start-up, the demo set and evaluation included) and its final metrics. Its outputs and log
+    go to folder/name/ (train.log: a thread count that changed mid-run shows there)."""
+    out, demo = folder / name.format(seed=seed), folder / "demo"
     for path in (out, demo):
         shutil.rmtree(path, ignore_errors=True)
     cmd = [sys.executable, str(Path(train.__file__).resolve()), "--seed", str(seed), "--out", str(out),
            "--demo-root", str(demo)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return dict(seed=seed, wall_s=time.perf_counter() - t0, **json.loads((out / "final.json").read_text()))
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    wall_s = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.log").write_text(run.stdout + run.stderr)
+    if run.returncode:
+        raise SystemExit(f"train.py --seed {seed} failed ({run.returncode}); its log: {out / 'train.log'}")
+    return dict(seed=seed, wall_s=wall_s, **json.loads((out / "final.json").read_text()))
 
 
 def sanity_main(args, result: dict) -> dict:
@@ -573,7 +579,7 @@ def sanity_main(args, result: dict) -> dict:
     two CPU-bound processes; its busy / quiet wall time is what a shared machine costs it."""
     quiet = [sanity_run(seed, args.data_dir) for seed in args.seeds]
     with busy(2):
-        loaded = sanity_run(args.seeds[0], args.data_dir)
+        loaded = sanity_run(args.seeds[0], args.data_dir, "seed{seed}-busy")
     result["sanity"] = dict(quiet=quiet, busy=loaded, busy_ratio=loaded["wall_s"] / quiet[0]["wall_s"])
     print("\n".join(table_head(("seed", "wall time", "val top-1", "motion acc.", "GFLOPs/video (x dense)",
                                  "mean halting depth", "tokens halting at joint layer 1..L"))))

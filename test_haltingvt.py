@@ -3305,6 +3305,21 @@ def test_bench_stand_in_clips_pan_the_named_way_and_the_disc_falls():
     assert np.array_equal(fall[0][off], fall[-1][off])  # and the scene stays still
 
 
+def test_bench_sanity_run_keeps_the_log_and_names_it_when_train_fails(tmp_path, monkeypatch):
+    """--sanity keeps each run's log (a row's odd time can be looked up); a failed run names that log."""
+    def fake_train(cmd, **kwargs):  # stands in for `python train.py --seed N --out OUT ...`
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "final.json").write_text(json.dumps({"val_top1": 0.5}))
+        return subprocess.CompletedProcess(cmd, int(cmd[cmd.index("--seed") + 1]), "CPU: 2 torch threads\n", "warn\n")
+    monkeypatch.setattr(bench.subprocess, "run", fake_train)
+    assert bench.sanity_run(0, tmp_path)["val_top1"] == 0.5
+    assert (tmp_path / "seed0" / "train.log").read_text() == "CPU: 2 torch threads\nwarn\n"
+    with pytest.raises(SystemExit, match=r"--seed 3 failed \(3\).*seed3/train\.log"):
+        bench.sanity_run(3, tmp_path)
+    assert (tmp_path / "seed3" / "train.log").exists()
+
+
 def test_bench_json_last_line_has_the_required_keys(capsys):
     bench.main(["--json", "--quick", "--tiny", "--batch", "1", "--repeats", "1", "--matmul-size", "128"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
