@@ -555,11 +555,11 @@ def busy_main(args, result: dict) -> dict:
     return result
 
 
-def sanity_run(seed: int, folder: Path, name: str = "seed{seed}") -> dict:
+def sanity_run(seed: int, folder: Path, name: str = "") -> dict:
     """`python train.py --seed N` in a fresh process, in the environment as given, its demo set written afresh:
     its wall seconds (start-up, the demo set and evaluation included) and its final metrics. Its outputs and log
-    go to folder/name/ (train.log: a thread count that changed mid-run shows there)."""
-    out, demo = folder / name.format(seed=seed), folder / "demo"
+    go to folder/name/ (default: seedN; train.log: a thread count that changed mid-run shows there)."""
+    out, demo = folder / (name or f"seed{seed}"), folder / "demo"
     for path in (out, demo):
         shutil.rmtree(path, ignore_errors=True)
     cmd = [sys.executable, str(Path(train.__file__).resolve()), "--seed", str(seed), "--out", str(out),
@@ -579,7 +579,7 @@ def sanity_main(args, result: dict) -> dict:
     two CPU-bound processes; its busy / quiet wall time is what a shared machine costs it."""
     quiet = [sanity_run(seed, args.data_dir) for seed in args.seeds]
     with busy(2):
-        loaded = sanity_run(args.seeds[0], args.data_dir, "seed{seed}-busy")
+        loaded = sanity_run(args.seeds[0], args.data_dir, f"seed{args.seeds[0]}-busy")
     result["sanity"] = dict(quiet=quiet, busy=loaded, busy_ratio=loaded["wall_s"] / quiet[0]["wall_s"])
     print("\n".join(table_head(("seed", "wall time", "val top-1", "motion acc.", "GFLOPs/video (x dense)",
                                  "mean halting depth", "tokens halting at joint layer 1..L"))))
@@ -592,7 +592,6 @@ def sanity_main(args, result: dict) -> dict:
     if args.json:
         print(json.dumps(result))
     return result
-
 
 
 # The stand-in for a first run on one's own footage (--clips): README, "A first run on your own clips"
@@ -630,6 +629,7 @@ def clips_main(args, result: dict) -> dict:
     result["clips"] = str(args.clips)
     print(f"wrote {args.clips}/train and {args.clips}/val: {', '.join(CLIP_CLASSES)}")
     return result
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Ablations (paper Tables 1 and 2) at laptop scale
